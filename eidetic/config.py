@@ -103,9 +103,17 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(overrides))
 
 
-def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), base: DictConfig | None = None) -> DictConfig:
-    """default.yaml <- files (left to right) <- ``key=value`` overrides, each validated."""
-    default = OmegaConf.load(DEFAULT_CONFIG)
+def load_config(
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    base: DictConfig | None = None,
+    schema: str | Path = DEFAULT_CONFIG,
+) -> DictConfig:
+    """``schema`` (default.yaml) <- files (left to right) <- ``key=value`` overrides, each validated.
+
+    Other entry points (``protect``, ``imitate``) pass their own schema YAML.
+    """
+    default = OmegaConf.load(schema)
     layers = []
     for f in files:
         path = Path(f)
