@@ -105,7 +105,6 @@ class LatentDiffusionModule(pl.LightningModule):
         for hook in self.loss_hooks:
             loss = loss + hook(self, batch, pred, x_t, t)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=b)
         if not keep.all():
             self.log("train/skipped", (~keep).float().sum(), reduce_fx="sum", batch_size=b)
         return loss

@@ -159,7 +159,10 @@ def _callbacks(cfg: DictConfig, dm: SolidMarkDataModule, run_dir: Path) -> list:
         save_last=True,
         auto_insert_metric_name=False,
     )
-    return [checkpoint, *build_callbacks(cfg, dm, run_dir)]
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    monitors = [LearningRateMonitor(logging_interval="step")] if (cfg.logging.csv or cfg.logging.wandb.enabled) else []
+    return [checkpoint, *monitors, *build_callbacks(cfg, dm, run_dir)]
 
 
 def fit(cfg: DictConfig, dm: SolidMarkDataModule, module: LatentDiffusionModule, run_dir: Path) -> pl.Trainer:
