@@ -235,6 +235,41 @@ def test_sds_gradient_correlates_with_full_gradient(oracle_model):
     assert cosines.min() > 0.5, cosines
 
 
+@pytest.mark.slow
+def test_sds_gradient_correlates_on_a_briefly_trained_unet():
+    """A real (tiny) UNet trained to loss ~0.02 on 8 latents: SDS still tracks backprop.
+
+    Measured: cosine 0.71-0.996 per image and t, mean ~0.93 (400 steps). Untrained, ~0.
+    """
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    model = DiffusionModel(tiny_unet(), DDPMScheduler(), caption_encoder(), tiny_vae().requires_grad_(False))
+    x = clean_images(8, seed=3)
+    cond = model.encode_prompt(["a"] * 8)
+    with torch.no_grad():
+        z = model.encode_images(x)
+    opt = torch.optim.Adam(model.unet.parameters(), lr=2e-3)
+    model.unet.train()
+    for _ in range(400):
+        t, noise = torch.randint(0, 1000, (8,)), torch.randn_like(z)
+        loss = F.mse_loss(model.predict_noise(model.add_noise(z, noise, t), t, cond), noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.unet.eval()
+    assert loss.item() < 0.1
+    g = torch.Generator().manual_seed(11)
+    cosines = []
+    for t in (100, 300, 500, 700, 900):
+        timesteps, noise = torch.full((4,), t), torch.randn(4, 4, 8, 8, generator=g)
+        full = P.semantic_gradient(model, x[:4], cond[:4], timesteps, noise, "full")
+        sds = P.semantic_gradient(model, x[:4], cond[:4], timesteps, noise, "sds")
+        cosines.append(F.cosine_similarity(full.flatten(1), sds.flatten(1)))
+    cosines = torch.stack(cosines)
+    assert cosines.mean() > 0.7 and cosines.min() > 0.3, cosines
+
+
 def test_sds_does_not_build_a_unet_graph(oracle_model):
     calls = []
     unet = oracle_model.unet
