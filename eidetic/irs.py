@@ -248,7 +248,12 @@ def canny_edges(gray: torch.Tensor, sigma: float = 1.0, low: float = 0.1, high: 
     n21 = sel(at(0, -1), sel(at(1, 0), at(-1, 0), cond1), row_major)
     n12 = sel(at(-1, 1), at(1, 1), cond1)
     n22 = sel(at(1, -1), at(-1, -1), cond1)
-    is_max = ((n12 * w1 + n11 * (1.0 - w1)) <= mag) & ((n22 * w1 + n21 * (1.0 - w1)) <= mag)
+    # A neighbour counts as larger only beyond a few ulps: the matrix-product filters sum
+    # in a different order than scipy, and on exactly symmetric edges (the two pixels
+    # straddling a step have equal magnitude, both kept by skimage's ``<=``) rounding
+    # would otherwise decide which one survives.
+    limit = mag * (1.0 + 16 * torch.finfo(mag.dtype).eps)
+    is_max = ((n12 * w1 + n11 * (1.0 - w1)) <= limit) & ((n22 * w1 + n21 * (1.0 - w1)) <= limit)
     interior = torch.zeros(h, w, dtype=torch.bool, device=mag.device)
     interior[1:-1, 1:-1] = True
     weak = is_max & interior & (mag >= low)
