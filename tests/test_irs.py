@@ -245,3 +245,47 @@ def test_default_reference_is_cached_and_resolution_specific(reference):
     assert irs.default_reference(SIZE) is reference
     assert reference.resolution == (SIZE, SIZE) and reference.n_images == 512
     assert "skimage" in reference.source
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_realism_callback_and_loss_in_a_tiny_run(tiny_cfg, monkeypatch):
+    import json
+
+    import callbacks as callbacks_pkg
+    from callbacks.realism import RealismCallback, realism_settings
+    from lightning_modules.run import run
+    from omegaconf import OmegaConf
+
+    made = []
+    original = callbacks_pkg.build_callbacks
+
+    def with_realism(cfg, dm, run_dir):
+        section = OmegaConf.create({"realism": {"every_n_steps": 3, "num_samples": 4, "steps": 2,
+                                                "loss": {"weight": 0.5, "t_min": 0, "t_max": 999}}})
+        train = [r for r in dm.records if r.split == "train"]
+        cb = RealismCallback(realism_settings(section), cfg.data.border, cfg.data.resolution,
+                             [r.id for r in train], [r.caption for r in train], cfg.seed)
+        made.append(cb)
+        return [*original(cfg, dm, run_dir), cb]
+
+    monkeypatch.setattr(callbacks_pkg, "build_callbacks", with_realism)
+    run_dir = run(tiny_cfg())
+    realism = json.loads((run_dir / "summary.json").read_text())["realism"]
+    assert {"irs_generated_mean", "irs_real_mean", "fake_rate"} <= set(realism)
+    assert [h["step"] for h in realism["history"]] == [3, 6]
+    assert 0 <= realism["fake_rate"] <= 1 and 0 < realism["irs_real_mean"] <= irs.max_score()
+    assert realism["loss"]["calls"] == 6 and realism["loss"]["seconds_total"] > 0
+    assert irs.IRSReference.load(run_dir / "irs_reference.json").resolution == (16, 16)
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "realism/irs_generated_mean" in header and "train/realism_loss" in header
+
+
+def test_realism_settings_validation():
+    from callbacks.realism import realism_settings
+    from omegaconf import OmegaConf
+
+    assert realism_settings(OmegaConf.create({})).loss.weight == 0.0
+    with pytest.raises(ValueError, match="t_min"):
+        realism_settings(OmegaConf.create({"realism": {"loss": {"t_min": 500, "t_max": 10}}}))
