@@ -18,4 +18,12 @@ def build_callbacks(cfg: DictConfig, dm, run_dir: Path) -> list:
     if v.every_n_steps or v.captions:
         captions = list(v.captions) or [r.caption for r in dm.records if r.split == "train"][:4]
         callbacks.append(SampleGridCallback(captions, v.every_n_steps, v.steps, v.guidance, v.sampler, cfg.seed, dm.canvas_size))
+    if cfg.extraction.enabled:
+        from .extraction import ExtractionProbeCallback
+
+        callbacks.append(ExtractionProbeCallback())
+    if cfg.realism.enabled:
+        from .realism import RealismCallback
+
+        callbacks.append(RealismCallback.from_config(cfg, dm))
     return callbacks

@@ -83,7 +83,7 @@ def caption_truth(records) -> dict[str, CaptionTruth]:
 def _section(cfg):
     section = cfg.get("extraction") if hasattr(cfg, "get") else None
     if section is None:
-        raise ValueError("the config has no 'extraction' section; add it (see configs/extraction.yaml-snippet)")
+        raise ValueError("the config has no 'extraction' section; add it (see configs/default.yaml)")
     return section
 
 

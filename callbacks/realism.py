@@ -12,7 +12,7 @@ stripped) for training timesteps in ``[t_min, t_max]``. The callback registers i
 ``realism.loss.weight > 0``, and reports its cost.
 
 Settings come from the ``realism`` config section (defaults: ``DEFAULTS`` below, the same
-as configs/realism.yaml-snippet).
+as in configs/default.yaml).
 """
 
 from __future__ import annotations
