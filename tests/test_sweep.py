@@ -255,3 +255,54 @@ def test_ddp_two_cpu_processes_write_one_set_of_outputs(tmp_path):
     extraction_rows = (run_dir / "extraction.csv").read_text().splitlines()
     assert len(extraction_rows) == 1 + summary["extraction"]["captions"]
     assert (run_dir / "model" / "model_index.json").exists()
+
+
+def test_pruned_trial_stops_early_and_is_recorded(tmp_path, monkeypatch):
+    import lightning_modules.sweep as sweep_mod
+
+    class PruneAfterTwoSteps(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return max(trial.intermediate_values, default=0) >= 2
+
+    monkeypatch.setattr(sweep_mod, "_pruner", lambda spec: PruneAfterTwoSteps())
+    spec = load_sweep(data={
+        "name": "pruned", "base": [str(ROOT / "configs/tests/tiny.yaml")], "dir": str(tmp_path / "pruned"),
+        "overrides": [*FILE_OVERRIDES, "logging.wandb.enabled=false"],
+        "params": {"train.lr": {"type": "float", "low": 0.001, "high": 0.002}},
+        "objectives": ["summary.train.final_loss"], "n_trials": 1,
+        "pruning": {"enabled": True, "metric": "train/loss"},
+    })
+    t = sweep_mod.run_sweep(spec).trials[0]
+    assert t.state == TrialState.PRUNED and sorted(t.intermediate_values) == [1, 2]
+    assert "pruned at step 2" in t.user_attrs["error"]
+    assert not (spec.sweep_dir / "trial-0000" / "summary.json").exists(), "training stopped at the pruned step"
+    assert _rows(spec.sweep_dir)[0]["state"] == "PRUNED"
+
+
+def test_pareto_report_for_two_objectives(tmp_path):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from lightning_modules.sweep import write_report
+
+    spec = load_sweep(data={
+        "name": "pareto", "dir": str(tmp_path / "pareto"), "base": [str(ROOT / "configs/tests/tiny.yaml")],
+        "params": {"train.lr": {"low": 0.001, "high": 0.01}},
+        "objectives": [{"metric": "summary.train.final_loss", "direction": "minimize"},
+                       {"metric": "summary.solidmark.eidetic.0.1", "direction": "minimize"}],
+    })
+    study = optuna.create_study(directions=spec.directions)
+    dist = {"train.lr": FloatDistribution(0.001, 0.01)}
+    for lr, values in [(0.001, [1.0, 0.2]), (0.002, [0.5, 0.5]), (0.003, [0.9, 0.9]), (0.004, [0.2, 1.0])]:
+        study.add_trial(create_trial(params={"train.lr": lr}, distributions=dist, values=values))
+    study.add_trial(create_trial(params={"train.lr": 0.005}, distributions=dist, state=TrialState.FAIL,
+                                 user_attrs={"error": "RuntimeError: boom"}))
+    write_report(study, spec)
+    best = json.loads((spec.sweep_dir / "best.json").read_text())
+    assert best["best"] is None
+    assert sorted(b["number"] for b in best["pareto_front"]) == [0, 1, 3]  # trial 2 is dominated by 1
+    assert best["counts"] == {"COMPLETE": 4, "FAIL": 1}
+    rows = _rows(spec.sweep_dir)
+    assert rows[4]["state"] == "FAIL" and rows[4]["error"] == "RuntimeError: boom"
+    assert rows[2]["summary.solidmark.eidetic.0.1"] == "0.9"
+    assert (spec.sweep_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"
