@@ -91,8 +91,9 @@ def _storage(spec: SweepSpec):
     return optuna.storages.RDBStorage(url)
 
 
-def _sampler(spec: SweepSpec, worker_id: int):
-    seed = None if spec.seed is None else int(spec.seed) + 7919 * worker_id  # workers must not draw the same points
+def _sampler(spec: SweepSpec, worker_id: int, n_existing: int = 0):
+    # workers must not draw the same points, nor a resumed worker the points of its first run
+    seed = None if spec.seed is None else int(spec.seed) + 7919 * worker_id + 104729 * n_existing
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
@@ -114,7 +115,7 @@ def _pruner(spec: SweepSpec):
 def make_study(spec: SweepSpec, worker_id: int = 0) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec.sweep_dir.mkdir(parents=True, exist_ok=True)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.study,
         storage=_storage(spec),
         directions=spec.directions,
@@ -122,6 +123,10 @@ def make_study(spec: SweepSpec, worker_id: int = 0) -> optuna.Study:
         pruner=_pruner(spec),
         load_if_exists=True,
     )
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        study.sampler = _sampler(spec, worker_id, existing)
+    return study
 
 
 def budget_used(trials) -> int:
@@ -204,8 +209,8 @@ def run_trial(spec: SweepSpec, study: optuna.Study, trial: optuna.Trial) -> Tria
         trial.set_user_attr("error", str(exc))
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
-    except KeyboardInterrupt:
-        _requeue(study, trial._trial_id, trial.params, "interrupted: KeyboardInterrupt")
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C (Lightning turns it into SystemExit): retry later
+        _requeue(study, trial._trial_id, trial.params, f"interrupted: {type(exc).__name__}")
         raise
     except Exception as exc:  # the sweep goes on
         message = f"{type(exc).__name__}: {exc}"
@@ -280,9 +285,11 @@ def run_sweep(spec: SweepSpec, workers: int = 1) -> optuna.Study:
         try:
             for p in procs:
                 p.join()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the workers got Ctrl-C too: give them a moment to requeue, then stop them
             for p in procs:
-                p.join(timeout=30)
+                p.join(timeout=15)
+                if p.is_alive():
+                    p.terminate()  # its RUNNING trial is requeued when the sweep restarts
             raise
         failed = [p.name for p in procs if p.exitcode != 0]
         if failed:

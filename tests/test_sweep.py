@@ -84,6 +84,7 @@ def test_resume_does_not_repeat_finished_trials(tmp_path):
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[2].user_attrs["interrupted"] is True and "interrupted" in trials[2].user_attrs["error"]
     assert trials[3].params == trials[2].params, "the interrupted trial's parameters were queued again"
+    assert trials[4].params not in (trials[0].params, trials[1].params), "a resumed sampler draws new points"
     # the first two trials were not run again
     again = {p.parent.name: p.stat().st_mtime_ns for p in spec.sweep_dir.glob("trial-*/summary.json") if p.parent.name in ("trial-0000", "trial-0001")}
     assert again == first
