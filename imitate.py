@@ -191,10 +191,14 @@ def run_imitation(cfg: DictConfig, command: str = "") -> dict:
                 x_img, y_img = _center_pair(source, pair_out, size, pair_scale)
             else:
                 x_img = im.center_crop(source, size)
+                n_draws = len(teacher.draws)
                 y_img = teacher(x_img)
+            example_draw = teacher.draws[-1] if teacher is not None and not has_pair and len(teacher.draws) > n_draws else None
             tag = f"{_slug(label)}_{x_img.shape[0]}" if size > 0 or len(sizes) > 1 else _slug(label)
             print(f"[imitate] {label}: example {x_img.shape[0]}x{x_img.shape[1]}, {cfg.train.steps} steps", flush=True)
             row = train_one(cfg, x_img, y_img, heldout, run_dir, tag)
+            if example_draw is not None:
+                row["example_teacher_draw"] = example_draw  # what the blind teacher did to the training example
             if row["heldout"]:
                 print(f"[imitate] {label}: held-out PSNR {row['heldout']['psnr']:.2f} dB "
                       f"(identity {row['heldout']['identity_psnr']:.2f} dB), SSIM {row['heldout']['ssim']:.3f}", flush=True)
@@ -293,7 +297,10 @@ def render_report(section: dict) -> str:
         if res["meets_psnr_bar"] is not None:
             lines.append(f"- {label}: {'meets' if res['meets_psnr_bar'] else 'MISSES'} the bar")
         elif res["blind"]:
-            lines.append(f"- {label}: blind (parameters drawn per image): one example cannot pin it down; reported as measured")
+            draws = [r.get("example_teacher_draw") for r in res["results"] if r.get("example_teacher_draw")]
+            shown = f" (training example drew {draws[0]})" if len(draws) == 1 else ""
+            lines.append(f"- {label}: blind (parameters drawn per image{shown}): one example cannot pin it down; "
+                         "reported as measured, per-image draws in summary.json")
         elif res["results"] and res["results"][0]["heldout"] is None:
             lines.append(f"- {label}: no teacher to query, so no held-out evaluation (give teacher=module:function)")
     if section["plot"]:

@@ -164,6 +164,7 @@ class Teacher:
     blind: bool | None
     description: str
     params: dict = field(default_factory=dict)
+    draws: list = field(default_factory=list)  # blind built-ins: parameters drawn, one entry per call
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         out = self.fn(image)
@@ -209,43 +210,46 @@ def _bicubic_sr(scale: int):
     return lambda x: rescale(x, int(scale), order=3, channel_axis=2, mode="reflect", anti_aliasing=False)
 
 
-def _blind_blur(sigma_min: float, sigma_max: float, seed: int):
+def _blind_blur(sigma_min: float, sigma_max: float, seed: int, draws: list):
     from skimage.filters import gaussian
 
     rng = np.random.default_rng(seed)
 
     def fn(x):
         sigma = float(rng.uniform(sigma_min, sigma_max))  # a fresh blur for every image
+        draws.append({"sigma": sigma})
         return gaussian(x, sigma=sigma, channel_axis=2, mode="reflect", preserve_range=True)
 
     return fn
 
 
-def _blind_noise(sigma_min: float, sigma_max: float, seed: int):
+def _blind_noise(sigma_min: float, sigma_max: float, seed: int, draws: list):
     rng = np.random.default_rng(seed)
 
     def fn(x):
         sigma = float(rng.uniform(sigma_min, sigma_max))  # a fresh noise level for every image
+        draws.append({"sigma": sigma})
         return x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
 
     return fn
 
 
-# name -> (builder(params, seed), blind, description, default params)
+# name -> (builder(params, seed, draws), blind, description, default params); blind builders
+# append the parameters they draw to ``draws`` so reports can show what each image got.
 BUILTIN_TEACHERS: dict[str, tuple[Callable, bool, str, dict]] = {
-    "gaussian_blur": (lambda p, s: _gaussian_blur(p["sigma"]), False,
+    "gaussian_blur": (lambda p, s, d: _gaussian_blur(p["sigma"]), False,
                       "skimage.filters.gaussian, fixed sigma", {"sigma": 2.0}),
-    "unsharp_mask": (lambda p, s: _unsharp_mask(p["radius"], p["amount"]), False,
+    "unsharp_mask": (lambda p, s, d: _unsharp_mask(p["radius"], p["amount"]), False,
                      "skimage.filters.unsharp_mask, fixed radius/amount, clipped to [0,1]",
                      {"radius": 2.0, "amount": 1.0}),
-    "tv_denoise": (lambda p, s: _tv_denoise(p["weight"]), False,
+    "tv_denoise": (lambda p, s, d: _tv_denoise(p["weight"]), False,
                    "skimage.restoration.denoise_tv_chambolle, fixed weight", {"weight": 0.2}),
-    "bicubic_sr": (lambda p, s: _bicubic_sr(p["scale"]), False,
+    "bicubic_sr": (lambda p, s, d: _bicubic_sr(p["scale"]), False,
                    "skimage.transform.rescale order=3 (cubic), fixed integer scale", {"scale": 2}),
-    "blind_blur": (lambda p, s: _blind_blur(p["sigma_min"], p["sigma_max"], s), True,
+    "blind_blur": (lambda p, s, d: _blind_blur(p["sigma_min"], p["sigma_max"], s, d), True,
                    "Gaussian blur, sigma ~ U[sigma_min, sigma_max] drawn per image",
                    {"sigma_min": 0.5, "sigma_max": 3.0}),
-    "blind_noise": (lambda p, s: _blind_noise(p["sigma_min"], p["sigma_max"], s), True,
+    "blind_noise": (lambda p, s, d: _blind_noise(p["sigma_min"], p["sigma_max"], s, d), True,
                     "additive Gaussian noise, level ~ U[sigma_min, sigma_max] drawn per image, clipped",
                     {"sigma_min": 0.0, "sigma_max": 0.1}),
 }
@@ -284,7 +288,9 @@ def build_teacher(name: str, params: dict | None = None, seed: int = 0) -> Teach
     unknown = set(merged) - set(defaults)
     if unknown:
         raise ImitationError(f"teacher {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(defaults)}")
-    return Teacher(name=name, fn=builder(merged, seed), blind=blind, description=description, params=merged)
+    draws: list = []
+    return Teacher(name=name, fn=builder(merged, seed, draws), blind=blind, description=description, params=merged,
+                   draws=draws)
 
 
 def is_deterministic(teacher: Teacher, image: np.ndarray) -> bool:
@@ -536,6 +542,7 @@ class HeldoutPair:
     name: str
     x: torch.Tensor  # (3, H, W) teacher input
     y: torch.Tensor  # (3, sH, sW) teacher output
+    draw: dict | None = None  # what a blind teacher drew for this image
 
 
 def heldout_pairs(teacher: Teacher, names: Iterable[str], exclude: Sequence[np.ndarray] = (),
@@ -553,7 +560,10 @@ def heldout_pairs(teacher: Teacher, names: Iterable[str], exclude: Sequence[np.n
         if _fingerprint(full) in excluded:
             continue
         image = center_crop(full, min(crop, *full.shape[:2])) if crop > 0 else full
-        pairs.append(HeldoutPair(name, to_tensor(image), to_tensor(teacher(image))))
+        n_draws = len(teacher.draws)
+        output = teacher(image)
+        draw = teacher.draws[-1] if len(teacher.draws) > n_draws else None
+        pairs.append(HeldoutPair(name, to_tensor(image), to_tensor(output), draw))
     if not pairs:
         raise ImitationError("no held-out images left after excluding the training example: list more in eval.images")
     return pairs
@@ -566,6 +576,8 @@ def evaluate_student(student: nn.Module, pairs: Sequence[HeldoutPair], scale: in
         student_m = image_metrics(apply_student(student, pair.x), pair.y)
         identity_m = image_metrics(identity_prediction(pair.x, scale), pair.y)
         per_image[pair.name] = {**student_m, "identity_psnr": identity_m["psnr"], "identity_ssim": identity_m["ssim"]}
+        if pair.draw is not None:
+            per_image[pair.name]["teacher_draw"] = pair.draw
 
     def mean(key):
         return float(np.mean([v[key] for v in per_image.values()]))

@@ -237,3 +237,11 @@ def test_non_blind_classical_teachers_are_imitated_above_30db(name, tmp_path):
     heldout = section["teachers"][name]["results"][0]["heldout"]
     assert heldout["psnr"] >= 30.0, heldout
     assert section["teachers"][name]["meets_psnr_bar"] is True
+
+
+def test_blind_teacher_records_its_draws(patch):
+    teacher = im.build_teacher("blind_blur", {"sigma_min": 1.0, "sigma_max": 2.0})
+    pairs = im.heldout_pairs(teacher, ["camera", "coins"], crop=32)
+    sigmas = [p.draw["sigma"] for p in pairs]
+    assert len(teacher.draws) == 2 and all(1.0 <= s <= 2.0 for s in sigmas) and sigmas[0] != sigmas[1]
+    assert im.heldout_pairs(im.build_teacher("gaussian_blur"), ["camera"], crop=32)[0].draw is None
