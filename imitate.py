@@ -108,6 +108,19 @@ def _loggers(cfg: DictConfig, run_dir: Path, tag: str):
     return loggers
 
 
+def _diffusion_teacher(cfg: DictConfig) -> im.Teacher:
+    d = cfg.teachers.diffusion
+    if not isinstance(d.model_dir, str):
+        raise ConfigError("teacher=diffusion needs teachers.diffusion.model_dir=<a run's model/ directory>")
+    from lightning_modules.models import ModelLoadError, load_diffusion_model
+
+    try:
+        model = load_diffusion_model(d.model_dir, device="cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+    except ModelLoadError as exc:
+        raise im.ImitationError(str(exc)) from exc
+    return im.diffusion_teacher(model, d.timestep, d.caption, d.guidance, d.noise, seed=cfg.seed)
+
+
 def train_one(cfg: DictConfig, x_img: np.ndarray, y_img: np.ndarray, heldout: list[im.HeldoutPair] | None,
               run_dir: Path, tag: str) -> dict:
     """Train one student on one pair; evaluate on the held-out pairs. Returns its result row."""
@@ -166,7 +179,8 @@ def run_imitation(cfg: DictConfig, command: str = "") -> dict:
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     sizes = list(cfg.example_sizes) or [int(cfg.example_size)]
     tparams = OmegaConf.to_container(cfg.teachers, resolve=True)
-    teachers = [im.build_teacher(n, tparams.get(n), seed=cfg.seed) for n in teacher_names]
+    teachers = [_diffusion_teacher(cfg) if n == "diffusion" else im.build_teacher(n, tparams.get(n), seed=cfg.seed)
+                for n in teacher_names]
 
     if has_pair:
         source = im.load_image(cfg.input)

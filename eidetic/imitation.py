@@ -43,6 +43,7 @@ __all__ = [
     "BUILTIN_TEACHERS",
     "Teacher",
     "build_teacher",
+    "diffusion_teacher",
     "load_callable_teacher",
     "load_image",
     "center_crop",
@@ -291,6 +292,45 @@ def build_teacher(name: str, params: dict | None = None, seed: int = 0) -> Teach
     draws: list = []
     return Teacher(name=name, fn=builder(merged, seed, draws), blind=blind, description=description, params=merged,
                    draws=draws)
+
+
+def diffusion_teacher(model, timestep: int = 100, caption: str = "", guidance: float = 1.0,
+                      noise: bool = False, seed: int = 0) -> Teacher:
+    """A diffusion model (:class:`eidetic.diffusion.DiffusionModel`) used as an image-to-image function.
+
+    One-step denoising at a fixed ``timestep``: encode, form x_t = sqrt(a_t) z0 + sqrt(1-a_t) eps,
+    predict x0 with the (optionally guided) noise prediction, decode. With ``noise=False`` eps is
+    zero, so the map is fixed (non-blind); with ``noise=True`` a fresh eps is drawn per image
+    (a blind teacher: the realisation in the example tells nothing about the next one).
+    Images are reflect-padded to a multiple of the model's total downsampling and cropped back.
+    Cost grows with the image area (the UNet's self-attention is global): keep images small.
+    """
+    blocks = getattr(getattr(model.unet, "config", None), "block_out_channels", None)
+    multiple = model.downsample * (2 ** (len(blocks) - 1) if blocks else 8)
+    if not 0 <= int(timestep) < model.num_train_timesteps:
+        raise ImitationError(f"diffusion teacher timestep must be in [0, {model.num_train_timesteps}), got {timestep}")
+    generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def fn(x: np.ndarray) -> np.ndarray:
+        img = to_tensor(x)[None] * 2 - 1
+        h, w = img.shape[-2:]
+        ph, pw = (-h) % multiple, (-w) % multiple
+        if ph or pw:
+            img = F.pad(img, (0, pw, 0, ph), mode="reflect")
+        z0 = model.encode_images(img.to(model.device))
+        t = torch.full((1,), int(timestep), dtype=torch.long, device=z0.device)
+        eps_in = torch.randn(z0.shape, generator=generator).to(z0) if noise else torch.zeros_like(z0)
+        z_t = model.add_noise(z0, eps_in, t)
+        cond = model.encode_prompt([caption])
+        uncond = model.encode_prompt([""]) if guidance != 1.0 else None
+        eps = model.predict_noise(z_t, t, cond, uncond, guidance)
+        x0 = model.decode_latents(model.predict_x0(z_t, t, eps)).float().clamp(-1, 1)
+        return to_numpy(((x0 + 1) / 2)[0, :, :h, :w])
+
+    return Teacher(name="diffusion", fn=fn, blind=bool(noise),
+                   description=f"diffusion model, one-step denoising at t={timestep}" + (" with fresh noise" if noise else " without noise"),
+                   params={"timestep": int(timestep), "caption": caption, "guidance": guidance, "noise": bool(noise)})
 
 
 def is_deterministic(teacher: Teacher, image: np.ndarray) -> bool:

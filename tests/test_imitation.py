@@ -245,3 +245,47 @@ def test_blind_teacher_records_its_draws(patch):
     sigmas = [p.draw["sigma"] for p in pairs]
     assert len(teacher.draws) == 2 and all(1.0 <= s <= 2.0 for s in sigmas) and sigmas[0] != sigmas[1]
     assert im.heldout_pairs(im.build_teacher("gaussian_blur"), ["camera"], crop=32)[0].draw is None
+
+
+# ---- the project's diffusion model as a teacher --------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random-weight latent diffusion model saved the way a run writes model/."""
+    from pathlib import Path
+
+    from eidetic.config import load_config
+    from eidetic.pipelines import save_pipeline
+    from lightning_modules.models import build_scheduler, build_text_stack, build_unet, build_vae
+
+    root = tmp_path_factory.mktemp("diffusion")
+    cfg = load_config([Path(__file__).resolve().parent.parent / "configs" / "tests" / "tiny.yaml"])
+    torch.manual_seed(0)
+    text = build_text_stack(["a photo", "a cat on a mat"], cfg.model.text, root / "tokenizer")
+    vae = build_vae(cfg.model.vae, 24)
+    unet = build_unet(cfg.model.unet, 12, cfg.model.vae.latent_channels, text.hidden_size)
+    scheduler = build_scheduler(cfg.model.scheduler, "epsilon", latent=True)
+    save_pipeline(root / "model", unet=unet, text_encoder=text.text_encoder, tokenizer=text.tokenizer,
+                  scheduler=scheduler, vae=vae)
+    return root / "model"
+
+
+def test_diffusion_model_teacher(tiny_model_dir, patch, tmp_path):
+    import imitate
+    from lightning_modules.models import load_diffusion_model
+
+    model = load_diffusion_model(tiny_model_dir)
+    fixed = im.diffusion_teacher(model, timestep=200)
+    image = patch[:30, :30]  # not a multiple of the model's downsampling: padded and cropped back
+    out = fixed(image)
+    assert fixed.blind is False and out.shape == image.shape and np.array_equal(out, fixed(image))
+    noisy = im.diffusion_teacher(model, timestep=200, noise=True)
+    assert noisy.blind is True and not np.array_equal(noisy(image), noisy(image))
+    with pytest.raises(im.ImitationError, match="timestep"):
+        im.diffusion_teacher(model, timestep=5000)
+
+    rc = imitate.main(["teacher=diffusion", f"teachers.diffusion.model_dir={tiny_model_dir}", "example_size=32",
+                       f"run.dir={tmp_path}", *FAST])
+    assert rc == 0
+    res = json.loads((tmp_path / "summary.json").read_text())["imitation"]["teachers"]["diffusion"]
+    assert res["blind"] is False and res["params"]["timestep"] == 100 and res["results"][0]["heldout"]["psnr"] > 0
+    assert imitate.main(["teacher=diffusion", f"run.dir={tmp_path}"]) == 2
