@@ -258,7 +258,7 @@ def write_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for i, (label, res) in enumerate(results.items()):
         rows = [r for r in res["results"] if r["heldout"]]
         if not rows:
@@ -274,7 +274,7 @@ def write_plot(results: dict, path: Path) -> None:
     ax.set_xlabel("example side (pixels)")
     ax.set_ylabel("held-out PSNR vs teacher (dB)")
     ax.set_title("Single-example imitation (dotted: identity baseline)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: never hides a curve
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
