@@ -174,13 +174,14 @@ def run_imitation(cfg: DictConfig, command: str = "") -> dict:
     _check_cfg(cfg)
     has_pair = cfg.input is not None
     teacher_names = resolve_teachers(cfg.teacher, has_pair)
+    sizes = list(cfg.example_sizes) or [int(cfg.example_size)]
+    tparams = OmegaConf.to_container(cfg.teachers, resolve=True)
+    # teachers first: a bad name fails before any run directory is created
+    teachers = [_diffusion_teacher(cfg) if n == "diffusion" else im.build_teacher(n, tparams.get(n), seed=cfg.seed)
+                for n in teacher_names]
     run_dir = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{cfg.run.name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    sizes = list(cfg.example_sizes) or [int(cfg.example_size)]
-    tparams = OmegaConf.to_container(cfg.teachers, resolve=True)
-    teachers = [_diffusion_teacher(cfg) if n == "diffusion" else im.build_teacher(n, tparams.get(n), seed=cfg.seed)
-                for n in teacher_names]
 
     if has_pair:
         source = im.load_image(cfg.input)

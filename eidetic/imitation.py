@@ -282,7 +282,8 @@ def build_teacher(name: str, params: dict | None = None, seed: int = 0) -> Teach
         return Teacher(name=name, fn=fn, blind=None, description=f"user callable {name}")
     if name not in BUILTIN_TEACHERS:
         raise ImitationError(
-            f"unknown teacher {name!r}: choose one of {', '.join(BUILTIN_TEACHERS)} or give a callable as 'module:function'"
+            f"unknown teacher {name!r}: choose one of {', '.join(BUILTIN_TEACHERS)} (imitate.py also takes "
+            "diffusion, classical, blind, all) or give a callable as 'module:function'"
         )
     builder, blind, description, defaults = BUILTIN_TEACHERS[name]
     merged = {**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
