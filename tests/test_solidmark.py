@@ -332,3 +332,55 @@ def test_canvas_size_must_match_the_model(keyed):
         outpaint_border(model, keyed.train[:2], ["only one"], THICKNESS, steps=2)
     with pytest.raises(ValueError, match="sampler"):
         outpaint_border(model, keyed.train[:2], ["a", "b"], THICKNESS, steps=2, sampler="euler")
+
+
+# ---------------------------------------------------------------------------------------
+# multi-process aggregation comes from torchmetrics
+# ---------------------------------------------------------------------------------------
+_METRIC_WORKER = """
+import json, sys, torch, torch.distributed as dist
+from eidetic.solidmark import SolidMarkMetric
+rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+pred = torch.linspace(0.05, 0.95, 8, dtype=torch.float64)
+keys = pred.flip(0).clone()
+keys[:4] = pred[:4] + 0.001  # four trained images memorized
+trained = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0])
+mine = list(range(rank, 8, world))  # each process scores its own share
+metric = SolidMarkMetric(deltas=[0.1])
+metric.update(pred[mine], keys[mine], trained[mine], torch.ones(len(mine)), torch.tensor(mine))
+result = metric.compute()
+print(json.dumps([result["per_image"]["index"].tolist(), result["trained"]["eidetic"][0.1], result["auc_heldout"]]))
+dist.destroy_process_group()
+"""
+
+
+def test_metric_gathers_across_processes():
+    """Two gloo processes each update half of the images; both compute the full result."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _METRIC_WORKER, str(r), "2", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    single = SolidMarkMetric(deltas=[0.1])
+    pred = torch.linspace(0.05, 0.95, 8, dtype=torch.float64)
+    keys = pred.flip(0).clone()
+    keys[:4] = pred[:4] + 0.001
+    single.update(pred, keys, torch.tensor([1, 1, 1, 1, 1, 0, 0, 0]), torch.ones(8), torch.arange(8))
+    expected = single.compute()
+    for out, _ in outputs:
+        index, eidetic, auc = json.loads(out.strip().splitlines()[-1])
+        assert index == list(range(8)), "every process sees every image after the sync"
+        assert eidetic == expected["trained"]["eidetic"][0.1] == 4
+        assert auc == pytest.approx(expected["auc_heldout"])
