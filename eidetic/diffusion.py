@@ -179,9 +179,9 @@ def generate(
         raise ValueError(f"image size {h}x{w} is not divisible by the autoencoder's factor {f}")
     cond = model.encode_prompt(list(captions))
     uncond = model.encode_prompt([""]) if guidance != 1.0 else None
-    x = torch.randn(
-        (len(captions), model.latent_channels, h // f, w // f), generator=generator, device=device
-    ) * getattr(scheduler, "init_noise_sigma", 1.0)
+    # noise is drawn on the CPU so a seed gives the same images on every device
+    x = torch.randn((len(captions), model.latent_channels, h // f, w // f), generator=generator).to(device)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         eps = model.predict_noise(x, t.to(device), cond, uncond, guidance)

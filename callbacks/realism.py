@@ -1,0 +1,221 @@
+"""Image Realism Score during training: a monitor and an optional realism loss.
+
+``RealismCallback`` (on a schedule and at the end of training) generates seeded samples
+for training captions with the EMA model, strips the SolidMark border and scores the
+interiors with the exact IRS (``eidetic.irs``); it scores the real training interiors once
+for comparison. It logs curves (``realism/*`` scalars) and histograms (W&B) and writes the
+``realism`` section of ``summary.json``.
+
+``RealismLoss`` is a ``LatentDiffusionModule.loss_hooks`` entry: ``weight * realism_loss``
+of the predicted clean image (decoded through the frozen VAE for latent models, border
+stripped) for training timesteps in ``[t_min, t_max]``. The callback registers it when
+``realism.loss.weight > 0``, and reports its cost.
+
+Settings come from the ``realism`` config section (defaults: ``DEFAULTS`` below, the same
+as in configs/default.yaml).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from eidetic import irs
+from eidetic.borders import strip_border
+from eidetic.diffusion import generate, noise_to_eps
+from eidetic.io import update_summary
+
+__all__ = ["RealismCallback", "RealismLoss", "DEFAULTS", "realism_settings"]
+
+DEFAULTS = {
+    "enabled": False,
+    "every_n_steps": 500,  # 0: only at the end of training
+    "num_samples": 32,
+    "steps": 25,
+    "guidance": 3.0,
+    "sampler": "ddim",
+    "reference": "train",  # train | builtin | path/to/irs_reference.json
+    "max_real": 256,  # training interiors scored (and fitted on, for reference=train)
+    "loss": {"weight": 0.0, "t_min": 0, "t_max": 400},
+}
+
+
+def realism_settings(cfg: DictConfig) -> DictConfig:
+    """The ``realism`` section merged over the defaults (the section may be absent)."""
+    section = cfg.get("realism") if hasattr(cfg, "get") else None
+    merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), section or {})
+    if merged.loss.weight < 0:
+        raise ValueError(f"realism.loss.weight must be >= 0, got {merged.loss.weight}")
+    if not 0 <= merged.loss.t_min <= merged.loss.t_max:
+        raise ValueError(f"need 0 <= realism.loss.t_min <= realism.loss.t_max, got {merged.loss.t_min}, {merged.loss.t_max}")
+    if merged.num_samples < 1:
+        raise ValueError(f"realism.num_samples must be >= 1, got {merged.num_samples}")
+    return merged
+
+
+class RealismLoss:
+    """``weight * realism_loss(x0_pred)`` for samples with ``t_min <= t <= t_max``.
+
+    Called as a loss hook ``(module, batch, pred, x_t, t) -> scalar``. The clean image is
+    predicted from the network output with the training scheduler's prediction type,
+    decoded through the (frozen) VAE for latent models so gradients reach the UNet through
+    the decoder, and cropped to the interior (the flat border would add spurious edges).
+    The loss is averaged over the in-range samples and scaled by their fraction of the
+    batch, so its expected size does not depend on how wide the range is.
+    """
+
+    def __init__(self, reference: irs.IRSReference, weight: float, t_min: int, t_max: int, border: int):
+        self.reference, self.weight, self.t_min, self.t_max, self.border = reference, float(weight), int(t_min), int(t_max), int(border)
+        self.seconds, self.calls, self.last = 0.0, 0, 0.0
+
+    def __call__(self, module, batch, pred, x_t, t) -> torch.Tensor:
+        start = time.perf_counter()
+        mask = (t >= self.t_min) & (t <= self.t_max)
+        if not mask.any():
+            return pred.new_zeros(())
+        a = module.alphas_cumprod[t[mask]].view(-1, 1, 1, 1).to(pred.dtype)
+        eps = noise_to_eps(pred[mask], x_t[mask], a.flatten(), module.scheduler.config.prediction_type)
+        x0 = (x_t[mask] - (1 - a).sqrt() * eps) / a.sqrt()
+        if module.vae is not None:
+            x0 = module.vae.decode(x0 / module.vae.config.scaling_factor).sample
+        images = strip_border(x0.float(), self.border)
+        loss = self.weight * irs.realism_loss(images, self.reference) * mask.float().mean()
+        self.last = float(loss.detach())
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return loss
+
+
+class RealismCallback(pl.Callback):
+    """IRS of generated samples vs real training images, on a schedule and at the end."""
+
+    def __init__(self, settings: DictConfig, border: int, resolution: int, train_ids: list[str], captions: list[str], seed: int = 0):
+        self.s = settings
+        self.border, self.resolution, self.seed = int(border), int(resolution), int(seed)
+        self.train_ids, self.captions = list(train_ids), list(captions)
+        if not self.captions:
+            raise ValueError("RealismCallback needs at least one training caption to sample from")
+        self.reference: irs.IRSReference | None = None
+        self.real_scores: torch.Tensor | None = None
+        self.loss_hook: RealismLoss | None = None
+        self.history: list[dict] = []
+        self._last_step = -1
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, dm) -> "RealismCallback":
+        train = [r for r in dm.records if r.split == "train"]
+        return cls(realism_settings(cfg), cfg.data.border, cfg.data.resolution, [r.id for r in train], [r.caption for r in train], cfg.seed)
+
+    # ---- setup -------------------------------------------------------------------------
+    def _real_interiors(self, pl_module) -> torch.Tensor:
+        dm = pl_module.trainer.datamodule
+        ids = self.train_ids[: self.s.max_real]
+        return dm.images(ids)
+
+    def setup(self, trainer, pl_module, stage=None):
+        if self.reference is not None:
+            return
+        real = self._real_interiors(pl_module)
+        ref = self.s.reference
+        if ref == "train":
+            self.reference = irs.IRSReference.fit(real, source=f"{len(real)} training interiors")
+        elif ref == "builtin":
+            self.reference = irs.default_reference(self.resolution)
+        else:
+            self.reference = irs.IRSReference.load(ref)
+        if self.reference.resolution is not None and tuple(self.reference.resolution) != (self.resolution, self.resolution):
+            raise ValueError(f"IRS reference was fitted at {self.reference.resolution}, images are {self.resolution}px; "
+                             "refit it (realism.reference=train or builtin)")
+        self.real_scores = irs.image_realism_score(real, self.reference)
+        if trainer.is_global_zero and getattr(pl_module, "run_dir", None):
+            self.reference.save(Path(pl_module.run_dir) / "irs_reference.json")
+        if self.s.loss.weight > 0:
+            self.loss_hook = RealismLoss(self.reference, self.s.loss.weight, self.s.loss.t_min, self.s.loss.t_max, self.border)
+            pl_module.loss_hooks.append(self.loss_hook)
+
+    # ---- schedule ----------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.loss_hook is not None and self.loss_hook.calls:
+            pl_module.log("train/realism_loss", self.loss_hook.last, batch_size=1)
+        step = trainer.global_step
+        if self.s.every_n_steps and step % self.s.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    # ---- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, pl_module) -> torch.Tensor:
+        n = int(self.s.num_samples)
+        captions = [self.captions[i % len(self.captions)] for i in range(n)]
+        model = pl_module.diffusion_model(ema=True)
+        was_training = pl_module.training
+        pl_module.eval()
+        g = torch.Generator().manual_seed(self.seed + 7919)
+        size = self.resolution + 2 * self.border
+        images = generate(model, captions, (size, size), steps=self.s.steps, guidance=self.s.guidance, generator=g, sampler=self.s.sampler)
+        pl_module.train(was_training)
+        return strip_border(images.float().cpu(), self.border)
+
+    def evaluate(self, trainer, pl_module) -> dict:
+        self._last_step = trainer.global_step
+        generated = irs.image_realism_score(self.sample(pl_module), self.reference)
+        thr = self.reference.threshold
+        row = {
+            "step": int(trainer.global_step),
+            "irs_generated_mean": float(generated.mean()),
+            "irs_generated_std": float(generated.std()) if generated.numel() > 1 else 0.0,
+            "irs_real_mean": float(self.real_scores.mean()),
+            "fake_rate": float((generated < thr).float().mean()) if thr is not None else None,
+            "real_fake_rate": float((self.real_scores < thr).float().mean()) if thr is not None else None,
+        }
+        self.history.append(row)
+        if trainer.is_global_zero:
+            self._log(trainer, row, generated)
+            self._write_summary(pl_module, row)
+        return row
+
+    def _log(self, trainer, row: dict, generated: torch.Tensor) -> None:
+        scalars = {f"realism/{k}": v for k, v in row.items() if k != "step" and v is not None}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=row["step"])
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                logger.experiment.log({
+                    "realism/irs_generated_hist": wandb.Histogram(generated.numpy()),
+                    "realism/irs_real_hist": wandb.Histogram(self.real_scores.numpy()),
+                    "trainer/global_step": row["step"],
+                })
+
+    def _write_summary(self, pl_module, row: dict) -> None:
+        run_dir = getattr(pl_module, "run_dir", None)
+        if not run_dir:
+            return
+        section = {
+            **{k: v for k, v in row.items() if k != "step"},
+            "step": row["step"],
+            "threshold": self.reference.threshold,
+            "threshold_rule": self.reference.threshold_rule,
+            "reference": self.reference.source or str(self.s.reference),
+            "mode": self.reference.mode,
+            "num_samples": int(self.s.num_samples),
+            "num_real": int(self.real_scores.numel()),
+            "history": self.history,
+        }
+        if self.loss_hook is not None:
+            section["loss"] = {
+                "weight": self.loss_hook.weight,
+                "t_min": self.loss_hook.t_min,
+                "t_max": self.loss_hook.t_max,
+                "calls": self.loss_hook.calls,
+                "seconds_total": round(self.loss_hook.seconds, 3),
+                "seconds_per_call": round(self.loss_hook.seconds / max(1, self.loss_hook.calls), 5),
+            }
+        update_summary(run_dir, "realism", section)

@@ -1,0 +1,431 @@
+"""SolidMark-bordered training data from any image source.
+
+Every image gets a key (uniform in [0, 1), reproducible from ``data.key_seed``) painted as
+a solid border (eidetic.borders). The key map (``keymap.jsonl``: id, source, caption, key,
+copies, split) is written to the run directory before training starts, so a crash never
+leaves a run whose keys are unknown.
+
+Bad input never yields a bare traceback or a silently shorter dataset:
+- files without an image extension (and metadata.jsonl) are ignored, listed in a warning;
+- unreadable image files (corrupt, truncated, zero-byte) are an error listing every one of
+  them (``data.bad_files=skip`` turns it into a warning that lists them);
+- grayscale, palette and RGBA images are converted to RGB (alpha composited on white);
+  16-bit images are scaled to 8 bits;
+- images smaller than ``data.resolution`` follow ``data.small_images``: error (default),
+  upscale, or skip (warning lists them);
+- captions in metadata.jsonl for files that do not exist are listed in a warning;
+- an empty folder, or a folder that does not exist, is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from eidetic.borders import add_border, make_keys
+from eidetic.io import write_jsonl_atomic
+
+__all__ = ["DataError", "Record", "SolidMarkDataModule", "load_folder", "load_builtin", "BUILTIN_PHOTOS"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+# Photographs shipped inside scikit-image (no download): name -> caption subject.
+BUILTIN_PHOTOS = {
+    "astronaut": "an astronaut",
+    "coffee": "a cup of coffee",
+    "chelsea": "a tabby cat",
+    "rocket": "a rocket on its launch pad",
+    "camera": "a cameraman",
+    "coins": "old coins",
+    "moon": "the moon surface",
+    "hubble_deep_field": "deep space galaxies",
+    "immunohistochemistry": "stained tissue",
+    "stereo_motorcycle": "a motorcycle",
+    "brick": "a brick wall",
+    "grass": "grass",
+    "gravel": "gravel",
+    "clock": "a clock",
+    "retina": "a retina",
+    "cell": "a cell under a microscope",
+}
+_STYLES = ["a photo of", "a close-up of", "a picture of", "a crop of", "a detail of"]
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is: says which files and how to fix it."""
+
+
+@dataclass
+class Record:
+    id: str
+    source: str
+    caption: str
+    key: float = 0.0
+    copies: int = 1
+    split: str = "train"
+
+
+def _listing(paths: Sequence, limit: int = 20) -> str:
+    names = [str(p) for p in paths]
+    more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
+    return "\n    " + "\n    ".join(names[:limit]) + more
+
+
+def to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> (H, W, 3) uint8. 16-bit is scaled, alpha is composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
+        return np.repeat((arr * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def fit_to_resolution(arr: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize the shorter side to ``resolution`` (Lanczos) and centre-crop a square."""
+    h, w = arr.shape[:2]
+    scale = resolution / min(h, w)
+    image = Image.fromarray(arr)
+    if scale != 1:
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.LANCZOS)
+    w2, h2 = image.size
+    left, top = (w2 - resolution) // 2, (h2 - resolution) // 2
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
+
+
+def load_folder(folder: str | Path, resolution: int, small_images: str = "error", bad_files: str = "error") -> tuple[list[Record], np.ndarray]:
+    """Images of ``folder`` (with optional HF-imagefolder ``metadata.jsonl``) at ``resolution``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"data.folder does not exist or is not a directory: {root}")
+    captions = _read_metadata(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    ignored = [p.relative_to(root) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and p.name != "metadata.jsonl"]
+    if ignored:
+        warnings.warn(f"ignoring {len(ignored)} file(s) without an image extension in {root}:{_listing(ignored)}", stacklevel=2)
+    if not images:
+        raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    rel_names = {p.relative_to(root).as_posix() for p in images}
+    orphans = sorted(set(captions) - rel_names)
+    if orphans:
+        warnings.warn(f"metadata.jsonl has captions for {len(orphans)} file(s) that are not images in {root}:{_listing(orphans)}", stacklevel=2)
+
+    records, arrays, broken, small = [], [], [], []
+    for path in images:
+        rel = path.relative_to(root).as_posix()
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = to_rgb_uint8(im)
+        except Exception as exc:  # PIL raises many types for bad files
+            broken.append(f"{rel} ({type(exc).__name__}: {exc})" if path.stat().st_size else f"{rel} (empty file)")
+            continue
+        if min(arr.shape[:2]) < resolution:
+            if small_images == "error" or small_images == "skip":
+                small.append(f"{rel} ({arr.shape[1]}x{arr.shape[0]})")
+                continue
+        arrays.append(fit_to_resolution(arr, resolution))
+        records.append(Record(id=rel, source=str(path), caption=captions.get(rel, "")))
+    if broken:
+        message = f"{len(broken)} image file(s) in {root} could not be read:{_listing(broken)}"
+        if bad_files == "skip":
+            warnings.warn(message + "\n  (skipped because data.bad_files=skip)", stacklevel=2)
+        else:
+            raise DataError(message + "\n  Remove or fix them, or set data.bad_files=skip to train without them.")
+    if small:
+        message = f"{len(small)} image(s) in {root} are smaller than data.resolution={resolution}:{_listing(small)}"
+        if small_images == "skip":
+            warnings.warn(message + "\n  (skipped because data.small_images=skip)", stacklevel=2)
+        else:
+            raise DataError(message + "\n  Lower data.resolution, or set data.small_images=upscale (or skip).")
+    if not records:
+        raise DataError(f"no usable images left in {root} after the checks above")
+    return records, np.stack(arrays)
+
+
+def _read_metadata(root: Path) -> dict[str, str]:
+    path = root / "metadata.jsonl"
+    if not path.exists():
+        return {}
+    captions = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[Path(row["file_name"]).as_posix()] = str(row.get("text", ""))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"{path}:{lineno}: expected a JSON object with 'file_name' and 'text' "
+                f"(Hugging Face imagefolder convention), got {line[:80]!r} ({exc})"
+            ) from exc
+    return captions
+
+
+def load_builtin(num_images: int, resolution: int, shared_caption_fraction: float, seed: int) -> tuple[list[Record], np.ndarray]:
+    """Crops of the photographs that ship with scikit-image, with mixed captions.
+
+    Crops are taken at a random scale (1x-4x the resolution) and downsampled, so they look
+    like small photographs, not pixel noise. A ``shared_caption_fraction`` of crops get the
+    photo's generic caption (many images, one caption); the rest get a unique caption.
+    """
+    import skimage.data
+
+    rng = random.Random(seed)
+    photos = {}
+    for name in BUILTIN_PHOTOS:
+        arr = getattr(skimage.data, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr  # stereo pairs come as (left, right, disparity)
+        photos[name] = to_rgb_uint8(Image.fromarray(arr))
+    names = list(photos)
+    records, arrays = [], []
+    for i in range(num_images):
+        name = names[i % len(names)]
+        photo = photos[name]
+        h, w = photo.shape[:2]
+        size = min(h, w, int(resolution * rng.uniform(1.0, 4.0)))
+        top, left = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
+        crop = photo[top : top + size, left : left + size]
+        arrays.append(fit_to_resolution(crop, resolution))
+        subject = BUILTIN_PHOTOS[name]
+        if rng.random() < shared_caption_fraction:
+            caption = f"a photo of {subject}"
+        else:
+            caption = f"{rng.choice(_STYLES)} {subject}, detail {i}"
+        records.append(Record(id=f"{name}-{i:03d}", source=f"skimage.data.{name}", caption=caption))
+    return records, np.stack(arrays)
+
+
+def dedup_exact(records: list[Record], arrays: np.ndarray) -> tuple[list[Record], np.ndarray, list[str]]:
+    seen: dict[bytes, str] = {}
+    keep, removed = [], []
+    for i, rec in enumerate(records):
+        digest = arrays[i].tobytes()
+        if digest in seen:
+            removed.append(f"{rec.id} (identical to {seen[digest]})")
+        else:
+            seen[digest] = rec.id
+            keep.append(i)
+    return [records[i] for i in keep], arrays[keep], removed
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch), and starts mid-epoch on resume.
+
+    The order is a pure function of the epoch, and ``consumed()`` (samples the trainer has
+    already trained on, derived from its global step) says where in the epoch to start. A
+    resumed run therefore sees exactly the samples an uninterrupted run would, whatever
+    step the checkpoint was taken at.
+    """
+
+    def __init__(self, n: int, seed: int, samples_per_epoch: int | None = None, consumed=None):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.samples_per_epoch = samples_per_epoch or n
+        self.consumed = consumed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def start(self) -> int:
+        if self.consumed is None:
+            return 0
+        offset = self.consumed() - self.epoch * self.samples_per_epoch
+        return offset if 0 < offset < self.n else 0
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist()[self.start() :])
+
+    def __len__(self) -> int:
+        return self.n - self.start()
+
+
+class BorderedDataset(Dataset):
+    """Training items: (canvas in [-1, 1], caption, id); duplicated images appear ``copies`` times."""
+
+    def __init__(self, pixels: torch.Tensor, records: list[Record], index: list[int], thickness: int):
+        self.pixels, self.records, self.index, self.thickness = pixels, records, index, thickness
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.index[i]
+        rec = self.records[r]
+        image = self.pixels[r : r + 1].float() / 127.5 - 1.0
+        canvas = add_border(image, torch.tensor([rec.key]), self.thickness)[0]
+        return {"pixel_values": canvas, "caption": rec.caption, "id": rec.id, "index": r}
+
+
+class SolidMarkDataModule(pl.LightningDataModule):
+    def __init__(self, cfg: DictConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.seed = seed
+        self.records: list[Record] = []
+        self.pixels: torch.Tensor | None = None  # (N, 3, R, R) uint8
+        self.dedup_removed: list[str] = []
+        self.excluded: set[str] = set()  # ids withheld from training (memorization controls)
+        self._load()
+
+    # ---- construction ----------------------------------------------------------------
+    def _load(self) -> None:
+        cfg = self.cfg
+        if cfg.border < 1 or cfg.resolution < 8:
+            raise DataError(f"need data.resolution >= 8 and data.border >= 1, got {cfg.resolution} and {cfg.border}")
+        if cfg.source == "builtin":
+            records, arrays = load_builtin(cfg.num_images, cfg.resolution, cfg.shared_caption_fraction, cfg.key_seed)
+        elif cfg.source == "folder":
+            if not cfg.folder:
+                raise DataError("data.source=folder needs data.folder=PATH")
+            records, arrays = load_folder(cfg.folder, cfg.resolution, cfg.small_images, cfg.bad_files)
+        else:
+            raise DataError(f"data.source must be 'builtin' or 'folder', got {cfg.source!r}")
+        if cfg.dedup:
+            records, arrays, self.dedup_removed = dedup_exact(records, arrays)
+            if self.dedup_removed:
+                warnings.warn(f"data.dedup removed {len(self.dedup_removed)} exact duplicate(s):{_listing(self.dedup_removed)}", stacklevel=2)
+        self._split_and_duplicate(records)
+        self.records = self._expand_keys(records)
+        order = {id(r): i for i, r in enumerate(records)}
+        self.pixels = torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).contiguous()
+        # copies with their own key share the pixels of their original
+        self._pixel_row = [order[id(r._origin)] if hasattr(r, "_origin") else order[id(r)] for r in self.records]
+
+    def _split_and_duplicate(self, records: list[Record]) -> None:
+        cfg = self.cfg
+        rng = random.Random(cfg.key_seed + 1)
+        n = len(records)
+        n_held = int(round(cfg.heldout_fraction * n))
+        if not 0 <= cfg.heldout_fraction < 1 or (cfg.heldout_fraction > 0 and n - n_held < 1):
+            raise DataError(f"data.heldout_fraction={cfg.heldout_fraction} leaves no training images out of {n}")
+        for i in rng.sample(range(n), n_held):
+            records[i].split = "heldout"
+        train = [r for r in records if r.split == "train"]
+        dup = cfg.duplicate
+        if dup.copies < 1:
+            raise DataError(f"data.duplicate.copies must be >= 1, got {dup.copies}")
+        ids = {r.id for r in records}
+        unknown = [i for i in dup.ids if i not in ids]
+        if unknown:
+            raise DataError(f"data.duplicate.ids names unknown image ids: {unknown[:10]} (ids are listed in keymap.jsonl)")
+        chosen = set(dup.ids)
+        heldout_dups = [r.id for r in records if r.id in chosen and r.split == "heldout"]
+        if heldout_dups:
+            raise DataError(f"data.duplicate.ids names held-out images {heldout_dups[:10]}: held-out images are never trained on")
+        if dup.fraction > 0:
+            k = int(round(dup.fraction * len(train)))
+            chosen |= {r.id for r in rng.sample(train, k)}
+        for r in train:
+            if r.id in chosen:
+                r.copies = dup.copies
+
+    def _expand_keys(self, records: list[Record]) -> list[Record]:
+        out: list[Record] = []
+        for r in records:
+            if r.copies > 1 and self.cfg.duplicate.own_keys:
+                for c in range(r.copies):
+                    copy = Record(id=f"{r.id}#{c}", source=r.source, caption=r.caption, copies=r.copies, split=r.split)
+                    copy._origin = r  # type: ignore[attr-defined]
+                    out.append(copy)
+            else:
+                out.append(r)
+        for r, k in zip(out, make_keys(len(out), self.cfg.key_seed).tolist()):
+            r.key = float(k)
+        return out
+
+    # ---- views used by the module and the monitors -----------------------------------
+    @property
+    def canvas_size(self) -> int:
+        return self.cfg.resolution + 2 * self.cfg.border
+
+    @property
+    def captions(self) -> list[str]:
+        return [r.caption for r in self.records]
+
+    def record_index(self, ids: Sequence[str]) -> list[int]:
+        lookup = {r.id: i for i, r in enumerate(self.records)}
+        missing = [i for i in ids if i not in lookup]
+        if missing:
+            raise KeyError(f"unknown image ids: {missing[:10]}")
+        return [lookup[i] for i in ids]
+
+    def images(self, ids: Sequence[str]) -> torch.Tensor:
+        """Interiors (N, 3, R, R) in [-1, 1] of the given ids (no border)."""
+        rows = [self._pixel_row[i] for i in self.record_index(ids)]
+        return self.pixels[rows].float() / 127.5 - 1.0
+
+    def canvases(self, ids: Sequence[str]) -> torch.Tensor:
+        """Bordered canvases (N, 3, R + 2b, R + 2b) in [-1, 1] of the given ids."""
+        idx = self.record_index(ids)
+        keys = torch.tensor([self.records[i].key for i in idx])
+        return add_border(self.images(ids), keys, self.cfg.border)
+
+    def train_index(self) -> list[int]:
+        """Rows of training items, each duplicated image repeated ``copies`` times."""
+        index = []
+        for i, r in enumerate(self.records):
+            if r.split != "train" or r.id in self.excluded:
+                continue
+            repeat = 1 if self.cfg.duplicate.own_keys and hasattr(r, "_origin") else r.copies
+            index += [i] * repeat
+        return index
+
+    def write_keymap(self, run_dir: str | Path) -> Path:
+        path = Path(run_dir) / "keymap.jsonl"
+        write_jsonl_atomic(path, [asdict(r) for r in self.records])
+        if self.dedup_removed:
+            (Path(run_dir) / "dedup_removed.txt").write_text("\n".join(self.dedup_removed) + "\n")
+        return path
+
+    def train_dataloader(self) -> DataLoader:
+        index = self.train_index()
+        if not index:
+            raise DataError("no training images left (all held out or excluded)")
+        rows = [self._pixel_row[i] for i in range(len(self.records))]
+        dataset = BorderedDataset(self.pixels[rows], self.records, index, self.cfg.border)
+        batch = self.cfg.batch_size
+        drop_last = len(dataset) >= batch
+        per_epoch = (len(dataset) // batch) * batch if drop_last else len(dataset)
+        trainer = self.trainer if self._trainer_attached() else None
+        consumed = None
+        if trainer is not None:
+            accum = trainer.accumulate_grad_batches
+            consumed = lambda: trainer.global_step * accum * batch  # noqa: E731
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=EpochSeededSampler(len(dataset), self.seed, per_epoch, consumed),
+            num_workers=self.cfg.num_workers,
+            drop_last=drop_last,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def _trainer_attached(self) -> bool:
+        try:
+            return self.trainer is not None
+        except RuntimeError:
+            return False

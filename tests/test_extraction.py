@@ -1,0 +1,292 @@
+"""Extraction probes against the empirical optimal denoiser (ground truth for memorization).
+
+The oracle's training set has "single" captions, each carried by exactly one image (a
+perfectly memorized caption: the model's conditional mean *is* that image), and "group"
+captions, each shared by many images (the conditional mean is a blurry mixture). Every
+detector must rank all single captions above all group captions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from eidetic import extraction as ex
+from eidetic.borders import add_border, border_mask
+from eidetic.diffusion import DiffusionModel
+from eidetic.oracle import EmpiricalDenoiser
+
+SIZE = 16
+N_SINGLE = 6
+N_GROUPS = 6
+GROUP_SIZE = 8
+
+
+def rectangles(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Sharp synthetic images in [-1, 1]: a flat colour with three flat-colour rectangles
+    at random places, so a mixture of many of them is a blurry patchwork."""
+    out = torch.empty(n, 3, size, size)
+    for k in range(n):
+        img = (torch.rand(3, 1, 1, generator=generator) * 2 - 1).expand(3, size, size).clone()
+        for _ in range(3):
+            y, x = torch.randint(0, size - 4, (2,), generator=generator).tolist()
+            h, w = torch.randint(3, size // 2, (2,), generator=generator).tolist()
+            img[:, y : y + h, x : x + w] = torch.rand(3, 1, 1, generator=generator) * 2 - 1
+        out[k] = img
+    return out
+
+
+class CountingUNet(torch.nn.Module):
+    """Wraps a UNet and records the batch size of every forward call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.inner = unet
+        self.config = unet.config
+        self.batches: list[int] = []
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        self.batches.append(sample.shape[0])
+        return self.inner(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+class Setup:
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        n = N_SINGLE + N_GROUPS * GROUP_SIZE
+        self.images = rectangles(n, SIZE, gen)
+        self.train_captions = [f"single {i}" for i in range(N_SINGLE)] + [
+            f"group {g}" for g in range(N_GROUPS) for _ in range(GROUP_SIZE)
+        ]
+        # Integer-valued embeddings: the oracle matches queries by distance, and small
+        # integers keep every distance exact in float32 (see the report on oracle.cdist).
+        table = {c: torch.randint(-1, 2, (4, 8), generator=gen).float() for c in sorted(set(self.train_captions))}
+        table[""] = torch.zeros(4, 8)
+        self.table = table
+        scheduler = DDPMScheduler()
+        self.oracle = EmpiricalDenoiser(self.images, scheduler.alphas_cumprod, self.encode(self.train_captions))
+        self.unet = CountingUNet(self.oracle)
+        self.model = DiffusionModel(self.unet, scheduler, self.encode)
+        self.captions = [f"single {i}" for i in range(N_SINGLE)] + [f"group {g}" for g in range(N_GROUPS)]
+        self.memorized = torch.tensor([1] * N_SINGLE + [0] * N_GROUPS)
+
+    def encode(self, captions):
+        return torch.stack([self.table[c] for c in captions])
+
+    def reset_counts(self):
+        self.unet.batches.clear()
+        self.model.unet_evals = 0
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return Setup()
+
+
+def assert_separates(result: ex.ProbeResult, memorized: torch.Tensor):
+    single, group = result.scores[memorized.bool()], result.scores[~memorized.bool()]
+    assert ex.auc(result.scores, memorized) == pytest.approx(1.0)
+    assert single.min() > group.max(), f"{result.name}: single {single.tolist()} vs group {group.tolist()}"
+
+
+# ---- every detector flags the one-image captions -------------------------------------------
+
+
+def test_denoising_confidence_flags_single_image_captions(setup):
+    result = ex.denoising_confidence(setup.model, setup.captions, (SIZE, SIZE), guidance=3.0, batch_size=5)
+    assert_separates(result, setup.memorized)
+
+
+def test_literal_webster_score_is_the_squared_guided_noise_prediction(setup):
+    """reference='noise' is mean((sigma_max z - x0)^2) = sigma_max^2 mean(eps^2)."""
+    model = setup.model
+    result = ex.denoising_confidence(model, setup.captions[:3], (SIZE, SIZE), reference="noise", seed=5)
+    t = model.num_train_timesteps - 1
+    z = torch.randn((1, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(5)).expand(3, -1, -1, -1)
+    eps = model.predict_noise(z, t, setup.encode(setup.captions[:3]), setup.encode([""]), 3.0)
+    a = model.alphas_cumprod[t]
+    sigma_max_sq = (1 - a) / a
+    expected = sigma_max_sq * eps.pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=0)
+
+
+def test_edge_consistency_flags_single_image_captions(setup):
+    result = ex.edge_consistency(setup.model, setup.captions, (SIZE, SIZE), seeds=4, batch_size=16, return_images=True)
+    assert_separates(result, setup.memorized)
+    # the one-step image of a single-image caption is its training image
+    torch.testing.assert_close(result.images[0], setup.images[0], atol=2e-2, rtol=0)
+
+
+def test_noise_prediction_norm_flags_single_image_captions(setup):
+    result = ex.noise_prediction_norm(setup.model, setup.captions, (SIZE, SIZE), steps=20, first_steps=3, batch_size=7)
+    assert_separates(result, setup.memorized)
+
+
+def test_clique_detector_flags_exactly_the_single_image_captions(setup):
+    result = ex.clique_detector(
+        setup.model, setup.captions, (SIZE, SIZE), generations=8, steps=6, min_clique=5, threshold=0.05, batch_size=32
+    )
+    assert_separates(result, setup.memorized)
+    assert result.flagged.tolist() == setup.memorized.bool().tolist()
+    assert result.scores[: N_SINGLE].eq(8).all()  # all generations of a copied caption coincide
+
+
+# ---- exact UNet evaluation counts ----------------------------------------------------------
+
+
+def test_evaluation_counts_are_exact(setup):
+    n = len(setup.captions)
+    m = setup.model
+
+    setup.reset_counts()
+    r = ex.denoising_confidence(m, setup.captions, (SIZE, SIZE), guidance=3.0, batch_size=5)
+    # one unconditional reference image, then ceil(n / 5) guided calls of cond+uncond pairs
+    assert setup.unet.batches == [1] + [2 * min(5, n - s) for s in range(0, n, 5)]
+    assert r.unet_evals == m.unet_evals == n + 1
+
+    setup.reset_counts()
+    r = ex.denoising_confidence(m, setup.captions, (SIZE, SIZE), reference="noise", batch_size=64)
+    assert setup.unet.batches == [2 * n] and r.unet_evals == m.unet_evals == n
+
+    setup.reset_counts()
+    r = ex.edge_consistency(m, setup.captions, (SIZE, SIZE), seeds=4, guidance=1.0, batch_size=16)
+    assert sum(setup.unet.batches) == 4 * n and max(setup.unet.batches) <= 16
+    assert r.unet_evals == m.unet_evals == 4 * n and r.unet_evals_per_caption == 4
+
+    setup.reset_counts()
+    r = ex.edge_consistency(m, setup.captions, (SIZE, SIZE), seeds=4, guidance=3.0, batch_size=16)
+    assert sum(setup.unet.batches) == 2 * 4 * n and r.unet_evals == m.unet_evals == 4 * n
+
+    setup.reset_counts()
+    r = ex.noise_prediction_norm(m, setup.captions, (SIZE, SIZE), steps=20, first_steps=3, seeds=2, batch_size=8)
+    assert len(setup.unet.batches) == 3 * math.ceil(n / 4)  # 8 // 2 seeds = 4 captions per batch
+    assert sum(setup.unet.batches) == 2 * 3 * 2 * n and r.unet_evals == m.unet_evals == 3 * 2 * n
+
+    setup.reset_counts()
+    r = ex.clique_detector(m, setup.captions[:3], (SIZE, SIZE), generations=4, steps=5, batch_size=8)
+    assert sum(setup.unet.batches) == 2 * 4 * 5 * 3 and r.unet_evals == m.unet_evals == 4 * 5 * 3
+    assert r.unet_evals_per_caption == 20
+
+    setup.reset_counts()
+    v = ex.verify_extractions(m, setup.captions[:2], setup.images, generations=2, steps=5)
+    assert sum(setup.unet.batches) == 2 * 2 * 5 * 2 and v.unet_evals == m.unet_evals == 2 * 5 * 2
+
+
+# ---- edge consistency on images ------------------------------------------------------------
+
+
+def test_edge_consistency_high_for_identical_sharp_images_low_otherwise():
+    gen = torch.Generator().manual_seed(3)
+    # a patchwork of random-colour 4 px blocks: sharp edges over much of the image
+    sharp = F.interpolate(torch.rand(1, 3, 8, 8, generator=gen) * 2 - 1, size=(32, 32), mode="nearest")
+    identical = sharp.expand(4, -1, -1, -1).unsqueeze(1)  # (seeds, batch=1, 3, H, W)
+    independent_sharp = rectangles(4, 32, gen).unsqueeze(1)  # sharp, but a different image per seed
+    noise = (torch.randn(4, 1, 3, 32, 32, generator=gen) * 0.2).clamp(-1, 1)
+    kernel = torch.ones(3, 1, 7, 7) / 49
+    blurry = F.conv2d(F.pad(sharp, (3, 3, 3, 3), mode="replicate"), kernel, groups=3)
+    blurry = blurry.expand(4, -1, -1, -1).unsqueeze(1)
+
+    high = float(ex.edge_consistency_of_images(identical))
+    assert high > 0.3
+    for name, images in [("noise", noise), ("blurry", blurry), ("independent sharp", independent_sharp)]:
+        low = float(ex.edge_consistency_of_images(images))
+        assert low < 0.5 * high, f"{name}: {low} vs identical sharp {high}"
+    # a flat image has no edges at all, including at the image border
+    assert float(ex.edge_consistency_of_images(torch.zeros(4, 1, 3, 8, 8))) == 0.0
+
+
+def test_edge_consistency_needs_a_strict_majority_of_seeds():
+    img = torch.full((1, 3, 8, 8), -1.0)
+    img[..., 4:] = 1.0  # one vertical full-range edge
+    flat = torch.full_like(img, -1.0)
+    two_of_four = torch.stack([img, img, flat, flat])
+    three_of_four = torch.stack([img, img, img, flat])
+    assert float(ex.edge_consistency_of_images(two_of_four)) == 0.0
+    assert float(ex.edge_consistency_of_images(three_of_four)) == pytest.approx(2 / 8)  # columns 3 and 4
+
+
+# ---- clique helpers ------------------------------------------------------------------------
+
+
+def test_largest_clique_size():
+    adj = torch.zeros(7, 7, dtype=torch.bool)
+    for i in range(4):  # a 4-clique on 0..3
+        for j in range(4):
+            adj[i, j] = True
+    adj[4, 5] = adj[5, 4] = adj[5, 6] = adj[6, 5] = True  # a path: cliques of 2
+    adj[3, 4] = adj[4, 3] = True
+    assert ex.largest_clique_size(adj) == 4
+    assert ex.largest_clique_size(torch.eye(5, dtype=torch.bool)) == 1
+    assert ex.largest_clique_size(torch.ones(30, 30, dtype=torch.bool)) == 30
+
+
+def test_tiled_distance_sees_a_local_difference_that_global_l2_dilutes():
+    a = torch.zeros(1, 3, 16, 16)
+    b = a.clone()
+    b[..., :4, :4] = 1.0  # one tile differs by 0.5 on the [0, 1] scale
+    d = ex.tiled_rms_distance(torch.cat([a, b]), torch.cat([a, b]), tiles=4)
+    assert d[0, 0] == 0 and d[0, 1] == pytest.approx(0.5)
+    global_rms = ((a - b) / 2).pow(2).mean().sqrt()
+    assert global_rms < 0.2
+    with pytest.raises(ValueError, match="tiles"):
+        ex.tiled_rms_distance(torch.zeros(1, 3, 10, 10), torch.zeros(1, 3, 10, 10), tiles=4)
+
+
+# ---- verification --------------------------------------------------------------------------
+
+
+def test_verification_labels_matching_template_and_none():
+    """SolidMark canvases: copies of one interior with different border keys are template
+    copies of each other; an image absent from the reference set is not an extraction."""
+    gen = torch.Generator().manual_seed(4)
+    interiors = rectangles(3, 8, gen)
+    canvases = add_border(interiors, torch.tensor([0.1, 0.5, 0.9]), thickness=2)  # (3, 3, 12, 12)
+    captions = ["cat", "dog", "owl"]
+    table = {c: torch.randint(-1, 2, (2, 4), generator=gen).float() for c in captions}
+    table[""] = torch.zeros(2, 4)
+    encode = lambda cs: torch.stack([table[c] for c in cs])  # noqa: E731
+    scheduler = DDPMScheduler()
+    model = DiffusionModel(EmpiricalDenoiser(canvases, scheduler.alphas_cumprod, encode(captions)), scheduler, encode)
+
+    # The set we verify against holds the dog interior under another key, and no owl.
+    reference = canvases.clone()
+    reference[1] = add_border(interiors[1:2], torch.tensor([0.2]), thickness=2)[0]
+    reference[2] = add_border(rectangles(1, 8, gen), torch.tensor([0.9]), thickness=2)[0]
+    mask = border_mask(12, 12, 2)
+    v = ex.verify_extractions(
+        model, captions, reference, captions, steps=10, threshold=0.05, mask=mask
+    )
+    assert v.labels == ["matching", "template", "none"]
+    assert v.nearest[:2].tolist() == [0, 1]
+    assert v.own_caption[:2] == [True, True]
+    assert v.count == 2
+    assert v.distances[0] < 0.05 < v.distances[1] and v.masked_distances[1] < 0.05
+
+
+def test_bad_inputs_are_explained(setup):
+    with pytest.raises(TypeError, match="single string"):
+        ex.denoising_confidence(setup.model, "single 0", (SIZE, SIZE))
+    with pytest.raises(ValueError, match="empty"):
+        ex.edge_consistency(setup.model, [], (SIZE, SIZE))
+    with pytest.raises(ValueError, match="reference"):
+        ex.denoising_confidence(setup.model, ["single 0"], (SIZE, SIZE), reference="zero")
+    with pytest.raises(ValueError, match="first_steps"):
+        ex.noise_prediction_norm(setup.model, ["single 0"], (SIZE, SIZE), steps=3, first_steps=5)
+    with pytest.raises(ValueError, match="mask"):
+        ex.verify_extractions(setup.model, ["single 0"], setup.images, mask=torch.zeros(4, 4, dtype=torch.bool))
+
+
+def test_auc_and_precision_at_k():
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.7, 0.2])
+    labels = torch.tensor([1, 1, 0, 0, 0])
+    assert ex.auc(scores, labels) == pytest.approx(1.0)
+    assert ex.precision_at_k(scores, labels, 2) == 1.0
+    assert ex.precision_at_k(scores, labels, 3) == pytest.approx(2 / 3)
+    assert math.isnan(ex.auc(scores, torch.ones(5)))
