@@ -48,17 +48,17 @@ class SolidMarkSettings:
     """The ``solidmark`` config section (see configs/solidmark.yaml-snippet)."""
 
     enabled: bool = True
-    every_n_steps: int = 500  # 0: no step schedule
+    every_n_steps: int = 400  # 0: no step schedule
     every_n_epochs: int = 0  # 0: no epoch schedule
     at_train_end: bool = True
-    train_sample: int | None = 32  # trained images scored each time (None: all)
+    train_sample: int | None = None  # trained images scored each time (None: all)
     heldout_sample: int | None = None  # held-out images scored each time (None: all)
     sample_seed: int = 0  # which images form the fixed sample
     ema: bool = True
-    steps: int = 50
+    steps: int = 25
     guidance: float = 3.0
     sampler: str = "ddpm"
-    reencode_every: int = 1
+    reencode_every: int = 5
     samples_per_image: int = 1
     batch_size: int = 64
     seed: int = 0  # outpainting noise (the same at every evaluation)

@@ -384,3 +384,79 @@ def test_metric_gathers_across_processes():
         assert index == list(range(8)), "every process sees every image after the sync"
         assert eidetic == expected["trained"]["eidetic"][0.1] == 4
         assert auc == pytest.approx(expected["auc_heldout"])
+
+
+# ---------------------------------------------------------------------------------------
+# the callback inside a real (tiny) training run
+# ---------------------------------------------------------------------------------------
+def solidmark_run_config(tmp_path, *overrides):
+    """The tiny test config with a ``solidmark`` section.
+
+    Until configs/default.yaml carries the section (configs/solidmark.yaml-snippet), the
+    schema is default.yaml plus the snippet.
+    """
+    from omegaconf import OmegaConf
+
+    from eidetic.config import DEFAULT_CONFIG, load_config
+
+    root = DEFAULT_CONFIG.parent
+    schema = DEFAULT_CONFIG
+    if "solidmark" not in OmegaConf.load(DEFAULT_CONFIG):
+        schema = tmp_path / "schema.yaml"
+        merged = OmegaConf.merge(OmegaConf.load(DEFAULT_CONFIG), OmegaConf.load(root / "solidmark.yaml-snippet"))
+        schema.write_text(OmegaConf.to_yaml(merged))
+    return load_config([root / "tests" / "tiny.yaml"], [f"run.dir={tmp_path / 'run'}", *overrides], schema=schema)
+
+
+@pytest.fixture
+def solidmark_registered(monkeypatch):
+    """Make build_callbacks add the SolidMark monitor if it does not do so yet."""
+    import callbacks
+
+    from callbacks.solidmark import SolidMarkCallback
+
+    original = callbacks.build_callbacks
+
+    def build(cfg, dm, run_dir):
+        built = original(cfg, dm, run_dir)
+        if cfg.solidmark.enabled and not any(isinstance(c, SolidMarkCallback) for c in built):
+            built.append(SolidMarkCallback.from_config(cfg))
+        return built
+
+    monkeypatch.setattr(callbacks, "build_callbacks", build)
+
+
+def test_callback_in_a_run_writes_rows_summary_and_images(tmp_path, solidmark_registered):
+    import csv
+    import json
+
+    from lightning_modules.run import run
+
+    cfg = solidmark_run_config(
+        tmp_path, "solidmark.every_n_steps=3", "solidmark.steps=4", "solidmark.train_sample=5",
+        "data.duplicate.fraction=0.3", "data.duplicate.copies=3", "extraction.enabled=false", "realism.enabled=false",
+    )
+    run_dir = run(cfg)
+    rows = list(csv.DictReader((run_dir / "solidmark.csv").open()))
+    keymap = {r["id"]: r for r in map(json.loads, (run_dir / "keymap.jsonl").read_text().splitlines())}
+    n_heldout = sum(r["split"] == "heldout" for r in keymap.values())
+    assert {int(r["step"]) for r in rows} == {3, 6}  # the step schedule; the end coincides with step 6
+    per_eval = [[r["id"] for r in rows if r["step"] == s] for s in ("3", "6")]
+    assert per_eval[0] == per_eval[1] and len(per_eval[0]) == 5 + n_heldout  # the same fixed sample
+    for r in rows:
+        assert abs(float(r["key"]) - keymap[r["id"]]["key"]) < 1e-5 and r["split"] == keymap[r["id"]]["split"]
+        assert abs(float(r["loss"]) - abs(float(r["pred_key"]) - float(r["key"]))) < 2e-6
+    section = json.loads((run_dir / "summary.json").read_text())["solidmark"]
+    assert set(section["eidetic"]) == set(section["chance"]) == set(section["p_value"]) == {"0.1", "0.05", "0.005"}
+    assert 0 <= section["auc_heldout"] <= 1 and section["evaluations"] == 2
+    assert section["unet_evals"] == 2 * 4 * (5 + n_heldout)
+    assert "train" in json.loads((run_dir / "summary.json").read_text())  # other sections survive
+    assert (run_dir / "solidmark" / "step-000006.png").exists()
+
+
+def test_callback_rejects_a_sample_larger_than_the_split(tmp_path, solidmark_registered):
+    from lightning_modules.run import run
+
+    cfg = solidmark_run_config(tmp_path, "solidmark.heldout_sample=50", "extraction.enabled=false", "realism.enabled=false")
+    with pytest.raises(ValueError, match="heldout_sample=50 but the data has only"):
+        run(cfg)
