@@ -355,8 +355,10 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch + torchmetrics: ~10-20 s of wall time
 def test_metric_gathers_across_processes():
     """Two gloo processes each update half of the images; both compute the full result."""
+    # run with: pytest -m slow tests/test_solidmark.py
     import json
     import socket
     import subprocess
