@@ -18,6 +18,10 @@ def build_callbacks(cfg: DictConfig, dm, run_dir: Path) -> list:
     if v.every_n_steps or v.captions:
         captions = list(v.captions) or [r.caption for r in dm.records if r.split == "train"][:4]
         callbacks.append(SampleGridCallback(captions, v.every_n_steps, v.steps, v.guidance, v.sampler, cfg.seed, dm.canvas_size))
+    if cfg.solidmark.enabled:
+        from .solidmark import SolidMarkCallback
+
+        callbacks.append(SolidMarkCallback.from_config(cfg))
     if cfg.extraction.enabled:
         from .extraction import ExtractionProbeCallback
 

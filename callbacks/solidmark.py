@@ -45,7 +45,7 @@ __all__ = ["SolidMarkSettings", "SolidMarkCallback", "GeneratedCanvases"]
 
 @dataclass
 class SolidMarkSettings:
-    """The ``solidmark`` config section (see configs/solidmark.yaml-snippet)."""
+    """The ``solidmark`` config section (see configs/default.yaml)."""
 
     enabled: bool = True
     every_n_steps: int = 400  # 0: no step schedule
@@ -56,7 +56,7 @@ class SolidMarkSettings:
     sample_seed: int = 0  # which images form the fixed sample
     ema: bool = True
     steps: int = 25
-    guidance: float = 1.0  # see the snippet: CFG 3 loses keys on the exact denoiser and doubles the cost
+    guidance: float = 1.0  # see configs/default.yaml: CFG 3 loses keys on the exact denoiser and doubles the cost
     sampler: str = "ddpm"
     reencode_every: int = 5
     samples_per_image: int = 1

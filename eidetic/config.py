@@ -29,6 +29,8 @@ NULLABLE: dict[str, tuple[type, ...]] = {
     "train.max_epochs": (int,),
     "logging.wandb.group": (str,),
     "logging.wandb.id": (str,),
+    "solidmark.train_sample": (int,),
+    "solidmark.heldout_sample": (int,),
 }
 
 # Sections that hold free-form mappings (no schema below them).

@@ -392,43 +392,12 @@ def test_metric_gathers_across_processes():
 # the callback inside a real (tiny) training run
 # ---------------------------------------------------------------------------------------
 def solidmark_run_config(tmp_path, *overrides):
-    """The tiny test config with a ``solidmark`` section.
-
-    Until configs/default.yaml carries the section (configs/solidmark.yaml-snippet), the
-    schema is default.yaml plus the snippet.
-    """
-    from omegaconf import OmegaConf
-
     from eidetic.config import DEFAULT_CONFIG, load_config
 
-    root = DEFAULT_CONFIG.parent
-    schema = DEFAULT_CONFIG
-    if "solidmark" not in OmegaConf.load(DEFAULT_CONFIG):
-        schema = tmp_path / "schema.yaml"
-        merged = OmegaConf.merge(OmegaConf.load(DEFAULT_CONFIG), OmegaConf.load(root / "solidmark.yaml-snippet"))
-        schema.write_text(OmegaConf.to_yaml(merged))
-    return load_config([root / "tests" / "tiny.yaml"], [f"run.dir={tmp_path / 'run'}", *overrides], schema=schema)
+    return load_config([DEFAULT_CONFIG.parent / "tests" / "tiny.yaml"], [f"run.dir={tmp_path / 'run'}", "solidmark.enabled=true", *overrides])
 
 
-@pytest.fixture
-def solidmark_registered(monkeypatch):
-    """Make build_callbacks add the SolidMark monitor if it does not do so yet."""
-    import callbacks
-
-    from callbacks.solidmark import SolidMarkCallback
-
-    original = callbacks.build_callbacks
-
-    def build(cfg, dm, run_dir):
-        built = original(cfg, dm, run_dir)
-        if cfg.solidmark.enabled and not any(isinstance(c, SolidMarkCallback) for c in built):
-            built.append(SolidMarkCallback.from_config(cfg))
-        return built
-
-    monkeypatch.setattr(callbacks, "build_callbacks", build)
-
-
-def test_callback_in_a_run_writes_rows_summary_and_images(tmp_path, solidmark_registered):
+def test_callback_in_a_run_writes_rows_summary_and_images(tmp_path):
     import csv
     import json
 
@@ -456,7 +425,7 @@ def test_callback_in_a_run_writes_rows_summary_and_images(tmp_path, solidmark_re
     assert (run_dir / "solidmark" / "step-000006.png").exists()
 
 
-def test_callback_rejects_a_sample_larger_than_the_split(tmp_path, solidmark_registered):
+def test_callback_rejects_a_sample_larger_than_the_split(tmp_path):
     from lightning_modules.run import run
 
     cfg = solidmark_run_config(tmp_path, "solidmark.heldout_sample=50", "extraction.enabled=false", "realism.enabled=false")
