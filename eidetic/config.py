@@ -29,6 +29,8 @@ NULLABLE: dict[str, tuple[type, ...]] = {
     "train.max_epochs": (int,),
     "logging.wandb.group": (str,),
     "logging.wandb.id": (str,),
+    "controls.stop.margin": (float, int),
+    "controls.stop.p_value": (float, int),
 }
 
 # Sections that hold free-form mappings (no schema below them).
