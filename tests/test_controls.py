@@ -14,6 +14,7 @@ from callbacks.controls import MemorizationControlCallback
 from lightning_modules.run import run
 
 OFF = ["extraction.enabled=false", "logging.wandb.enabled=false", "controls.enabled=true"]
+WANDB = ["extraction.enabled=false", "controls.enabled=true"]
 
 
 class ScriptedMonitor(pl.Callback):
@@ -77,13 +78,16 @@ def test_stop_reason_conditions_are_strict():
 def test_stop_fires_exactly_when_margin_exceeded(tiny_cfg, scripted):
     script = {1: {"eidetic": 1, "chance": 0.5}, 2: {"eidetic": 2, "chance": 0.5}, 3: {"eidetic": 3, "chance": 0.5}, 4: {"eidetic": 4, "chance": 0.5}}
     scripted(ScriptedMonitor(script))
-    run_dir = run(tiny_cfg(*OFF, "controls.stop.margin=2.0", "train.max_steps=6"))
+    run_dir = run(tiny_cfg(*WANDB, "controls.stop.margin=2.0", "train.max_steps=6"))  # W&B on: actions logged there too
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["global_step"] == 3  # 3 - 0.5 = 2.5 > 2 first at step 3
     (action,) = _actions(run_dir)
     assert action["action"] == "stop" and action["step"] == 3 and "exceeds chance" in action["reason"]
     assert summary["controls"]["stopped"] and summary["controls"]["stop_step"] == 3
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "controls/stopped" in header
 
 
 def test_stop_fires_on_p_value_bound(tiny_cfg, scripted):
