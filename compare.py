@@ -2,6 +2,9 @@
 
     python compare.py --config configs/compare/duplication.yaml [key=value ...]
 
+``key=value`` overrides a comparison key (``out``, ``seed``, ``quality.num_samples``, ...); any
+other key is a training override applied to every setting (``train.max_steps=200``).
+
 A comparison config (schema: ``configs/compare/default.yaml``) names the training config
 files and overrides every setting shares (``base``, ``overrides``) and a list of
 ``settings``, each a name plus its own training overrides (e.g. ``mitigation.wen.enabled=true``).
@@ -40,7 +43,17 @@ ROOT = Path(__file__).resolve().parent
 COMPARE_SCHEMA = ROOT / "configs" / "compare" / "default.yaml"
 
 
-def load_compare_config(files, overrides):
+def split_overrides(files, overrides):
+    """Overrides of comparison keys stay; any other ``key=value`` is a training override for every setting."""
+    from omegaconf import OmegaConf
+
+    keys = set(OmegaConf.load(COMPARE_SCHEMA).keys())
+    own = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in keys]
+    training = [o for o in overrides if o not in own]
+    return files, own, training
+
+
+def load_compare_config(files, overrides, training_overrides=()):
     from omegaconf import OmegaConf
 
     from eidetic.config import ConfigError, parse_overrides
@@ -53,6 +66,8 @@ def load_compare_config(files, overrides):
         raise ConfigError(f"unknown comparison config key(s) {unknown}; valid: {sorted(known)}")
     if not cfg.settings:
         raise ConfigError("a comparison needs at least one entry in 'settings'")
+    if training_overrides:
+        cfg.overrides = [*cfg.overrides, *training_overrides]
     names = [s.name for s in cfg.settings]
     if len(set(names)) != len(names):
         raise ConfigError(f"setting names must be unique, got {names}")
@@ -232,21 +247,24 @@ def compare(cfg) -> Path:
     from lightning_modules.run import run
 
     out = Path(cfg.out or f"runs/compare-{cfg.name}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    base = [f if Path(f).is_absolute() else ROOT / f for f in cfg.base]
     rows = []
+    base = [f if Path(f).is_absolute() else ROOT / f for f in cfg.base]
+
+    def overrides_of(setting):
+        return [
+            *cfg.overrides, *setting.overrides, f"seed={cfg.seed}", f"run.dir={out / setting.name}", f"run.name={setting.name}",
+            f"logging.wandb.group={cfg.name}",
+        ]
+
+    configs = [load_config(base, overrides_of(s)) for s in cfg.settings]  # every setting validated before any trains
     existing = [s.name for s in cfg.settings if (out / s.name).exists()]
     if existing and not cfg.overwrite:
         raise ConfigError(f"{out} already holds runs {existing}: a comparison starts from fresh runs (set overwrite=true to replace them)")
     for name in existing:
         shutil.rmtree(out / name)
-    for setting in cfg.settings:
+    out.mkdir(parents=True, exist_ok=True)
+    for setting, train_cfg in zip(cfg.settings, configs):
         run_dir = out / setting.name
-        overrides = [
-            *cfg.overrides, *setting.overrides, f"seed={cfg.seed}", f"run.dir={run_dir}", f"run.name={setting.name}",
-            f"logging.wandb.group={cfg.name}",
-        ]
-        train_cfg = load_config(base, overrides)  # validated before anything trains
         os.environ.pop("EIDETIC_RUN_DIR", None)
         started = time.perf_counter()
         run(train_cfg)
@@ -267,7 +285,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the comparison config, e.g. out=DIR seed=1")
     args = parser.parse_args(argv)
     try:
-        out = compare(load_compare_config(args.config, args.overrides))
+        out = compare(load_compare_config(*split_overrides(args.config, args.overrides)))
     except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

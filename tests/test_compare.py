@@ -55,3 +55,10 @@ def test_comparison_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="did you mean"):
         compare.compare(compare.load_compare_config([typo], []))
     assert not (tmp_path / "o" / "a").exists()
+
+
+def test_non_comparison_overrides_reach_every_setting():
+    files, own, training = compare.split_overrides([TINY], ["out=/x", "quality.steps=2", "train.max_steps=3", "seed=4"])
+    assert own == ["out=/x", "quality.steps=2", "seed=4"] and training == ["train.max_steps=3"]
+    cfg = compare.load_compare_config(files, own, training)
+    assert list(cfg.overrides)[-1] == "train.max_steps=3" and cfg.seed == 4 and cfg.quality.steps == 2
