@@ -263,12 +263,17 @@ def compare(cfg) -> Path:
     for name in existing:
         shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
+    shared_vae = None
     for setting, train_cfg in zip(cfg.settings, configs):
         run_dir = out / setting.name
+        if cfg.share_autoencoder and shared_vae and train_cfg.model.space == "latent" and not (train_cfg.model.pretrained or train_cfg.model.vae.pretrained):
+            train_cfg.model.vae.pretrained = shared_vae  # one autoencoder for every setting: fairer and cheaper
         os.environ.pop("EIDETIC_RUN_DIR", None)
         started = time.perf_counter()
         run(train_cfg)
         wall = time.perf_counter() - started
+        if shared_vae is None and (run_dir / "autoencoder" / "config.json").exists():
+            shared_vae = str(run_dir / "autoencoder")
         q = quality(run_dir, train_cfg, cfg.quality) if cfg.quality.enabled else {}
         rows.append(_row(setting.name, read_summary(run_dir), f"{float(cfg.delta):g}", wall, q))
         write_outputs(out, rows, cfg)  # partial results survive a crash of a later setting

@@ -34,6 +34,8 @@ def test_tiny_comparison_end_to_end_and_reproducible(tmp_path, monkeypatch):
         assert len(list((out / name / "wandb").glob("offline-run-*"))) == 1
         config = OmegaConf.load(out / name / "config.yaml")
         assert config.logging.wandb.group == "tiny" and config.seed == 0
+    # one autoencoder for both settings: trained by the first, reused by the second
+    assert OmegaConf.load(out / "random_word" / "config.yaml").model.vae.pretrained == str(out / "baseline" / "autoencoder")
 
     # an existing comparison is never silently mixed into
     with pytest.raises(ConfigError, match="overwrite=true"):
