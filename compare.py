@@ -241,6 +241,19 @@ def _plot(out: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def _shared_autoencoder(train_cfg, directory: Path) -> str:
+    import lightning.pytorch as pl
+
+    from lightning_modules.data import SolidMarkDataModule
+    from lightning_modules.run import _train_autoencoder
+
+    pl.seed_everything(train_cfg.seed, workers=True)
+    dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)  # the unmitigated data
+    directory.mkdir(parents=True, exist_ok=True)
+    _train_autoencoder(train_cfg, dm, directory)
+    return str(directory / "autoencoder")
+
+
 def compare(cfg) -> Path:
     from eidetic.config import ConfigError, load_config
     from eidetic.io import read_summary
@@ -257,23 +270,27 @@ def compare(cfg) -> Path:
         ]
 
     configs = [load_config(base, overrides_of(s)) for s in cfg.settings]  # every setting validated before any trains
-    existing = [s.name for s in cfg.settings if (out / s.name).exists()]
+    existing = [n for n in [s.name for s in cfg.settings] + ["shared"] if (out / n).exists()]
     if existing and not cfg.overwrite:
         raise ConfigError(f"{out} already holds runs {existing}: a comparison starts from fresh runs (set overwrite=true to replace them)")
     for name in existing:
         shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
-    shared_vae = None
+    first = configs[0]
+    if cfg.share_autoencoder and first.model.space == "latent" and not (first.model.pretrained or first.model.vae.pretrained):
+        # One autoencoder for every setting, trained before any of them: fairer and cheaper, and every
+        # setting then starts from the same UNet initialisation (training an autoencoder in-run
+        # consumes global RNG before the UNet is built).
+        shared_vae = _shared_autoencoder(first, out / "shared")
+        for c in configs:
+            if not (c.model.pretrained or c.model.vae.pretrained):
+                c.model.vae.pretrained = shared_vae
     for setting, train_cfg in zip(cfg.settings, configs):
         run_dir = out / setting.name
-        if cfg.share_autoencoder and shared_vae and train_cfg.model.space == "latent" and not (train_cfg.model.pretrained or train_cfg.model.vae.pretrained):
-            train_cfg.model.vae.pretrained = shared_vae  # one autoencoder for every setting: fairer and cheaper
         os.environ.pop("EIDETIC_RUN_DIR", None)
         started = time.perf_counter()
         run(train_cfg)
         wall = time.perf_counter() - started
-        if shared_vae is None and (run_dir / "autoencoder" / "config.json").exists():
-            shared_vae = str(run_dir / "autoencoder")
         q = quality(run_dir, train_cfg, cfg.quality) if cfg.quality.enabled else {}
         rows.append(_row(setting.name, read_summary(run_dir), f"{float(cfg.delta):g}", wall, q))
         write_outputs(out, rows, cfg)  # partial results survive a crash of a later setting
