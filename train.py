@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +23,27 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable, merged left to right)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `wandb agent` passes the sweep's parameters as --key=value: they are overrides too
+    for item in extra:
+        match = re.fullmatch(r"(?:--)?([A-Za-z_][\w.]*)=(.*)", item, flags=re.S)
+        if not match:
+            parser.error(f"unrecognized argument {item!r} (overrides look like key=value or --key=value)")
+        args.overrides.append(f"{match[1]}={match[2]}")
+    if os.environ.get("WANDB_SWEEP_ID"):
+        args.overrides = _agent_overrides(args.overrides)
+    return args
+
+
+def _agent_overrides(overrides: list[str]) -> list[str]:
+    """Launched by `wandb agent`: log into the run the agent created (its id and mode online)."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    extra = []
+    if os.environ.get("WANDB_RUN_ID") and "logging.wandb.id" not in given:
+        extra.append(f"logging.wandb.id={os.environ['WANDB_RUN_ID']}")
+    if "logging.wandb.mode" not in given:
+        extra.append("logging.wandb.mode=online")
+    return [*extra, *overrides]
 
 
 def load(argv=None):
@@ -46,6 +67,8 @@ def main(argv=None) -> int:
 
     try:
         cfg = load(argv)
+        if cfg.logging.wandb.mode == "online":
+            os.environ["WANDB_MODE"] = "online"  # the offline default above is only a default
         from lightning_modules.run import run
 
         run_dir = run(cfg)

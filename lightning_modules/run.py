@@ -165,7 +165,7 @@ def _callbacks(cfg: DictConfig, dm: SolidMarkDataModule, run_dir: Path) -> list:
     return [checkpoint, *monitors, *build_callbacks(cfg, dm, run_dir)]
 
 
-def fit(cfg: DictConfig, dm: SolidMarkDataModule, module: LatentDiffusionModule, run_dir: Path) -> pl.Trainer:
+def fit(cfg: DictConfig, dm: SolidMarkDataModule, module: LatentDiffusionModule, run_dir: Path, callbacks=()) -> pl.Trainer:
     t = cfg.trainer
     trainer = pl.Trainer(
         max_steps=cfg.train.max_steps,
@@ -183,7 +183,7 @@ def fit(cfg: DictConfig, dm: SolidMarkDataModule, module: LatentDiffusionModule,
         enable_progress_bar=t.enable_progress_bar,
         limit_val_batches=t.limit_val_batches,
         logger=_loggers(cfg, run_dir),
-        callbacks=_callbacks(cfg, dm, run_dir),
+        callbacks=[*_callbacks(cfg, dm, run_dir), *callbacks],
         default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
@@ -216,19 +216,30 @@ def _finish(cfg, trainer, module, run_dir: Path, elapsed: float) -> None:
     )
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, callbacks=()) -> Path:
+    """Build and fit; ``callbacks`` are added to the config's own (sweeps add a trial reporter)."""
     run_dir = prepare_run_dir(cfg)
     try:
         dm, module = build(cfg, run_dir)
-        fit(cfg, dm, module, run_dir)
+        fit(cfg, dm, module, run_dir, callbacks)
     finally:
-        _finish_wandb()
+        _finish_wandb(run_dir)
     return run_dir
 
 
-def _finish_wandb() -> None:
+def _finish_wandb(run_dir: Path | None = None) -> None:
     # Without this the next run in the same process (tests, sweeps) logs into this one.
     import sys
 
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()
+        wandb = sys.modules["wandb"]
+        if run_dir is not None and _rank() == 0:
+            # summary.json into the W&B run summary as summary/<section>/<key> (W&B sweeps optimise these)
+            from eidetic.io import read_summary
+            from eidetic.sweep import flatten_summary
+
+            try:
+                wandb.run.summary.update(flatten_summary(read_summary(run_dir)))
+            except Exception as exc:  # never lose a finished run over a summary upload
+                log.warning("could not copy summary.json to W&B: %s", exc)
+        wandb.finish()

@@ -1,0 +1,121 @@
+"""Training wall time with the SolidMark monitor at its default schedule vs without it.
+
+    python benchmarks/solidmark_overhead.py [--steps 600] [--rounds 2]
+
+Both runs use the same config and seed (the tiny test config, CPU); the monitor keeps its
+default settings, with its step schedule scaled to the run the way the defaults relate to
+the default run (solidmark.every_n_steps / train.max_steps = 400 / 800), plus the
+evaluation at the end. The default 600 steps keep the default run's proportion of
+training images seen to images scored: 800 steps x 16 per batch per 64 scored images
+(default config) = 600 steps x 4 per batch per 12 scored images (tiny config). Runs alternate (without, with, without, ...) so drift in machine
+load hits both. The time is the trainer's fit time (``summary.json`` train.wall_time_s),
+which includes every callback. Last line: JSON with ``ratio`` (target <= 1.15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def schema_with_solidmark(tmp: Path) -> Path:
+    """default.yaml, plus the solidmark snippet if default.yaml does not carry it yet."""
+    from omegaconf import OmegaConf
+
+    from eidetic.config import DEFAULT_CONFIG
+
+    if "solidmark" in OmegaConf.load(DEFAULT_CONFIG):
+        return DEFAULT_CONFIG
+    merged = OmegaConf.merge(OmegaConf.load(DEFAULT_CONFIG), OmegaConf.load(ROOT / "configs" / "solidmark.yaml-snippet"))
+    path = tmp / "schema.yaml"
+    path.write_text(OmegaConf.to_yaml(merged))
+    return path
+
+
+def register_callback() -> None:
+    """Have build_callbacks add the monitor when the config enables it (if it does not yet)."""
+    import callbacks
+
+    from callbacks.solidmark import SolidMarkCallback
+
+    original = callbacks.build_callbacks
+
+    def build(cfg, dm, run_dir):
+        built = original(cfg, dm, run_dir)
+        if cfg.solidmark.enabled and not any(isinstance(c, SolidMarkCallback) for c in built):
+            built.append(SolidMarkCallback.from_config(cfg))
+        return built
+
+    callbacks.build_callbacks = build
+
+
+def train_once(tmp: Path, schema: Path, name: str, steps: int, with_monitor: bool) -> dict:
+    from eidetic.config import load_config
+    from lightning_modules.run import run
+
+    os.environ.pop("EIDETIC_RUN_DIR", None)
+    overrides = [
+        f"run.dir={tmp / name}", f"train.max_steps={steps}", "train.checkpoint.every_n_steps=0",
+        "logging.wandb.enabled=false", "extraction.enabled=false", "realism.enabled=false",
+        f"solidmark.enabled={str(with_monitor).lower()}", f"solidmark.every_n_steps={max(1, steps // 2)}",
+    ]
+    cfg = load_config([ROOT / "configs" / "tests" / "tiny.yaml"], overrides, schema=schema)
+    run_dir = run(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out = {"seconds": summary["train"]["wall_time_s"]}
+    if with_monitor:
+        out["monitor_seconds"] = summary["solidmark"]["seconds"]
+        out["unet_evals"] = summary["solidmark"]["unet_evals"]
+        out["evaluations"] = summary["solidmark"]["evaluations"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=600, help="training steps per run")
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of runs (alternating)")
+    args = parser.parse_args()
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    register_callback()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        schema = schema_with_solidmark(tmp)
+        # a warm-up run so imports and first-call costs hit neither side
+        train_once(tmp, schema, "warmup", 2, False)
+        without, with_ = [], []
+        for r in range(args.rounds):
+            without.append(train_once(tmp, schema, f"without-{r}", args.steps, False))
+            with_.append(train_once(tmp, schema, f"with-{r}", args.steps, True))
+    t_without = sum(x["seconds"] for x in without)
+    t_with = sum(x["seconds"] for x in with_)
+    print(f"{'run':<10}{'without (s)':>14}{'with (s)':>12}{'monitor (s)':>14}{'UNet evals':>12}")
+    for r, (a, b) in enumerate(zip(without, with_)):
+        print(f"{r:<10}{a['seconds']:>14.2f}{b['seconds']:>12.2f}{b['monitor_seconds']:>14.2f}{b['unet_evals']:>12d}")
+    ratio = t_with / t_without
+    print(f"training wall time with / without the SolidMark monitor: {ratio:.3f} (target <= 1.15)")
+    print(json.dumps({
+        "benchmark": "solidmark_overhead", "steps": args.steps, "rounds": args.rounds,
+        "seconds_without": round(t_without, 2), "seconds_with": round(t_with, 2),
+        "monitor_seconds": round(sum(x["monitor_seconds"] for x in with_), 2),
+        "unet_evals": sum(x["unet_evals"] for x in with_), "evaluations_per_run": with_[0]["evaluations"],
+        "monitor_share": round(sum(x["monitor_seconds"] for x in with_) / t_with, 4),
+        "ratio": round(ratio, 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""SolidMark monitor: per-image memorization scores during training.
+
+Every ``every_n_steps`` optimizer steps / ``every_n_epochs`` epochs and at the end of
+training, a fixed sample of training and held-out images (the same ids every time, so the
+curves are comparable) is outpainted with the EMA weights and scored with
+:mod:`eidetic.solidmark`. Results go to
+
+* the loggers (W&B curves: eidetic counts, chance counts and p-values per δ for both
+  splits, the AUCs, cost; a table of the most-memorized images and a grid),
+* ``solidmark.csv`` in the run directory (one row per image per evaluation),
+* the ``solidmark`` section of ``summary.json``,
+* ``trainer.callback_metrics`` (``solidmark/...``) so that controls can act on them.
+
+Under multi-process training each process outpaints its share of the sample (noise is
+seeded per image, so the split does not change the result) and the per-image scores are
+gathered by torchmetrics; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+from eidetic.io import update_summary
+from eidetic.solidmark import (
+    DEFAULT_DELTAS,
+    SolidMarkMetric,
+    autoencoder_floor,
+    chance_probability,
+    check_deltas,
+    fixed_sample,
+    outpaint_border,
+)
+
+__all__ = ["SolidMarkSettings", "SolidMarkCallback", "GeneratedCanvases"]
+
+
+@dataclass
+class SolidMarkSettings:
+    """The ``solidmark`` config section (see configs/solidmark.yaml-snippet)."""
+
+    enabled: bool = True
+    every_n_steps: int = 400  # 0: no step schedule
+    every_n_epochs: int = 0  # 0: no epoch schedule
+    at_train_end: bool = True
+    train_sample: int | None = None  # trained images scored each time (None: all)
+    heldout_sample: int | None = None  # held-out images scored each time (None: all)
+    sample_seed: int = 0  # which images form the fixed sample
+    ema: bool = True
+    steps: int = 25
+    guidance: float = 1.0  # see the snippet: CFG 3 loses keys on the exact denoiser and doubles the cost
+    sampler: str = "ddpm"
+    reencode_every: int = 5
+    samples_per_image: int = 1
+    batch_size: int = 64
+    seed: int = 0  # outpainting noise (the same at every evaluation)
+    deltas: list = field(default_factory=lambda: list(DEFAULT_DELTAS))
+    table_rows: int = 16
+    log_images: bool = True
+
+    def __post_init__(self) -> None:
+        self.deltas = list(check_deltas(list(self.deltas)))
+        for name in ("every_n_steps", "every_n_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"solidmark.{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
+        for name in ("train_sample", "heldout_sample"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"solidmark.{name} must be >= 0 or null (all), got {value}")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"solidmark.sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+
+    @classmethod
+    def from_config(cls, section: Any) -> "SolidMarkSettings":
+        from omegaconf import OmegaConf
+
+        values = OmegaConf.to_container(section, resolve=True) if not isinstance(section, dict) else dict(section)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown solidmark settings {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+
+class GeneratedCanvases(Metric):
+    """Generated canvases gathered across processes (for the table and grid on rank 0)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("canvases", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def update(self, canvases: torch.Tensor, index: torch.Tensor) -> None:
+        self.canvases.append(canvases.to(self.device, torch.float32))
+        self.index.append(torch.as_tensor(index).reshape(-1).to(self.device, torch.float64))
+
+    def compute(self) -> dict[int, torch.Tensor]:
+        canvases = self.canvases if isinstance(self.canvases, torch.Tensor) else torch.cat(self.canvases)
+        index = self.index if isinstance(self.index, torch.Tensor) else torch.cat(self.index)
+        return {int(i): c.cpu() for i, c in zip(index.reshape(-1).tolist(), canvases)}
+
+
+def _delta_name(delta: float) -> str:
+    return f"{delta:g}"
+
+
+class SolidMarkCallback(pl.Callback):
+    def __init__(self, settings: SolidMarkSettings | None = None, **overrides):
+        self.settings = settings or SolidMarkSettings(**overrides)
+        self._last_step = -1
+        self._sample: list[int] | None = None  # record indices: trained sample, then held-out
+        self.history: list[dict] = []
+        self.total_unet_evals = 0
+        self.total_seconds = 0.0
+        self.floor: dict | None = None
+        self.last_result: dict | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "SolidMarkCallback":
+        return cls(SolidMarkSettings.from_config(cfg.solidmark))
+
+    # ---- checkpointed state: a resumed run continues the same curves and cost totals ----
+    def state_dict(self) -> dict:
+        return {
+            "last_step": self._last_step, "history": self.history, "total_unet_evals": self.total_unet_evals,
+            "total_seconds": self.total_seconds, "floor": self.floor,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._last_step = state.get("last_step", -1)
+        self.history = list(state.get("history", []))
+        self.total_unet_evals = int(state.get("total_unet_evals", 0))
+        self.total_seconds = float(state.get("total_seconds", 0.0))
+        self.floor = state.get("floor")
+
+    # ---- the fixed sample ---------------------------------------------------------------
+    def sample_indices(self, records) -> list[int]:
+        """Record indices scored at every evaluation (trained first, then held-out)."""
+        s = self.settings
+        chosen: list[int] = []
+        for split, size, offset in (("train", s.train_sample, 0), ("heldout", s.heldout_sample, 1)):
+            pool = [i for i, r in enumerate(records) if r.split == split]
+            if size is not None and size > len(pool):
+                raise ValueError(
+                    f"solidmark.{'train' if split == 'train' else 'heldout'}_sample={size} but the data has only "
+                    f"{len(pool)} {split} images; set it to at most {len(pool)} (or null for all)"
+                )
+            if size == 0 or not pool:
+                continue
+            chosen += [pool[j] for j in fixed_sample(len(pool), size, seed=s.sample_seed + offset)]
+        if not any(records[i].split == "train" for i in chosen):
+            raise ValueError("solidmark needs at least one training image in its sample (solidmark.train_sample)")
+        return chosen
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.settings.enabled:
+            self._sample = self.sample_indices(trainer.datamodule.records)
+
+    # ---- schedule -----------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self.settings.every_n_steps
+        step = trainer.global_step
+        if self.settings.enabled and n and step > 0 and step % n == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        n = self.settings.every_n_epochs
+        if self.settings.enabled and n and (trainer.current_epoch + 1) % n == 0 and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.settings.enabled and self.settings.at_train_end and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    # ---- one evaluation -----------------------------------------------------------------
+    def evaluate(self, trainer, pl_module) -> dict:
+        s = self.settings
+        self._last_step = trainer.global_step
+        start = time.perf_counter()
+        dm = trainer.datamodule
+        records = dm.records
+        if self._sample is None:
+            self._sample = self.sample_indices(records)
+        rank, world = trainer.global_rank, max(1, trainer.world_size)
+        mine = self._sample[rank::world]  # each process outpaints its share
+        ids = [records[i].id for i in mine]
+        thickness = int(pl_module.cfg.data.border)
+
+        model = pl_module.diffusion_model(ema=s.ema)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            canvases = dm.canvases(ids) if ids else torch.zeros(0, 3, dm.canvas_size, dm.canvas_size)
+            out = outpaint_border(
+                model, canvases, [records[i].caption for i in mine], thickness,
+                steps=s.steps, guidance=s.guidance, sampler=s.sampler, reencode_every=s.reencode_every,
+                samples_per_image=s.samples_per_image, seed=s.seed, noise_ids=mine, batch_size=s.batch_size,
+            )
+            if self.floor is None and trainer.is_global_zero:
+                train_ids = [records[i].id for i in self._sample if records[i].split == "train"]
+                floor = autoencoder_floor(model, dm.canvases(train_ids), torch.tensor([records[i].key for i in self._sample if records[i].split == "train"]), thickness)
+                self.floor = {"mean": float(floor.mean()), "p95": float(floor.quantile(0.95)), "max": float(floor.max())}
+        finally:
+            pl_module.train(was_training)
+
+        device = pl_module.device
+        metric = SolidMarkMetric(deltas=s.deltas).to(device)
+        images = GeneratedCanvases().to(device)
+        metric.update(
+            out.border_key,
+            torch.tensor([records[i].key for i in mine], dtype=torch.float64),
+            torch.tensor([records[i].split == "train" for i in mine]),
+            torch.tensor([records[i].copies for i in mine]),
+            torch.tensor(mine),
+        )
+        images.update(out.canvases[:, 0], torch.tensor(mine))
+        result = metric.compute()  # gathers every process's images
+        generated = images.compute() if s.log_images else {}  # a collective: every process calls it
+        evals = trainer.strategy.reduce(torch.tensor(float(out.unet_evals), device=device), reduce_op="sum")
+        seconds = time.perf_counter() - start
+        self.total_unet_evals += int(evals.item())
+        self.total_seconds += seconds
+        result.update(unet_evals=int(evals.item()), seconds=seconds, step=trainer.global_step, epoch=trainer.current_epoch)
+        self.last_result = result
+        self._publish(trainer, result)
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, result, generated)
+        return result
+
+    # ---- outputs ------------------------------------------------------------------------
+    def _flat_metrics(self, result: dict) -> dict[str, float]:
+        flat: dict[str, float] = {}
+        for split, prefix in (("trained", "solidmark"), ("heldout", "solidmark/heldout")):
+            for kind in ("eidetic", "chance", "p_value"):
+                for d, value in result[split][kind].items():
+                    flat[f"{prefix}/{kind}@{_delta_name(d)}"] = float(value)
+            if result[split]["mean_loss"] is not None:
+                flat[f"{prefix}/mean_loss"] = result[split]["mean_loss"]
+        for name in ("auc_heldout", "auc_duplicated"):
+            if result[name] is not None:
+                flat[f"solidmark/{name}"] = float(result[name])
+        flat["solidmark/unet_evals"] = float(result["unet_evals"])
+        flat["solidmark/seconds"] = float(result["seconds"])
+        return flat
+
+    def _publish(self, trainer, result: dict) -> None:
+        for name, value in self._flat_metrics(result).items():
+            trainer.callback_metrics[name] = torch.tensor(value)
+
+    def _summary(self, result: dict) -> dict:
+        def by_delta(values: dict) -> dict:
+            return {_delta_name(d): v for d, v in values.items()}
+
+        entry = {
+            "step": result["step"],
+            "epoch": result["epoch"],
+            "eidetic": by_delta(result["trained"]["eidetic"]),
+            "chance": by_delta(result["trained"]["chance"]),
+            "p_value": by_delta(result["trained"]["p_value"]),
+            "auc_heldout": result["auc_heldout"],
+            "auc_duplicated": result["auc_duplicated"],
+        }
+        self.history.append(entry)
+        return {
+            **entry,
+            "heldout": {k: by_delta(result["heldout"][k]) for k in ("eidetic", "chance", "p_value")},
+            "n_trained": result["n_trained"],
+            "n_heldout": result["n_heldout"],
+            "mean_loss": result["trained"]["mean_loss"],
+            "heldout_mean_loss": result["heldout"]["mean_loss"],
+            "autoencoder_floor": self.floor,
+            "unet_evals": self.total_unet_evals,
+            "seconds": round(self.total_seconds, 3),
+            "evaluations": len(self.history),
+            "last_evaluation": {"unet_evals": result["unet_evals"], "seconds": round(result["seconds"], 3)},
+            "history": self.history,
+            "settings": asdict(self.settings),
+        }
+
+    def _write(self, trainer, pl_module, result: dict, generated: dict[int, torch.Tensor]) -> None:
+        run_dir = Path(pl_module.run_dir)
+        records = trainer.datamodule.records
+        rows = result["per_image"]
+        deltas = self.settings.deltas
+        path = run_dir / "solidmark.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new:
+                writer.writerow(
+                    ["step", "epoch", "id", "split", "copies", "key", "pred_key", "loss"]
+                    + [f"chance@{_delta_name(d)}" for d in deltas] + [f"memorized@{_delta_name(d)}" for d in deltas] + ["caption"]
+                )
+            for j, i in enumerate(rows["index"].long().tolist()):
+                r = records[i]
+                pred, loss = float(rows["pred_keys"][j]), float(rows["loss"][j])
+                chance = [float(chance_probability(torch.tensor([pred]), d)[0]) for d in deltas]
+                writer.writerow(
+                    [result["step"], result["epoch"], r.id, r.split, r.copies, f"{r.key:.6f}", f"{pred:.6f}", f"{loss:.6f}"]
+                    + [f"{c:.6f}" for c in chance] + [int(loss < d) for d in deltas] + [r.caption]
+                )
+        update_summary(run_dir, "solidmark", self._summary(result))
+
+        step = result["step"]
+        flat = self._flat_metrics(result)
+        for logger in trainer.loggers:
+            logger.log_metrics(flat, step=step)
+        if self.settings.log_images and generated:
+            self._log_images(trainer, run_dir, result, generated)
+
+    def _log_images(self, trainer, run_dir: Path, result: dict, generated: dict[int, torch.Tensor]) -> None:
+        from callbacks.samples import save_grid
+
+        records = trainer.datamodule.records
+        rows = result["per_image"]
+        trained = rows["trained"] > 0.5
+        order = [j for j in torch.argsort(rows["loss"]).tolist() if trained[j]][: self.settings.table_rows]
+        if not order:
+            return
+        top = [int(rows["index"][j]) for j in order]
+        truth = trainer.datamodule.canvases([records[i].id for i in top])
+        pairs = torch.stack([torch.stack([truth[k], generated[i]]) for k, i in enumerate(top)]).flatten(0, 1)
+        grid = save_grid(pairs, run_dir / "solidmark" / f"step-{result['step']:06d}.png", nrow=8)
+
+        def to_uint8(x: torch.Tensor) -> np.ndarray:
+            return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(
+                    key="solidmark/most_memorized_grid", images=[np.asarray(grid)],
+                    caption=["pairs: training canvas | outpainted border (most memorized first)"], step=result["step"],
+                )
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                data = []
+                for k, (j, i) in enumerate(zip(order, top)):
+                    r = records[i]
+                    data.append([
+                        r.id, wandb.Image(to_uint8(truth[k])), wandb.Image(to_uint8(generated[i])), r.key,
+                        float(rows["pred_keys"][j]), float(rows["loss"][j]), r.copies, r.caption,
+                    ])
+                logger.log_table(
+                    key="solidmark/most_memorized",
+                    columns=["id", "image", "generated", "key", "predicted", "loss", "copies", "caption"],
+                    data=data, step=result["step"],
+                )

@@ -1,0 +1,444 @@
+"""SolidMark (Kriplani et al., 2025): per-image memorization by outpainting a key border.
+
+Every training canvas carries a solid frame whose grey level is a per-image key
+k ~ U[0, 1) (see :mod:`eidetic.borders`). To ask a model whether it memorized an image we
+give it the interior only and let it outpaint the frame; the score is
+
+    ℓ = |mean(generated border pixels, in key scale) − k|,
+
+and an image is (ℓ, δ)-eidetically memorized when ℓ < δ. A model that never saw the key
+predicts something independent of it, so a count is evidence only above the chance level
+computed here exactly from where each prediction falls.
+
+Outpainting (``outpaint_border``)
+---------------------------------
+* Pixel models: RePaint-style replacement without resampling. After every reverse step
+  the interior of the working image is overwritten with the forward-noised original at
+  the next timestep (and with the clean original after the last step).
+* Latent models: the border/interior mask lives in pixel space and a latent cell near the
+  edge mixes both, so the replacement cannot be done in latent space. On a replacement
+  step we take the model's x0 estimate, decode it, paste the true interior in pixel space,
+  re-encode that composite and continue the step from the composite: the sampler's
+  ``step`` is handed the epsilon that is consistent with (x_t, composite x0), so DDIM moves
+  deterministically towards the composite and DDPM samples from q(x_{t-1} | x_t, composite).
+  This is the honest reading of "decode, overwrite, re-encode": decoding a *noisy* latent
+  gives no meaningful image, whereas the x0 estimate does. ``reencode_every`` sets how
+  often this happens (1 = every step; other steps are plain sampling); the last step always
+  replaces, and the returned canvas always has the true interior pasted in pixel space.
+* Nothing of the input frame is ever used: the input border is discarded before sampling,
+  so a model can only reproduce a key it stored (tests check that changing the input
+  border does not change the output).
+* Noise is drawn per (image, sample) from a generator seeded by (seed, noise id, sample
+  index), so results do not depend on batch size, order or how images are split across
+  processes.
+
+Scores and chance (``eidetic_scores``, ``chance_probability``, ...)
+------------------------------------------------------------------
+For a prediction p and an independent key k ~ U[0, 1) the chance of ℓ < δ is the length
+of (p − δ, p + δ) ∩ [0, 1), i.e. 2δ in the middle and as little as δ at the edges; the
+chance count of a set is the sum of these probabilities, and the number of hits under the
+null is Poisson-binomial. The p-value is the exact one-sided Poisson-binomial tail
+P(X ≥ observed), computed by dynamic programming (O(N²), fine for thousands of images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryAUROC
+
+from .borders import border_key, border_mask
+from .diffusion import DiffusionModel
+
+__all__ = [
+    "DEFAULT_DELTAS",
+    "Outpainting",
+    "outpaint_border",
+    "autoencoder_floor",
+    "check_deltas",
+    "eidetic_scores",
+    "eidetic_counts",
+    "chance_probability",
+    "chance_count",
+    "poisson_binomial_sf",
+    "binomial_p_value",
+    "fixed_sample",
+    "SolidMarkMetric",
+]
+
+DEFAULT_DELTAS: tuple[float, ...] = (0.1, 0.05, 0.005)
+
+
+# ---------------------------------------------------------------------------------------
+# outpainting
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Outpainting:
+    """Result of :func:`outpaint_border`.
+
+    canvases: (N, S, 3, H, W) generated canvases in [-1, 1] (true interior, generated frame).
+    sample_keys: (N, S) the key each sample's frame carries (key scale, [0, 1]).
+    border_key: (N,) the predicted key per image: mean over its samples' frames.
+    unet_evals: UNet evaluations spent (one per image per step; a CFG pair counts once).
+    vae_passes: images sent through the autoencoder (encode and decode each count one).
+    """
+
+    canvases: torch.Tensor
+    sample_keys: torch.Tensor
+    border_key: torch.Tensor
+    unet_evals: int
+    vae_passes: int
+
+
+def _model_canvas_size(model: DiffusionModel) -> tuple[int, int] | None:
+    config = getattr(model.unet, "config", None)
+    size = getattr(config, "sample_size", None)
+    if size is None:
+        return None
+    if isinstance(size, (tuple, list)):
+        h, w = int(size[0]), int(size[-1])
+    else:
+        h = w = int(size)
+    return h * model.downsample, w * model.downsample
+
+
+def _item_seed(seed: int, noise_id: int, sample: int) -> int:
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(noise_id) & 0xFFFFFFFF, int(sample)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def _randn_per_item(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def outpaint_border(
+    model: DiffusionModel,
+    canvases: torch.Tensor,
+    captions: Sequence[str],
+    thickness: int,
+    steps: int = 100,
+    guidance: float = 3.0,
+    sampler: str = "ddpm",
+    reencode_every: int = 1,
+    samples_per_image: int = 1,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    noise_ids: Sequence[int] | None = None,
+    batch_size: int = 16,
+) -> Outpainting:
+    """Generate the SolidMark frame of ``canvases`` given only their interiors.
+
+    Args:
+        model: pixel or latent :class:`~eidetic.diffusion.DiffusionModel`.
+        canvases: (N, 3, H, W) bordered canvases in [-1, 1]; only the interior is read.
+        captions: N prompts (the training captions); guidance uses the empty prompt as
+            the unconditional one.
+        thickness: frame thickness in pixels.
+        steps, guidance, sampler: reverse process ('ddpm' ancestral or 'ddim' eta=0).
+        reencode_every: latent models only — decode/paste/re-encode every this many steps.
+        samples_per_image: independent outpaintings per image (their frames are averaged
+            into ``border_key``).
+        seed / generator: randomness; a generator, if given, draws the seed.
+        noise_ids: a stable integer per image (e.g. its index in the data set) that seeds
+            its noise; default ``range(N)``. Pass global ids when splitting across processes.
+        batch_size: images (× samples) per UNet call.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if canvases.ndim != 4 or canvases.shape[1] != 3:
+        raise ValueError(f"canvases must be (N, 3, H, W) images, got shape {tuple(canvases.shape)}")
+    n, _, height, width = canvases.shape
+    captions = list(captions)
+    if len(captions) != n:
+        raise ValueError(f"got {len(captions)} captions for {n} canvases (one caption per canvas)")
+    if canvases.numel() and (canvases.min() < -1.001 or canvases.max() > 1.001):
+        raise ValueError(
+            f"canvases must be in [-1, 1], got values in [{canvases.min().item():.3f}, {canvases.max().item():.3f}]; "
+            "convert images with x * 2 - 1 (from [0, 1]) or x / 127.5 - 1 (from uint8)"
+        )
+    expected = _model_canvas_size(model)
+    if expected is not None and expected != (height, width):
+        raise ValueError(
+            f"the model generates {expected[0]}x{expected[1]} canvases but got {height}x{width}; "
+            "score canvases at the resolution the model was trained on (interior + 2 * border)"
+        )
+    f = model.downsample
+    if height % f or width % f:
+        raise ValueError(f"canvas size {height}x{width} is not divisible by the autoencoder's factor {f}")
+    cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}.get(sampler)
+    if cls is None:
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if int(reencode_every) != reencode_every or reencode_every < 1:
+        raise ValueError(f"reencode_every must be a positive integer, got {reencode_every!r}")
+    if int(samples_per_image) != samples_per_image or samples_per_image < 1:
+        raise ValueError(f"samples_per_image must be a positive integer, got {samples_per_image!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if noise_ids is None:
+        noise_ids = list(range(n))
+    noise_ids = [int(i) for i in noise_ids]
+    if len(noise_ids) != n:
+        raise ValueError(f"got {len(noise_ids)} noise_ids for {n} canvases")
+    if generator is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    device = model.device
+    frame = border_mask(height, width, thickness, device=device)  # True on the frame
+    interior = ~frame
+    # The known part: interior only. The input frame is zeroed so it cannot leak.
+    known_all = canvases.to(device=device, dtype=torch.float32).masked_fill(frame, 0.0)
+
+    scheduler = cls.from_config(model.scheduler.config, prediction_type="epsilon", clip_sample=not model.is_latent)
+    scheduler.set_timesteps(int(steps))
+    timesteps = [int(t) for t in scheduler.timesteps]
+    alphas = model.alphas_cumprod.to(device=device, dtype=torch.float32)
+    uncond = model.encode_prompt([""]) if guidance != 1.0 else None
+    work_shape = (model.latent_channels, height // f, width // f)
+
+    s_count = int(samples_per_image)
+    items = [(i, s) for i in range(n) for s in range(s_count)]
+    out = torch.empty(n, s_count, 3, height, width)
+    evals_before = model.unet_evals
+    vae_passes = 0
+
+    for start in range(0, len(items), int(batch_size)):
+        chunk = items[start : start + int(batch_size)]
+        idx = torch.tensor([i for i, _ in chunk])
+        gens = [torch.Generator().manual_seed(_item_seed(seed, noise_ids[i], s)) for i, s in chunk]
+        known = known_all[idx.to(device)]
+        cond = model.encode_prompt([captions[i] for i, _ in chunk])
+        b = len(chunk)
+        step_kwargs = {"generator": gens} if sampler == "ddpm" else {"eta": 0.0}
+
+        x = _randn_per_item(gens, work_shape, device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+        if not model.is_latent:
+            t0 = torch.full((b,), timesteps[0], device=device)
+            x = torch.where(interior, model.add_noise(known, _randn_per_item(gens, work_shape, device), t0), x)
+
+        for i, t in enumerate(timesteps):
+            t_batch = torch.full((b,), t, device=device, dtype=torch.long)
+            eps = model.predict_noise(x, t_batch, cond, uncond, guidance)
+            last = i + 1 == len(timesteps)
+            if model.is_latent and (last or i % int(reencode_every) == 0):
+                # x0 estimate -> pixels -> paste the true interior -> back to latents, then
+                # hand the sampler the epsilon consistent with (x_t, composite x0).
+                x0 = model.predict_x0(x, t_batch, eps)
+                pixels = model.decode_latents(x0).float()
+                composite = torch.where(interior, known, pixels)
+                z0 = model.encode_images(composite).float()
+                vae_passes += 2 * b
+                a = alphas[t]
+                eps = (x - a.sqrt() * z0) / (1 - a).sqrt()
+            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            if not model.is_latent:
+                if last:
+                    x = torch.where(interior, known, x)
+                else:
+                    t_next = torch.full((b,), timesteps[i + 1], device=device)
+                    noised = model.add_noise(known, _randn_per_item(gens, work_shape, device), t_next)
+                    x = torch.where(interior, noised, x)
+
+        if model.is_latent:
+            x = model.decode_latents(x).float()
+            vae_passes += b
+            x = torch.where(interior, known, x)
+        x = x.clamp(-1, 1).cpu()
+        for row, (i, s) in enumerate(chunk):
+            out[i, s] = x[row]
+
+    sample_keys = border_key(out.flatten(0, 1), thickness).view(n, s_count)
+    return Outpainting(
+        canvases=out,
+        sample_keys=sample_keys,
+        border_key=sample_keys.mean(dim=1),
+        unet_evals=model.unet_evals - evals_before,
+        vae_passes=vae_passes,
+    )
+
+
+@torch.no_grad()
+def autoencoder_floor(model: DiffusionModel, canvases: torch.Tensor, keys: torch.Tensor, thickness: int, batch_size: int = 16) -> torch.Tensor:
+    """Per-image ℓ of the autoencoder's own round trip of the true canvas (0 for pixel models).
+
+    A latent model cannot reproduce a key more precisely than its autoencoder does, so a δ
+    below this floor cannot show memorization; report it next to the counts.
+    """
+    if not model.is_latent:
+        return torch.zeros(canvases.shape[0], dtype=torch.float64)
+    device = model.device
+    preds = []
+    for start in range(0, canvases.shape[0], int(batch_size)):
+        batch = canvases[start : start + int(batch_size)].to(device=device, dtype=torch.float32)
+        round_trip = model.decode_latents(model.encode_images(batch)).float().clamp(-1, 1).cpu()
+        preds.append(border_key(round_trip, thickness))
+    return eidetic_scores(torch.cat(preds), keys)
+
+
+# ---------------------------------------------------------------------------------------
+# scores and chance
+# ---------------------------------------------------------------------------------------
+def check_deltas(deltas) -> tuple[float, ...]:
+    deltas = tuple(float(d) for d in (deltas if isinstance(deltas, (list, tuple)) else [deltas]))
+    if not deltas:
+        raise ValueError("need at least one δ threshold, e.g. deltas=[0.1, 0.05, 0.005]")
+    for d in deltas:
+        if not 0.0 < d < 1.0:
+            raise ValueError(f"δ thresholds must lie in (0, 1) (key scale), got {d}; e.g. deltas=[0.1, 0.05, 0.005]")
+    return deltas
+
+
+def _as_key_scale(values, name: str) -> torch.Tensor:
+    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1).cpu()
+    if values.numel() and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
+        raise ValueError(
+            f"{name} must be in key scale [0, 1], got values in [{values.min().item():.3f}, {values.max().item():.3f}]; "
+            "a value below 0 looks like a border pixel in [-1, 1]: convert with eidetic.borders.pixel_to_key"
+        )
+    return values
+
+
+def eidetic_scores(pred_keys, keys) -> torch.Tensor:
+    """ℓ = |predicted key − key| per image, both in key scale [0, 1] (float64)."""
+    pred = _as_key_scale(pred_keys, "predicted keys")
+    true = _as_key_scale(keys, "keys")
+    if pred.shape != true.shape:
+        raise ValueError(f"got {pred.numel()} predictions for {true.numel()} keys")
+    return (pred - true).abs()
+
+
+def eidetic_counts(scores, deltas=DEFAULT_DELTAS) -> dict[float, int]:
+    """Number of images with ℓ < δ, for each δ."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    return {d: int((scores < d).sum()) for d in check_deltas(deltas)}
+
+
+def chance_probability(pred_keys, delta: float) -> torch.Tensor:
+    """P(|p − k| < δ) for k ~ U[0, 1) independent of the prediction p: |(p−δ, p+δ) ∩ [0, 1)|."""
+    (delta,) = check_deltas([delta])
+    pred = _as_key_scale(pred_keys, "predicted keys")
+    return ((pred + delta).clamp(max=1.0) - (pred - delta).clamp(min=0.0)).clamp(min=0.0)
+
+
+def chance_count(pred_keys, delta: float) -> float:
+    """Expected number of (ℓ < δ) hits if every prediction were independent of its key."""
+    return float(chance_probability(pred_keys, delta).sum())
+
+
+def poisson_binomial_sf(observed: int, probabilities) -> float:
+    """Exact P(X ≥ observed) for X a sum of independent Bernoulli(p_i)."""
+    p = np.asarray(torch.as_tensor(probabilities, dtype=torch.float64).reshape(-1).cpu().numpy(), dtype=np.float64)
+    if observed <= 0:
+        return 1.0
+    if observed > p.size:
+        return 0.0
+    dist = np.zeros(p.size + 1)
+    dist[0] = 1.0
+    for k, pk in enumerate(p, start=1):
+        dist[1 : k + 1] = dist[1 : k + 1] * (1 - pk) + dist[0:k] * pk
+        dist[0] *= 1 - pk
+    return float(min(1.0, max(0.0, dist[observed:].sum())))
+
+
+def binomial_p_value(pred_keys, keys, delta: float) -> float:
+    """One-sided p-value of the (ℓ < δ) count against "the prediction ignores the key"."""
+    scores = eidetic_scores(pred_keys, keys)
+    observed = int((scores < check_deltas([delta])[0]).sum())
+    return poisson_binomial_sf(observed, chance_probability(pred_keys, delta))
+
+
+def fixed_sample(total: int, size: int | None, seed: int = 0) -> list[int]:
+    """A reproducible sorted sample of ``size`` indices out of ``total`` (all if size is None)."""
+    if size is None or size == total:
+        return list(range(total))
+    if int(size) != size or size < 1:
+        raise ValueError(f"sample size must be a positive integer, got {size!r}")
+    if size > total:
+        raise ValueError(f"cannot sample {size} images from a set of {total}; lower the sample size to at most {total}")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
+    return sorted(int(i) for i in perm[: int(size)])
+
+
+def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    if labels.numel() == 0 or labels.all() or not labels.any():
+        return None
+    metric = BinaryAUROC()
+    metric.update(scores.float(), labels.long())
+    return float(metric.compute())
+
+
+# ---------------------------------------------------------------------------------------
+# aggregation across processes
+# ---------------------------------------------------------------------------------------
+class SolidMarkMetric(Metric):
+    """Per-image SolidMark scores gathered across processes (states are ``cat``-reduced).
+
+    ``update(pred_keys, keys, trained, copies, index)``: predictions and keys in key
+    scale, whether each image was trained on (False: held-out), its number of copies in
+    the training set, and a stable integer index (for per-image tables). ``compute()``
+    returns eidetic counts, chance counts and p-values per δ for both splits, the AUCs
+    (score −ℓ) of trained vs held-out and of duplicated vs single trained images, and the
+    gathered per-image tensors sorted by index.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    def __init__(self, deltas=DEFAULT_DELTAS, **kwargs):
+        super().__init__(**kwargs)
+        self.deltas = check_deltas(deltas)
+        for name in ("pred_keys", "keys", "trained", "copies", "index"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, pred_keys, keys, trained, copies, index) -> None:
+        pred = _as_key_scale(pred_keys, "predicted keys")
+        true = _as_key_scale(keys, "keys")
+        n = pred.numel()
+        trained = torch.as_tensor(trained).reshape(-1).to(torch.float64)
+        copies = torch.as_tensor(copies).reshape(-1).to(torch.float64)
+        index = torch.as_tensor(index).reshape(-1).to(torch.float64)
+        if not (true.numel() == trained.numel() == copies.numel() == index.numel() == n):
+            raise ValueError("pred_keys, keys, trained, copies and index need one entry per image")
+        device = self.device
+        self.pred_keys.append(pred.to(device))
+        self.keys.append(true.to(device))
+        self.trained.append(trained.to(device))
+        self.copies.append(copies.to(device))
+        self.index.append(index.to(device))
+
+    def _gathered(self) -> dict[str, torch.Tensor]:
+        def cat(state):
+            if isinstance(state, list):
+                return torch.cat(state).cpu() if state else torch.zeros(0, dtype=torch.float64)
+            return state.reshape(-1).cpu()
+
+        rows = {name: cat(getattr(self, name)) for name in ("pred_keys", "keys", "trained", "copies", "index")}
+        order = torch.argsort(rows["index"])
+        return {name: value[order] for name, value in rows.items()}
+
+    def compute(self) -> dict:
+        rows = self._gathered()
+        loss = (rows["pred_keys"] - rows["keys"]).abs()
+        trained = rows["trained"] > 0.5
+        result: dict = {"n_trained": int(trained.sum()), "n_heldout": int((~trained).sum())}
+        for split, mask in (("trained", trained), ("heldout", ~trained)):
+            pred, lo = rows["pred_keys"][mask], loss[mask]
+            result[split] = {
+                "eidetic": {d: int((lo < d).sum()) for d in self.deltas},
+                "chance": {d: chance_count(pred, d) for d in self.deltas},
+                "p_value": {d: poisson_binomial_sf(int((lo < d).sum()), chance_probability(pred, d)) for d in self.deltas},
+                "mean_loss": float(lo.mean()) if lo.numel() else None,
+                "median_loss": float(lo.median()) if lo.numel() else None,
+            }
+        result["auc_heldout"] = _auroc(-loss, trained)
+        dup = rows["copies"][trained] > 1.5
+        result["auc_duplicated"] = _auroc(-loss[trained], dup)
+        result["per_image"] = {**rows, "loss": loss}
+        return result
