@@ -30,4 +30,10 @@ def build_callbacks(cfg: DictConfig, dm, run_dir: Path) -> list:
         from .realism import RealismCallback
 
         callbacks.append(RealismCallback.from_config(cfg, dm))
+    from .controls import MemorizationControlCallback, MitigationCallback
+
+    if MitigationCallback.active(cfg):
+        callbacks.append(MitigationCallback(cfg.mitigation, dm.captions, dm.near_dedup_removed))
+    if cfg.controls.enabled:  # last: acts on what the monitors above computed this step
+        callbacks.append(MemorizationControlCallback(cfg.controls))
     return callbacks

@@ -31,6 +31,8 @@ NULLABLE: dict[str, tuple[type, ...]] = {
     "logging.wandb.id": (str,),
     "solidmark.train_sample": (int,),
     "solidmark.heldout_sample": (int,),
+    "controls.stop.margin": (float, int),
+    "controls.stop.p_value": (float, int),
 }
 
 # Sections that hold free-form mappings (no schema below them).

@@ -281,10 +281,12 @@ class BorderedDataset(Dataset):
 
 
 class SolidMarkDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DictConfig, seed: int = 0):
+    def __init__(self, cfg: DictConfig, seed: int = 0, mitigation: DictConfig | None = None):
         super().__init__()
         self.cfg = cfg
         self.seed = seed
+        self.mitigation = mitigation  # the config's mitigation section (near-duplicate removal)
+        self.near_dedup_removed: list[str] = []
         self.records: list[Record] = []
         self.pixels: torch.Tensor | None = None  # (N, 3, R, R) uint8
         self.dedup_removed: list[str] = []
@@ -308,12 +310,30 @@ class SolidMarkDataModule(pl.LightningDataModule):
             records, arrays, self.dedup_removed = dedup_exact(records, arrays)
             if self.dedup_removed:
                 warnings.warn(f"data.dedup removed {len(self.dedup_removed)} exact duplicate(s):{_listing(self.dedup_removed)}", stacklevel=2)
+        near = self.mitigation.near_dedup if self.mitigation is not None else None
+        if near is not None and near.enabled:
+            records, arrays = self._near_dedup(records, arrays, near)
         self._split_and_duplicate(records)
+        if near is not None and near.enabled and near.collapse_copies:
+            for r in records:
+                if r.copies > 1:
+                    self.near_dedup_removed.append(f"{r.id}: {r.copies - 1} duplicated cop{'y' if r.copies == 2 else 'ies'} (data.duplicate) removed")
+                    r.copies = 1
         self.records = self._expand_keys(records)
         order = {id(r): i for i, r in enumerate(records)}
         self.pixels = torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2).contiguous()
         # copies with their own key share the pixels of their original
         self._pixel_row = [order[id(r._origin)] if hasattr(r, "_origin") else order[id(r)] for r in self.records]
+
+    def _near_dedup(self, records: list[Record], arrays: np.ndarray, near) -> tuple[list[Record], np.ndarray]:
+        from eidetic.mitigations import near_duplicates, perceptual_features
+
+        feats = perceptual_features(torch.from_numpy(np.ascontiguousarray(arrays)).permute(0, 3, 1, 2), int(near.size))
+        found = near_duplicates(feats, float(near.threshold))
+        dropped = {d.removed for d in found}
+        self.near_dedup_removed += [f"{records[d.removed].id} (distance {d.distance:.4f} to {records[d.kept].id})" for d in found]
+        keep = [i for i in range(len(records)) if i not in dropped]
+        return [records[i] for i in keep], arrays[keep]
 
     def _split_and_duplicate(self, records: list[Record]) -> None:
         cfg = self.cfg
@@ -399,6 +419,8 @@ class SolidMarkDataModule(pl.LightningDataModule):
         write_jsonl_atomic(path, [asdict(r) for r in self.records])
         if self.dedup_removed:
             (Path(run_dir) / "dedup_removed.txt").write_text("\n".join(self.dedup_removed) + "\n")
+        if self.mitigation is not None and self.mitigation.near_dedup.enabled:
+            (Path(run_dir) / "near_duplicates_removed.txt").write_text("".join(line + "\n" for line in self.near_dedup_removed))
         return path
 
     def train_dataloader(self) -> DataLoader:
@@ -412,7 +434,8 @@ class SolidMarkDataModule(pl.LightningDataModule):
         per_epoch = (len(dataset) // batch) * batch if drop_last else len(dataset)
         trainer = self.trainer if self._trainer_attached() else None
         consumed = None
-        if trainer is not None:
+        if trainer is not None and not self.excluded:
+            # with exclusions the epoch length changed mid-run: start the new epoch at its beginning
             accum = trainer.accumulate_grad_batches
             consumed = lambda: trainer.global_step * accum * batch  # noqa: E731
         return DataLoader(

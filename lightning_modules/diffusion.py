@@ -46,6 +46,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self.ema_text = EMA(text.text_encoder, ema.decay, ema.warmup) if ema.enabled and self.train_text else None
         self.loss_hooks: list = []  # callables (module, batch, pred, x0_pred, t) -> extra loss
         self.sample_filters: list = []  # callables (module, batch, x_t, t, hidden) -> keep mask
+        self.batch_transforms: list = []  # callables (module, batch, batch_idx) -> batch (captions, images)
+        self.embedding_transforms: list = []  # callables (module, hidden, batch_idx) -> hidden
 
     # ---- model access ------------------------------------------------------------------
     def diffusion_model(self, ema: bool = True) -> DiffusionModel:
@@ -81,6 +83,8 @@ class LatentDiffusionModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         cfg = self.cfg.train
         g = self._generator(batch_idx)
+        for transform in self.batch_transforms:
+            batch = transform(self, batch, batch_idx)
         x0 = self.encode_batch(batch["pixel_values"], g)
         b = x0.shape[0]
         noise = offset_noise(tuple(x0.shape), cfg.noise_offset, g, self.device).to(x0.dtype)
@@ -88,6 +92,8 @@ class LatentDiffusionModule(pl.LightningModule):
         drop = torch.rand(b, generator=g) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
         hidden = self.text(captions)
+        for transform in self.embedding_transforms:
+            hidden = transform(self, hidden, batch_idx)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
 

@@ -84,7 +84,7 @@ def _train_autoencoder(cfg: DictConfig, dm: SolidMarkDataModule, run_dir: Path):
 
 def build(cfg: DictConfig, run_dir: Path) -> tuple[SolidMarkDataModule, LatentDiffusionModule]:
     pl.seed_everything(cfg.seed, workers=True)
-    dm = SolidMarkDataModule(cfg.data, seed=cfg.seed)
+    dm = SolidMarkDataModule(cfg.data, seed=cfg.seed, mitigation=cfg.get("mitigation"))
     if _rank() == 0:
         dm.write_keymap(run_dir)
     latent = cfg.model.space == "latent"

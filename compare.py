@@ -1,0 +1,319 @@
+"""Compare memorization mitigations on the same data, seed and budget.
+
+    python compare.py --config configs/compare/duplication.yaml [key=value ...]
+
+``key=value`` overrides a comparison key (``out``, ``seed``, ``quality.num_samples``, ...); any
+other key is a training override applied to every setting (``train.max_steps=200``).
+
+A comparison config (schema: ``configs/compare/default.yaml``) names the training config
+files and overrides every setting shares (``base``, ``overrides``) and a list of
+``settings``, each a name plus its own training overrides (e.g. ``mitigation.wen.enabled=true``).
+Every setting trains in-process through ``lightning_modules.run.run`` with the same seed into
+``OUT/<setting>/`` (W&B group = the comparison's name), then is scored the same way:
+
+* memorization: the ``solidmark`` summary section (eidetic count vs chance and its p-value
+  at ``delta``), when the SolidMark monitor ran; the ``extraction`` section's AUCs;
+* realism: the ``realism`` section's mean IRS of generated samples, when it ran;
+* quality: a Fréchet distance (torchmetrics ``FrechetInceptionDistance`` with a *local*
+  feature extractor, :class:`LocalFeatures`: a randomly initialised, fixed-seed conv net —
+  no Inception weights exist offline) between seeded samples of the exported model and the
+  training canvases of the unmitigated data set. Its values are only comparable within one
+  comparison (same extractor, same reference), not to published FIDs;
+* final training loss and wall time.
+
+Writes ``OUT/comparison.csv``, ``OUT/report.md`` (the table) and ``OUT/memorization_vs_quality.png``.
+Same config and seed, same table (wall time aside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parent
+COMPARE_SCHEMA = ROOT / "configs" / "compare" / "default.yaml"
+
+
+def split_overrides(files, overrides):
+    """Overrides of comparison keys stay; any other ``key=value`` is a training override for every setting."""
+    from omegaconf import OmegaConf
+
+    keys = set(OmegaConf.load(COMPARE_SCHEMA).keys())
+    own = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in keys]
+    training = [o for o in overrides if o not in own]
+    return files, own, training
+
+
+def load_compare_config(files, overrides, training_overrides=()):
+    from omegaconf import OmegaConf
+
+    from eidetic.config import ConfigError, parse_overrides
+
+    schema = OmegaConf.load(COMPARE_SCHEMA)
+    cfg = OmegaConf.merge(schema, *[OmegaConf.load(f) for f in files], parse_overrides(overrides))
+    known = set(schema.keys())
+    unknown = [k for k in cfg.keys() if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown comparison config key(s) {unknown}; valid: {sorted(known)}")
+    if not cfg.settings:
+        raise ConfigError("a comparison needs at least one entry in 'settings'")
+    if training_overrides:
+        cfg.overrides = [*cfg.overrides, *training_overrides]
+    names = [s.name for s in cfg.settings]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"setting names must be unique, got {names}")
+    return cfg
+
+
+# ---- quality -------------------------------------------------------------------------------
+def _local_features(seed: int = 0):
+    import torch
+    from torch import nn
+
+    class LocalFeatures(nn.Module):
+        """A fixed-seed random conv net (images in [0, 1] -> 256 features): a local stand-in for
+        Inception. Random conv features separate image statistics well enough to rank sample sets
+        (Naeem et al. 2020 use random embeddings for the same reason), but the numbers are not FIDs."""
+
+        num_features = 256  # 64 channels x 2 x 2 pooled positions
+
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+            )
+            for p in self.net.parameters():
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * (2.0 / max(1, p[0].numel())) ** 0.5 if p.dim() > 1 else torch.zeros_like(p))
+            self.requires_grad_(False).eval()
+
+        def forward(self, x):
+            return self.net(x.float() * 2 - 1).flatten(1).double()
+
+    return LocalFeatures()
+
+
+def quality(run_dir: Path, train_cfg, q) -> dict:
+    """Fréchet distance of ``q.num_samples`` seeded samples vs the unmitigated training canvases."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from eidetic.diffusion import DiffusionModel, generate
+    from lightning_modules.data import SolidMarkDataModule
+    from lightning_modules.models import load_pretrained
+
+    parts = load_pretrained(run_dir / "model")
+    parts.unet.eval()
+    parts.text.text_encoder.eval()
+
+    def encode_prompt(captions):
+        return parts.text.text_encoder(parts.text.tokenize(captions))[0]
+
+    model = DiffusionModel(unet=parts.unet, scheduler=parts.scheduler, encode_prompt=encode_prompt, vae=parts.vae)
+    dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)  # the reference: no mitigation
+    train = [r for r in dm.records if r.split == "train"]
+    real = dm.canvases([r.id for r in train])
+    captions = [train[i % len(train)].caption for i in range(int(q.num_samples))]
+    g = torch.Generator().manual_seed(int(q.seed))
+    fakes = []
+    with torch.no_grad():
+        for start in range(0, len(captions), int(q.batch_size)):
+            chunk = captions[start : start + int(q.batch_size)]
+            fakes.append(generate(model, chunk, (dm.canvas_size, dm.canvas_size), steps=int(q.steps), guidance=float(q.guidance), generator=g))
+    fake = torch.cat(fakes).clamp(-1, 1)
+    fid = FrechetInceptionDistance(feature=_local_features(int(q.feature_seed)), normalize=True)
+    fid.update((real + 1) / 2, real=True)
+    fid.update((fake + 1) / 2, real=False)
+    return {"frechet_distance": float(fid.compute()), "quality_samples": len(captions), "quality_real": int(real.shape[0])}
+
+
+# ---- one row ------------------------------------------------------------------------------
+def _row(name: str, summary: dict, delta: str, wall: float, q: dict) -> dict:
+    row: dict = {"setting": name}
+    sm = summary.get("solidmark")
+    if sm:
+        row["eidetic"] = sm.get("eidetic", {}).get(delta)
+        row["chance"] = sm.get("chance", {}).get(delta)
+        row["p_value"] = sm.get("p_value", {}).get(delta)
+        row["solidmark_auc_heldout"] = sm.get("auc_heldout")
+    ex = summary.get("extraction")
+    if ex:
+        for detector, entry in ex.items():
+            if isinstance(entry, dict) and "auc_trained_vs_heldout" in entry:
+                row[f"{detector}_auc_dup"] = entry.get("auc")
+                row[f"{detector}_auc_heldout"] = entry.get("auc_trained_vs_heldout")
+        row["verified_extractions"] = ex.get("verified_extractions")
+    if summary.get("realism"):
+        row["irs_generated_mean"] = summary["realism"].get("irs_generated_mean")
+    row["frechet_distance"] = q.get("frechet_distance")
+    tr = summary.get("train", {})
+    row["final_loss"] = tr.get("final_loss")
+    row["global_step"] = tr.get("global_step")
+    mit = summary.get("mitigation", {})
+    row["captions_changed"] = mit.get("captions_changed")
+    row["wen_skipped"] = mit.get("wen_skipped")
+    row["near_duplicates_removed"] = mit.get("near_duplicates_removed")
+    ctl = summary.get("controls", {})
+    row["stopped_at"] = ctl.get("stop_step")
+    row["excluded"] = len(ctl.get("excluded", [])) if ctl else None
+    row["wall_time_s"] = round(wall, 2)
+    return row
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_outputs(out: Path, rows: list[dict], cfg) -> None:
+    from eidetic.io import write_text_atomic
+
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, restval="")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(v) for k, v in r.items()})
+    write_text_atomic(out / "comparison.csv", buf.getvalue())
+
+    cols = [c for c in fields if any(r.get(c) is not None for r in rows)]
+    lines = [
+        f"# Mitigation comparison: {cfg.name}",
+        "",
+        f"Seed {cfg.seed}; base {list(cfg.base)}; shared overrides {list(cfg.overrides)}. "
+        f"SolidMark columns at delta={cfg.delta}. `frechet_distance` is a Fréchet distance on features of a "
+        "fixed-seed random conv net (not Inception; compare within this table only).",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["", "Settings:", ""] + [f"- **{s.name}**: `{' '.join(s.overrides) or '(none)'}`" for s in cfg.settings]
+    lines += ["", "![memorization vs quality](memorization_vs_quality.png)", ""]
+    write_text_atomic(out / "report.md", "\n".join(lines))
+    _plot(out, rows)
+
+
+def memorization_axis(rows: list[dict]) -> tuple[str, list[float | None]]:
+    """The memorization measure the plot uses: SolidMark excess over chance if present, else an extraction AUC."""
+    if any(r.get("eidetic") is not None for r in rows):
+        return "eidetic - chance (SolidMark)", [None if r.get("eidetic") is None else r["eidetic"] - (r.get("chance") or 0) for r in rows]
+    for key in ("denoising_confidence_auc_heldout", "noise_prediction_norm_auc_heldout"):
+        if any(r.get(key) is not None for r in rows):
+            return f"{key} (extraction)", [r.get(key) for r in rows]
+    return "final training loss (no monitor ran)", [r.get("final_loss") for r in rows]
+
+
+def _plot(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label, ys = memorization_axis(rows)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r, y in zip(rows, ys):
+        x = r.get("frechet_distance")
+        if x is None or y is None:
+            continue
+        ax.scatter([x], [y])
+        ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("Fréchet distance, local features (lower = closer to data)")
+    ax.set_ylabel(label)
+    ax.set_title("memorization vs quality")
+    fig.tight_layout()
+    fig.savefig(out / "memorization_vs_quality.png", dpi=120)
+    plt.close(fig)
+
+
+def _shared_autoencoder(train_cfg, directory: Path) -> str:
+    import lightning.pytorch as pl
+
+    from lightning_modules.data import SolidMarkDataModule
+    from lightning_modules.run import _train_autoencoder
+
+    pl.seed_everything(train_cfg.seed, workers=True)
+    dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)  # the unmitigated data
+    directory.mkdir(parents=True, exist_ok=True)
+    _train_autoencoder(train_cfg, dm, directory)
+    return str(directory / "autoencoder")
+
+
+def compare(cfg) -> Path:
+    from eidetic.config import ConfigError, load_config
+    from eidetic.io import read_summary
+    from lightning_modules.run import run
+
+    out = Path(cfg.out or f"runs/compare-{cfg.name}").resolve()
+    rows = []
+    base = [f if Path(f).is_absolute() else ROOT / f for f in cfg.base]
+
+    def overrides_of(setting):
+        return [
+            *cfg.overrides, *setting.overrides, f"seed={cfg.seed}", f"run.dir={out / setting.name}", f"run.name={setting.name}",
+            f"logging.wandb.group={cfg.name}",
+        ]
+
+    configs = [load_config(base, overrides_of(s)) for s in cfg.settings]  # every setting validated before any trains
+    existing = [n for n in [s.name for s in cfg.settings] + ["shared"] if (out / n).exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(f"{out} already holds runs {existing}: a comparison starts from fresh runs (set overwrite=true to replace them)")
+    for name in existing:
+        shutil.rmtree(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    first = configs[0]
+    if cfg.share_autoencoder and first.model.space == "latent" and not (first.model.pretrained or first.model.vae.pretrained):
+        # One autoencoder for every setting, trained before any of them: fairer and cheaper, and every
+        # setting then starts from the same UNet initialisation (training an autoencoder in-run
+        # consumes global RNG before the UNet is built).
+        shared_vae = _shared_autoencoder(first, out / "shared")
+        for c in configs:
+            if not (c.model.pretrained or c.model.vae.pretrained):
+                c.model.vae.pretrained = shared_vae
+    for setting, train_cfg in zip(cfg.settings, configs):
+        run_dir = out / setting.name
+        os.environ.pop("EIDETIC_RUN_DIR", None)
+        started = time.perf_counter()
+        run(train_cfg)
+        wall = time.perf_counter() - started
+        q = quality(run_dir, train_cfg, cfg.quality) if cfg.quality.enabled else {}
+        rows.append(_row(setting.name, read_summary(run_dir), f"{float(cfg.delta):g}", wall, q))
+        write_outputs(out, rows, cfg)  # partial results survive a crash of a later setting
+    return out
+
+
+def main(argv=None) -> int:
+    from eidetic.config import ConfigError
+    from lightning_modules.data import DataError
+    from lightning_modules.models import ModelLoadError
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], help="comparison YAML (repeatable, merged left to right)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the comparison config, e.g. out=DIR seed=1")
+    args = parser.parse_args(argv)
+    try:
+        out = compare(load_compare_config(*split_overrides(args.config, args.overrides)))
+    except (ConfigError, DataError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"comparison: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
