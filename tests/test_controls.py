@@ -38,7 +38,7 @@ class ScriptedMonitor(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         for name, value in self.script.get(step, {}).items():
-            trainer.callback_metrics[f"solidmark/{name}@0.01"] = torch.tensor(float(value))
+            trainer.callback_metrics[f"solidmark/{name}@0.05"] = torch.tensor(float(value))
         if self.flag_at is not None and step == self.flag_at:
             self.flagged_ids = set(batch["id"])
 
