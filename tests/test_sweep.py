@@ -235,7 +235,8 @@ def test_ddp_two_cpu_processes_write_one_set_of_outputs(tmp_path):
     env.pop("EIDETIC_RUN_DIR", None)
     proc = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/tests/tiny.yaml", f"run.dir={run_dir}",
-         "trainer.strategy=ddp", "trainer.devices=2", "extraction.every_n_steps=0"],
+         "trainer.strategy=ddp", "trainer.devices=2", "extraction.enabled=true", "extraction.every_n_steps=0",
+         "solidmark.enabled=true", "solidmark.every_n_steps=0", "solidmark.steps=3"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -256,6 +257,10 @@ def test_ddp_two_cpu_processes_write_one_set_of_outputs(tmp_path):
     extraction_rows = (run_dir / "extraction.csv").read_text().splitlines()
     assert len(extraction_rows) == 1 + summary["extraction"]["captions"]
     assert (run_dir / "model" / "model_index.json").exists()
+    # SolidMark evaluated once (at the end), its images split across ranks and gathered, not repeated
+    assert summary["solidmark"]["evaluations"] == 1
+    solidmark_rows = list(csv.DictReader((run_dir / "solidmark.csv").open()))
+    assert len(solidmark_rows) == len({r["id"] for r in solidmark_rows}) == 12
 
 
 def test_pruned_trial_stops_early_and_is_recorded(tmp_path, monkeypatch):
