@@ -106,6 +106,17 @@ class MitigationCallback(pl.Callback):
         self.wen_norms += norms.tolist()
         return keep
 
+    # ---- resume: counts cover the whole run, not just its last leg ---------------------------
+    _COUNTERS = ("captions_seen", "captions_changed", "flipped", "wen_seen", "wen_skipped", "wen_norms")
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self._COUNTERS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._COUNTERS:
+            if name in state:
+                setattr(self, name, state[name])
+
     # ---- reporting --------------------------------------------------------------------------
     def section(self) -> dict:
         norms = torch.tensor(self.wen_norms) if self.wen_norms else None
@@ -155,6 +166,9 @@ class MemorizationControlCallback(pl.Callback):
         self.stopped = False
         self.excluded: set[str] = set()
         self.weights: dict[str, float] = {}
+        self.under_budget_step: int | None = None
+        self.budget_exceeded = False
+        self._last_signal: tuple | None = None
         self._installed = False
 
     @property
@@ -193,8 +207,33 @@ class MemorizationControlCallback(pl.Callback):
             return f"SolidMark p-value {signal['p_value']:.3g} < bound {s.p_value:g} (eidetic {signal['eidetic']:g}, delta {self.key})"
         return None
 
+    # ---- resume: what was decided before the interruption still holds ---------------------
+    def state_dict(self) -> dict:
+        # plain lists and dicts: checkpoints load with weights_only=True
+        return {"actions": self.actions, "stopped": self.stopped, "excluded": sorted(self.excluded),
+                "weights": dict(self.weights), "under_budget_step": self.under_budget_step,
+                "budget_exceeded": self.budget_exceeded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.actions = list(state.get("actions", []))
+        self.stopped = bool(state.get("stopped", False))
+        self.excluded = set(state.get("excluded", []))
+        self.weights = dict(state.get("weights", {}))
+        self.under_budget_step = state.get("under_budget_step")
+        self.budget_exceeded = bool(state.get("budget_exceeded", False))
+
+    def on_fit_start(self, trainer, pl_module):
+        # runs after a checkpoint's callback state is restored and before the dataloaders
+        # are built, so restored exclusions shape the first resumed epoch
+        if self.excluded and trainer.datamodule is not None:
+            trainer.datamodule.excluded.update(self.excluded)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.cfg.stop.mode == "keep":  # the monitors' end-of-training evaluation
+            self.check(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.reload_dataloaders_every_n_epochs and self.excluded:
@@ -203,12 +242,28 @@ class MemorizationControlCallback(pl.Callback):
     def check(self, trainer, pl_module) -> None:
         step = trainer.global_step
         signal = self.signal(trainer)
-        if not self.stopped:
+        mode = self.cfg.stop.mode
+        if mode not in ("stop", "keep"):
+            raise ValueError(f"controls.stop.mode must be stop or keep, got {mode!r}")
+        # a new monitor evaluation (its step, or for monitors without one, its numbers)
+        key = (self._signal_step(trainer), tuple(sorted(signal.items()))) if signal is not None else None
+        fresh = key is not None and key != self._last_signal
+        if fresh:
+            self._last_signal = key
+        if mode == "stop" and not self.stopped:
             reason = self.stop_reason(signal, step)
             if reason:
                 self.stopped = True
                 trainer.should_stop = True
                 self._act(trainer, pl_module, "stop", reason, signal=signal)
+        elif mode == "keep" and fresh and not self.budget_exceeded:
+            reason = self.stop_reason(signal, step)
+            if reason:
+                self.budget_exceeded = True
+                kept = f"; checkpoints/under_budget.ckpt keeps step {self.under_budget_step}" if self.under_budget_step is not None else ""
+                self._act(trainer, pl_module, "budget_exceeded", reason + kept, signal=signal)
+            else:
+                self._keep_under_budget(trainer, pl_module)
         action = self.cfg.flagged.action
         if action == "none":
             return
@@ -228,6 +283,29 @@ class MemorizationControlCallback(pl.Callback):
                 trainer.reload_dataloaders_every_n_epochs = 1  # drop them from batches from the next epoch
             self._act(trainer, pl_module, action, f"{len(new)} image(s) flagged by {source}", ids=new, weight=weight)
 
+    @staticmethod
+    def _signal_step(trainer) -> int | None:
+        # the step of the monitor evaluation whose numbers are in callback_metrics
+        for cb in trainer.callbacks:
+            if type(cb).__name__ == "SolidMarkCallback":
+                return getattr(cb, "last_step", None)
+        return None
+
+    def _keep_under_budget(self, trainer, pl_module) -> None:
+        """Checkpoint the state the monitor just cleared (stop.mode=keep): training goes on,
+        and this file always holds the newest weights known to be under the budget."""
+        if pl_module.run_dir is None:
+            return
+        path = Path(pl_module.run_dir) / "checkpoints" / "under_budget.ckpt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            tmp.replace(path)
+        self.under_budget_step = trainer.global_step
+        if trainer.is_global_zero:
+            update_summary(pl_module.run_dir, "controls", self.section())
+
     def _act(self, trainer, pl_module, action: str, reason: str, **extra) -> None:
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "action": action, "reason": reason, "time": time.time(), **extra}
         self.actions.append(row)
@@ -245,6 +323,8 @@ class MemorizationControlCallback(pl.Callback):
         return {
             "stopped": self.stopped,
             "stop_step": next((a["step"] for a in self.actions if a["action"] == "stop"), None),
+            "budget_exceeded": self.budget_exceeded,
+            "under_budget_step": self.under_budget_step,
             "excluded": sorted(self.excluded),
             "downweighted": sorted(i for i, w in self.weights.items() if w > 0),
             "actions": [{k: v for k, v in a.items() if k != "ids"} for a in self.actions],

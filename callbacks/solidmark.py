@@ -130,6 +130,11 @@ class SolidMarkCallback(pl.Callback):
         return cls(SolidMarkSettings.from_config(cfg.solidmark))
 
     # ---- checkpointed state: a resumed run continues the same curves and cost totals ----
+    @property
+    def last_step(self) -> int | None:
+        """Global step of the newest evaluation (None before the first)."""
+        return self._last_step if self._last_step >= 0 else None
+
     def state_dict(self) -> dict:
         return {
             "last_step": self._last_step, "history": self.history, "total_unet_evals": self.total_unet_evals,

@@ -126,3 +126,30 @@ def test_downweighted_images_keep_training_with_their_weight(tiny_cfg, scripted)
     weights = [(i, wi) for step, _, ids, w in monitor.batches if step >= 1 for i, wi in zip(ids, w)]
     assert any(i in flagged for i, _ in weights)  # they still appear ...
     assert all(wi == (0.25 if i in flagged else 1.0) for i, wi in weights)  # ... at a quarter weight
+
+
+def test_keep_mode_trains_on_and_keeps_the_last_checkpoint_under_budget(tiny_cfg, scripted):
+    script = {1: {"eidetic": 1, "chance": 0.5}, 2: {"eidetic": 2, "chance": 0.5}, 3: {"eidetic": 3, "chance": 0.5}, 4: {"eidetic": 1, "chance": 0.5}}
+    scripted(ScriptedMonitor(script))
+    run_dir = run(tiny_cfg(*OFF, "controls.stop.margin=2.0", "controls.stop.mode=keep", "train.max_steps=6"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train"]["global_step"] == 6  # not stopped
+    (action,) = _actions(run_dir)  # exceeded once; a later signal under the margin does not move the kept state
+    assert action["action"] == "budget_exceeded" and action["step"] == 3 and "keeps step 2" in action["reason"]
+    assert summary["controls"]["under_budget_step"] == 2 and summary["controls"]["budget_exceeded"]
+    kept = torch.load(run_dir / "checkpoints" / "under_budget.ckpt", weights_only=True, map_location="cpu")
+    assert kept["global_step"] == 2
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_resume_keeps_exclusions_and_the_action_log(tiny_cfg, scripted):
+    monitor = scripted(ScriptedMonitor({}, flag_at=1))
+    run_dir = run(tiny_cfg(*OFF, "controls.flagged.action=exclude", "train.max_steps=4"))
+    flagged = monitor.flagged_ids
+    resumed = scripted(ScriptedMonitor({}))  # flags nothing: the exclusions must come from the checkpoint
+    run(tiny_cfg(*OFF, "controls.flagged.action=exclude", "train.max_steps=8", "train.resume=last"))
+    seen = {i for _, _, ids, _ in resumed.batches for i in ids}
+    assert resumed.batches and not (seen & flagged)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(summary["controls"]["excluded"]) == sorted(flagged)
+    assert [a["action"] for a in summary["controls"]["actions"]] == ["exclude"]
