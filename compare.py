@@ -21,8 +21,11 @@ Every setting trains in-process through ``lightning_modules.run.run`` with the s
   comparison (same extractor, same reference), not to published FIDs;
 * final training loss and wall time.
 
-Writes ``OUT/comparison.csv``, ``OUT/report.md`` (the table) and ``OUT/memorization_vs_quality.png``.
-Same config and seed, same table (wall time aside).
+Writes ``OUT/comparison.csv``, ``OUT/report.md`` and ``OUT/report.html`` (the table; the HTML
+embeds the plot) and ``OUT/memorization_vs_quality.png``. Same config and seed, same table
+(wall time aside). ``resume=true`` keeps the settings that already finished (their row is in
+their summary's ``compare`` section) and reruns the rest, so an interrupted comparison goes on
+where it stopped.
 """
 
 from __future__ import annotations
@@ -207,6 +210,32 @@ def write_outputs(out: Path, rows: list[dict], cfg) -> None:
     lines += ["", "![memorization vs quality](memorization_vs_quality.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
     _plot(out, rows)
+    write_text_atomic(out / "report.html", _html(cfg, cols, rows, out / "memorization_vs_quality.png"))
+
+
+def _html(cfg, cols: list[str], rows: list[dict], plot: Path) -> str:
+    import base64
+    import html
+
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    settings = "".join(f"<li><b>{esc(s.name)}</b>: <code>{esc(' '.join(s.overrides) or '(none)')}</code></li>" for s in cfg.settings)
+    img = base64.b64encode(plot.read_bytes()).decode() if plot.exists() else ""  # embedded: the report is one file
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>Mitigation comparison: {esc(str(cfg.name))}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
+        "td:first-child{text-align:left}</style></head><body>"
+        f"<h1>Mitigation comparison: {esc(str(cfg.name))}</h1>"
+        f"<p>Seed {cfg.seed}; base {esc(str(list(cfg.base)))}; shared overrides <code>{esc(' '.join(cfg.overrides))}</code>. "
+        f"SolidMark columns at delta={cfg.delta}. <code>frechet_distance</code> uses a fixed-seed random conv net "
+        "(not Inception): compare within this table only.</p>"
+        f"<table><tr>{head}</tr>{body}</table><h2>Settings</h2><ul>{settings}</ul>"
+        + (f"<h2>Memorization vs quality</h2><img alt='memorization vs quality' src='data:image/png;base64,{img}'>" if img else "")
+        + "</body></html>\n"
+    )
 
 
 def memorization_axis(rows: list[dict]) -> tuple[str, list[float | None]]:
@@ -256,7 +285,7 @@ def _shared_autoencoder(train_cfg, directory: Path) -> str:
 
 def compare(cfg) -> Path:
     from eidetic.config import ConfigError, load_config
-    from eidetic.io import read_summary
+    from eidetic.io import read_summary, update_summary
     from lightning_modules.run import run
 
     out = Path(cfg.out or f"runs/compare-{cfg.name}").resolve()
@@ -270,9 +299,19 @@ def compare(cfg) -> Path:
         ]
 
     configs = [load_config(base, overrides_of(s)) for s in cfg.settings]  # every setting validated before any trains
-    existing = [n for n in [s.name for s in cfg.settings] + ["shared"] if (out / n).exists()]
-    if existing and not cfg.overwrite:
-        raise ConfigError(f"{out} already holds runs {existing}: a comparison starts from fresh runs (set overwrite=true to replace them)")
+    delta = f"{float(cfg.delta):g}"
+    for s, c in zip(cfg.settings, configs):
+        if c.solidmark.enabled and delta not in {f"{float(d):g}" for d in c.solidmark.deltas}:
+            raise ConfigError(f"delta={cfg.delta} is not one of setting {s.name!r}'s solidmark.deltas {list(c.solidmark.deltas)}: "
+                              "pick one of them or add it to solidmark.deltas")
+    done = {s.name: finished_row(out / s.name) for s in cfg.settings} if cfg.resume else {}
+    done = {k: v for k, v in done.items() if v is not None}
+    existing = [n for n in [s.name for s in cfg.settings] + ["shared"] if (out / n).exists() and n not in done]
+    if cfg.resume and "shared" in existing and (out / "shared" / "autoencoder").exists():
+        existing.remove("shared")  # a finished shared autoencoder is reused as it is
+    if existing and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"{out} already holds runs {existing}: a comparison starts from fresh runs "
+                          "(set resume=true to keep finished settings, or overwrite=true to replace them all)")
     for name in existing:
         shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,20 +320,36 @@ def compare(cfg) -> Path:
         # One autoencoder for every setting, trained before any of them: fairer and cheaper, and every
         # setting then starts from the same UNet initialisation (training an autoencoder in-run
         # consumes global RNG before the UNet is built).
-        shared_vae = _shared_autoencoder(first, out / "shared")
+        shared = out / "shared"
+        shared_vae = str(shared / "autoencoder") if (shared / "autoencoder").exists() else _shared_autoencoder(first, shared)
         for c in configs:
             if not (c.model.pretrained or c.model.vae.pretrained):
                 c.model.vae.pretrained = shared_vae
     for setting, train_cfg in zip(cfg.settings, configs):
         run_dir = out / setting.name
+        if setting.name in done:
+            rows.append(done[setting.name])
+            continue
         os.environ.pop("EIDETIC_RUN_DIR", None)
         started = time.perf_counter()
         run(train_cfg)
         wall = time.perf_counter() - started
         q = quality(run_dir, train_cfg, cfg.quality) if cfg.quality.enabled else {}
-        rows.append(_row(setting.name, read_summary(run_dir), f"{float(cfg.delta):g}", wall, q))
+        row = _row(setting.name, read_summary(run_dir), delta, wall, q)
+        update_summary(run_dir, "compare", row)  # marks the setting finished (resume=true keeps it)
+        rows.append(row)
         write_outputs(out, rows, cfg)  # partial results survive a crash of a later setting
+    write_outputs(out, rows, cfg)
     return out
+
+
+def finished_row(run_dir: Path) -> dict | None:
+    """The table row of a setting that finished (training, scoring and quality), else None."""
+    from eidetic.io import read_summary
+
+    if not (run_dir / "summary.json").exists():
+        return None
+    return read_summary(run_dir).get("compare")
 
 
 def main(argv=None) -> int:

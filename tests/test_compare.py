@@ -2,6 +2,8 @@
 and the same table again from the same seed."""
 
 import csv
+import json
+import shutil
 
 import pytest
 from omegaconf import OmegaConf
@@ -30,6 +32,8 @@ def test_tiny_comparison_end_to_end_and_reproducible(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| setting |" in report and "| random_word |" in report and "frechet_distance" in report
     assert (out / "memorization_vs_quality.png").stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert "<td>random_word</td>" in page and "data:image/png;base64," in page
     for name in ("baseline", "random_word"):  # each run is in W&B, grouped under the comparison's name
         assert len(list((out / name / "wandb").glob("offline-run-*"))) == 1
         config = OmegaConf.load(out / name / "config.yaml")
@@ -43,6 +47,17 @@ def test_tiny_comparison_end_to_end_and_reproducible(tmp_path, monkeypatch):
         compare.compare(compare.load_compare_config([TINY], [f"out={out}"]))
     assert compare.main(["--config", TINY, f"out={tmp_path / 'b'}"]) == 0
     assert _table(tmp_path / "b" / "comparison.csv") == rows
+
+    # an interrupted comparison resumes: finished settings are kept, the unfinished one reruns
+    baseline_metrics = (out / "baseline" / "metrics.csv").stat().st_mtime_ns
+    shutil.rmtree(out / "random_word" / "checkpoints")
+    summary = json.loads((out / "random_word" / "summary.json").read_text())
+    del summary["compare"]  # died before its row was recorded
+    (out / "random_word" / "summary.json").write_text(json.dumps(summary))
+    assert compare.main(["--config", TINY, f"out={out}", "resume=true"]) == 0
+    assert (out / "baseline" / "metrics.csv").stat().st_mtime_ns == baseline_metrics
+    assert (out / "random_word" / "checkpoints" / "last.ckpt").exists()
+    assert _table(out / "comparison.csv") == rows
 
 
 def test_comparison_config_errors(tmp_path):
@@ -58,6 +73,8 @@ def test_comparison_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="did you mean"):
         compare.compare(compare.load_compare_config([typo], []))
     assert not (tmp_path / "o" / "a").exists()
+    with pytest.raises(ConfigError, match="solidmark.deltas"):
+        compare.compare(compare.load_compare_config([TINY], [f"out={tmp_path / 'd'}", "delta=0.01"]))
 
 
 def test_non_comparison_overrides_reach_every_setting():
