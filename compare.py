@@ -159,7 +159,12 @@ def _row(name: str, summary: dict, delta: str, wall: float, q: dict) -> dict:
                 row[f"{detector}_auc_heldout"] = entry.get("auc_trained_vs_heldout")
         row["verified_extractions"] = ex.get("verified_extractions")
     if summary.get("realism"):
-        row["irs_generated_mean"] = summary["realism"].get("irs_generated_mean")
+        re = summary["realism"]
+        row["irs_generated_mean"] = re.get("irs_generated_mean")
+        row["irs_real_mean"] = re.get("irs_real_mean")
+        row["fake_rate"] = re.get("fake_rate")
+        if re.get("loss"):
+            row["realism_loss_seconds"] = re["loss"].get("seconds_total")
     row["frechet_distance"] = q.get("frechet_distance")
     tr = summary.get("train", {})
     row["final_loss"] = tr.get("final_loss")

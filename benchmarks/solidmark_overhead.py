@@ -7,8 +7,8 @@ default settings, with its step schedule scaled to the run the way the defaults 
 the default run (solidmark.every_n_steps / train.max_steps = 400 / 800), plus the
 evaluation at the end. The default 600 steps keep the default run's proportion of
 training images seen to images scored: 800 steps x 16 per batch per 64 scored images
-(default config) = 600 steps x 4 per batch per 12 scored images (tiny config). Runs alternate (without, with, without, ...) so drift in machine
-load hits both. The time is the trainer's fit time (``summary.json`` train.wall_time_s),
+(default config) = 600 steps x 4 per batch per 12 scored images (tiny config). Runs
+alternate (without, with, without, ...) so drift in machine load hits both. The time is the trainer's fit time (``summary.json`` train.wall_time_s),
 which includes every callback. Last line: JSON with ``ratio`` (target <= 1.15).
 """
 
@@ -28,38 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def schema_with_solidmark(tmp: Path) -> Path:
-    """default.yaml, plus the solidmark snippet if default.yaml does not carry it yet."""
-    from omegaconf import OmegaConf
-
-    from eidetic.config import DEFAULT_CONFIG
-
-    if "solidmark" in OmegaConf.load(DEFAULT_CONFIG):
-        return DEFAULT_CONFIG
-    merged = OmegaConf.merge(OmegaConf.load(DEFAULT_CONFIG), OmegaConf.load(ROOT / "configs" / "solidmark.yaml-snippet"))
-    path = tmp / "schema.yaml"
-    path.write_text(OmegaConf.to_yaml(merged))
-    return path
-
-
-def register_callback() -> None:
-    """Have build_callbacks add the monitor when the config enables it (if it does not yet)."""
-    import callbacks
-
-    from callbacks.solidmark import SolidMarkCallback
-
-    original = callbacks.build_callbacks
-
-    def build(cfg, dm, run_dir):
-        built = original(cfg, dm, run_dir)
-        if cfg.solidmark.enabled and not any(isinstance(c, SolidMarkCallback) for c in built):
-            built.append(SolidMarkCallback.from_config(cfg))
-        return built
-
-    callbacks.build_callbacks = build
-
-
-def train_once(tmp: Path, schema: Path, name: str, steps: int, with_monitor: bool) -> dict:
+def train_once(tmp: Path, name: str, steps: int, with_monitor: bool) -> dict:
     from eidetic.config import load_config
     from lightning_modules.run import run
 
@@ -69,7 +38,7 @@ def train_once(tmp: Path, schema: Path, name: str, steps: int, with_monitor: boo
         "logging.wandb.enabled=false", "extraction.enabled=false", "realism.enabled=false",
         f"solidmark.enabled={str(with_monitor).lower()}", f"solidmark.every_n_steps={max(1, steps // 2)}",
     ]
-    cfg = load_config([ROOT / "configs" / "tests" / "tiny.yaml"], overrides, schema=schema)
+    cfg = load_config([ROOT / "configs" / "tests" / "tiny.yaml"], overrides)
     run_dir = run(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     out = {"seconds": summary["train"]["wall_time_s"]}
@@ -90,16 +59,14 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    register_callback()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        schema = schema_with_solidmark(tmp)
         # a warm-up run so imports and first-call costs hit neither side
-        train_once(tmp, schema, "warmup", 2, False)
+        train_once(tmp, "warmup", 2, False)
         without, with_ = [], []
         for r in range(args.rounds):
-            without.append(train_once(tmp, schema, f"without-{r}", args.steps, False))
-            with_.append(train_once(tmp, schema, f"with-{r}", args.steps, True))
+            without.append(train_once(tmp, f"without-{r}", args.steps, False))
+            with_.append(train_once(tmp, f"with-{r}", args.steps, True))
     t_without = sum(x["seconds"] for x in without)
     t_with = sum(x["seconds"] for x in with_)
     print(f"{'run':<10}{'without (s)':>14}{'with (s)':>12}{'monitor (s)':>14}{'UNet evals':>12}")
