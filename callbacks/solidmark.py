@@ -19,6 +19,7 @@ gathered by torchmetrics; only rank 0 writes.
 from __future__ import annotations
 
 import csv
+import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from eidetic.io import update_summary
+from eidetic.io import update_summary, write_text_atomic
 from eidetic.solidmark import (
     DEFAULT_DELTAS,
     SolidMarkMetric,
@@ -298,22 +299,27 @@ class SolidMarkCallback(pl.Callback):
         rows = result["per_image"]
         deltas = self.settings.deltas
         path = run_dir / "solidmark.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            writer = csv.writer(fh)
-            if new:
-                writer.writerow(
-                    ["step", "epoch", "id", "split", "copies", "key", "pred_key", "loss"]
-                    + [f"chance@{_delta_name(d)}" for d in deltas] + [f"memorized@{_delta_name(d)}" for d in deltas] + ["caption"]
-                )
-            for j, i in enumerate(rows["index"].long().tolist()):
-                r = records[i]
-                pred, loss = float(rows["pred_keys"][j]), float(rows["loss"][j])
-                chance = [float(chance_probability(torch.tensor([pred]), d)[0]) for d in deltas]
-                writer.writerow(
-                    [result["step"], result["epoch"], r.id, r.split, r.copies, f"{r.key:.6f}", f"{pred:.6f}", f"{loss:.6f}"]
-                    + [f"{c:.6f}" for c in chance] + [int(loss < d) for d in deltas] + [r.caption]
-                )
+        header = (["step", "epoch", "id", "split", "copies", "key", "pred_key", "loss"]
+                  + [f"chance@{_delta_name(d)}" for d in deltas] + [f"memorized@{_delta_name(d)}" for d in deltas] + ["caption"])
+        kept: list[list[str]] = []
+        if path.exists():
+            # a run resumed from a checkpoint older than its last evaluation repeats that
+            # evaluation: the repeat replaces the rows, it does not duplicate them
+            with open(path, newline="") as fh:
+                kept = [row for row in list(csv.reader(fh))[1:] if row and int(row[0]) < result["step"]]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(header)
+        writer.writerows(kept)
+        for j, i in enumerate(rows["index"].long().tolist()):
+            r = records[i]
+            pred, loss = float(rows["pred_keys"][j]), float(rows["loss"][j])
+            chance = [float(chance_probability(torch.tensor([pred]), d)[0]) for d in deltas]
+            writer.writerow(
+                [result["step"], result["epoch"], r.id, r.split, r.copies, f"{r.key:.6f}", f"{pred:.6f}", f"{loss:.6f}"]
+                + [f"{c:.6f}" for c in chance] + [int(loss < d) for d in deltas] + [r.caption]
+            )
+        write_text_atomic(path, buffer.getvalue())
         update_summary(run_dir, "solidmark", self._summary(result))
 
         step = result["step"]

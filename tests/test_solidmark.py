@@ -424,6 +424,18 @@ def test_callback_in_a_run_writes_rows_summary_and_images(tmp_path):
     assert "train" in json.loads((run_dir / "summary.json").read_text())  # other sections survive
     assert (run_dir / "solidmark" / "step-000006.png").exists()
 
+    # resumed past an evaluation its checkpoint predates (here: rows of a later step 9 left by a
+    # crashed run), the repeated evaluation replaces those rows instead of duplicating them
+    text = (run_dir / "solidmark.csv").read_text().splitlines()
+    stale = [line.replace("6,", "9,", 1) for line in text[1:] if line.startswith("6,")]
+    (run_dir / "solidmark.csv").write_text("\n".join(text + stale) + "\n")
+    run(solidmark_run_config(
+        tmp_path, "solidmark.every_n_steps=3", "solidmark.steps=4", "solidmark.train_sample=5", "train.max_steps=9",
+        "train.resume=last", "data.duplicate.fraction=0.3", "data.duplicate.copies=3", "extraction.enabled=false", "realism.enabled=false",
+    ))
+    rows = list(csv.DictReader((run_dir / "solidmark.csv").open()))
+    assert [sum(r["step"] == s for r in rows) for s in ("3", "6", "9")] == [5 + n_heldout] * 3
+
 
 def test_callback_rejects_a_sample_larger_than_the_split(tmp_path):
     from lightning_modules.run import run
