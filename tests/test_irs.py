@@ -49,6 +49,28 @@ def _skimage_stats(gray: np.ndarray, levels: int) -> np.ndarray:
     )
 
 
+def _assert_only_exact_ties_differ(gray: np.ndarray, differ: np.ndarray) -> None:
+    """On the synthetic square, two rows of pixels have gradient magnitudes equal up to
+    rounding, and which one survives non-maximum suppression depends on the last bit of
+    the Gaussian smoothing -- which differs between scipy's sequential sums, torch's
+    matrix product and between scikit-image releases. Any pixel where the two maps differ
+    must be such a tie: a neighbour whose magnitude agrees to 1e-9 relative."""
+    from scipy import ndimage as ndi
+    from skimage.feature._canny import _preprocess
+
+    smoothed, _ = _preprocess(gray, None, 1.0, "constant", 0.0)
+    gi, gj = ndi.sobel(smoothed, axis=0), ndi.sobel(smoothed, axis=1)
+    mag = np.hypot(gi, gj)
+    for i, j in differ:
+        # the two neighbours NMS compares with lie along the gradient
+        di, dj = int(np.rint(gi[i, j] / mag[i, j])), int(np.rint(gj[i, j] / mag[i, j]))
+        along = [mag[i + di, j + dj], mag[i - di, j - dj]]
+        assert any(abs(m - mag[i, j]) <= 1e-9 * mag[i, j] for m in along), (
+            f"Canny differs from skimage at ({i}, {j}), which is no tie along the gradient"
+        )
+    assert len(differ) <= 2 * gray.shape[1], "more differences than two tied rows explain"
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -65,7 +87,11 @@ def test_statistics_match_skimage_and_numpy_float64(photos, levels):
     lap, fft = irs.laplacian_variance(gray), irs.fft_magnitude(gray)
     for i in range(gray.shape[0]):
         e, c, en, lv, fm = _skimage_stats(gray[i].numpy(), levels)
-        assert np.array_equal(edges[i].numpy(), e), f"Canny edge map {i} differs from skimage"
+        differ = np.argwhere(edges[i].numpy() != e)
+        if i < len(images) - 1:
+            assert len(differ) == 0, f"Canny edge map {i} differs from skimage at {differ[:5].tolist()}"
+        else:
+            _assert_only_exact_ties_differ(gray[i].numpy(), differ)
         assert contrast[i].item() == pytest.approx(c, rel=1e-10)
         assert energy[i].item() == pytest.approx(en, rel=1e-10)
         assert lap[i].item() == pytest.approx(lv, rel=1e-10)
