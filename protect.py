@@ -9,6 +9,10 @@ the configured objective, and writes to ``output``:
 - ``protection_per_image.jsonl`` (per-image metrics), ``report.md``, and the ``protection``
   section of ``summary.json``.
 
+With ``mimicry.enabled=true`` it then fine-tunes the model on the clean and on the protected
+copies and compares how well each fine-tuned model reproduces the clean images
+(``lightning_modules/mimicry.py``; work files in ``<output>.mimicry/`` by default).
+
 The schema with every key and its default is ``configs/protect.yaml``. A corrupt or
 unreadable image is reported and the rest are protected.
 """
@@ -16,7 +20,6 @@ unreadable image is reported and the rest are protected.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import OrderedDict
@@ -27,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eidetic.config import ConfigError, load_config
+from eidetic.imagefolder import load_rgb, read_captions
 from eidetic.io import atomic_write, update_summary, write_jsonl_atomic, write_text_atomic
 from eidetic import protection as P
 
@@ -75,27 +79,44 @@ def check_config(cfg: DictConfig) -> None:
         errors.append(f"evaluate.strengths must be numbers in (0, 1], got {list(ev.strengths)}")
     if ev.max_images < 0 or ev.steps < 1 or ev.semantic_samples < 1:
         errors.append("evaluate.max_images must be >= 0, evaluate.steps and evaluate.semantic_samples >= 1")
+    if cfg.mimicry.enabled:
+        errors += check_mimicry_config(cfg)
     if errors:
         raise ConfigError("invalid protect config:\n  " + "\n  ".join(errors))
 
 
+def mimicry_work_dir(cfg: DictConfig) -> Path:
+    from lightning_modules.mimicry import default_work_dir
+
+    return Path(cfg.mimicry.work_dir).resolve() if cfg.mimicry.work_dir else default_work_dir(cfg.output)
+
+
+def check_mimicry_config(cfg: DictConfig) -> list[str]:
+    m, errors = cfg.mimicry, []
+    for key in ("steps", "samples_per_image", "sample_steps"):
+        if not isinstance(m[key], int) or m[key] < 1:
+            errors.append(f"mimicry.{key} must be an integer >= 1, got {m[key]!r}")
+    if m.lr is not None and (isinstance(m.lr, bool) or not isinstance(m.lr, (int, float)) or not m.lr > 0):
+        errors.append(f"mimicry.lr must be a number > 0, or null for the base training config's train.lr; got {m.lr!r}")
+    if m.sampler not in ("ddim", "ddpm"):
+        errors.append(f"mimicry.sampler must be ddim or ddpm, got {m.sampler!r}")
+    bad = [o for o in m.train_overrides if not isinstance(o, str) or "=" not in o]
+    if bad:
+        errors.append(f"mimicry.train_overrides must be key=value strings for the training config, got {bad}")
+    if cfg.input and cfg.output:
+        work = mimicry_work_dir(cfg)
+        for key in ("input", "output"):
+            folder = Path(cfg[key]).resolve()
+            # both are image folders read recursively by training: staged clean copies or
+            # sample grids inside them would become training data
+            if work == folder or work.is_relative_to(folder):
+                errors.append(f"mimicry.work_dir ({work}) must not be inside {key} ({folder}): it holds clean copies and sample images")
+            elif folder.is_relative_to(work):
+                errors.append(f"{key} ({folder}) must not be inside mimicry.work_dir ({work}): its sub-folders are replaced on every evaluation")
+    return errors
+
+
 # ---- input folder --------------------------------------------------------------------
-def read_captions(folder: Path) -> dict[str, str]:
-    path = folder / "metadata.jsonl"
-    if not path.exists():
-        return {}
-    captions = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            captions[str(row["file_name"])] = str(row.get("text", row.get("caption", "")))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{path}:{n}: each line must be a JSON object with 'file_name' and 'text' ({exc})") from exc
-    return captions
-
-
 def list_images(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     by_output: dict[str, list[str]] = {}
@@ -110,13 +131,7 @@ def list_images(folder: Path) -> list[Path]:
 
 def load_image(path: Path) -> torch.Tensor:
     """(3, H, W) in [-1, 1]; EXIF orientation applied so the PNG looks like the original."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        arr = np.asarray(im, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.from_numpy(load_rgb(path)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -142,7 +157,7 @@ def run(cfg: DictConfig) -> dict:
     check_config(cfg)
     started = time.time()
     src, out = Path(cfg.input), Path(cfg.output)
-    captions = read_captions(src)
+    captions = read_captions(src, error=ConfigError)
     files = list_images(src)
     if not files:
         raise ConfigError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {src}")
@@ -152,6 +167,12 @@ def run(cfg: DictConfig) -> dict:
     if t_range[1] >= model.num_train_timesteps:
         raise ConfigError(f"t_range max {t_range[1]} must be below the model's {model.num_train_timesteps} training timesteps")
     target = load_image(Path(cfg.target)) if cfg.target else None
+    if cfg.mimicry.enabled:  # a config that cannot fine-tune fails now, not after the attack
+        from lightning_modules import mimicry as M
+
+        work = mimicry_work_dir(cfg)
+        base = M.base_config(cfg.model)
+        M.check_geometry(M.training_config(cfg.model, work / "data" / "clean", work / "clean", cfg.mimicry, base), cfg.model, base[1])
 
     images: dict[str, torch.Tensor] = OrderedDict()
     failed: list[dict] = []
@@ -222,7 +243,30 @@ def run(cfg: DictConfig) -> dict:
     }
     update_summary(out, "protection", summary)
     write_text_atomic(out / "report.md", render_report(cfg, summary))
+    if cfg.mimicry.enabled:
+        # after the protection outputs are complete: a failed fine-tune loses nothing above
+        summary["mimicry"] = run_mimicry(cfg, src, out, captions, saved, per_image, device)
+        write_jsonl_atomic(out / "protection_per_image.jsonl", list(per_image.values()))
+        update_summary(out, "protection", summary)
+        write_text_atomic(out / "report.md", render_report(cfg, summary))
     return summary
+
+
+def run_mimicry(cfg, src: Path, out: Path, captions, saved, per_image, device) -> dict:
+    from lightning_modules.data import DataError
+    from lightning_modules.mimicry import mimicry_after_finetuning
+    from lightning_modules.models import ModelLoadError
+
+    try:
+        result = mimicry_after_finetuning(
+            cfg.model, src, out, captions, cfg.mimicry, mimicry_work_dir(cfg), files=list(saved), default_caption=cfg.caption,
+            device=device, progress=lambda message: print(f"protect: mimicry: {message}", file=sys.stderr),
+        )
+    except (DataError, ModelLoadError) as exc:
+        raise ConfigError(f"mimicry evaluation failed (the protected images and report were written): {exc}") from exc
+    for row in result.pop("per_image"):
+        per_image[row["file"]]["mimicry"] = {k: row[k] for k in ("base", "clean_tuned", "protected_tuned")}
+    return result
 
 
 @torch.no_grad()
@@ -344,8 +388,61 @@ def render_report(cfg: DictConfig, s: dict) -> str:
                 f"{r['protected_psnr']:.2f} | {r['psnr_drop']:+.2f} | {r['clean_latent_distance']:.4f} | {r['protected_latent_distance']:.4f} |"
             )
         lines.append("")
+    if "mimicry" in s:
+        lines += render_mimicry(s["mimicry"])
     lines += ["## Config", "", "```yaml", OmegaConf.to_yaml(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def render_mimicry(m: dict) -> list[str]:
+    sim, drop, se, k = m["similarity"], m["drop"], m["drop_standard_error"], m["samples_per_image"]
+
+    def pm(key, digits):
+        return f"{drop[key]:+.{digits}f}" + (f" ± {se[key]:.{digits}f}" if se[key] is not None else "")
+
+    lines = [
+        f"## Mimicry after fine-tuning ({m['images']} images)",
+        "",
+        f"The model was fine-tuned twice for {m['steps']} steps (seed {m['seed']}, lr {m['lr']:g}; base config "
+        f"`{m['base_config']}`), once on the clean and once on the protected images, same captions and settings. "
+        f"Each model then drew {k} samples per caption ({m['sampler']}, {m['sample_steps']} steps, guidance {m['guidance']:g}, "
+        f"the same seeded noise for every model); the {m['resolution']} px interior inside the {m['border']} px SolidMark "
+        "border is compared with the *clean* image. Protection works when the protected-tuned model reproduces the clean "
+        "images less well: a positive drop (clean-tuned minus protected-tuned; ± is the standard error over images).",
+        "",
+        f"| model | SSIM mean | SSIM best of {k} | PSNR mean (dB) | PSNR best of {k} (dB) |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"base": "base (not fine-tuned)", "clean_tuned": "fine-tuned on clean", "protected_tuned": "fine-tuned on protected"}
+    for key, label in names.items():
+        r = sim[key]
+        lines.append(f"| {label} | {r['ssim_mean']:.4f} | {r['ssim_best']:.4f} | {r['psnr_mean']:.2f} | {r['psnr_best']:.2f} |")
+    lines.append(f"| **drop** (clean − protected) | {pm('ssim_mean', 4)} | {pm('ssim_best', 4)} | {pm('psnr_mean', 2)} | {pm('psnr_best', 2)} |")
+    lines += ["", "| fine-tune | final loss | mean loss, last quarter | steps | fit time (s) | total time (s) | run directory |", "|---|---|---|---|---|---|---|"]
+    for arm, f in m["finetune"].items():
+        def num(v, fmt):
+            return format(v, fmt) if v is not None else "n/a"
+
+        lines.append(
+            f"| {arm} | {num(f['final_loss'], '.4f')} | {num(f['loss_last_quarter_mean'], '.4f')} | {f['global_step']} | "
+            f"{num(f['wall_time_s'], '.1f')} | {f['total_seconds']:.1f} | `{f['run_dir']}` |"
+        )
+    gain = m["clean_finetune_gain"]
+    lines.append("")
+    if gain["ssim_mean"] <= 0 and gain["psnr_mean"] <= 0:
+        lines += [
+            "**Inconclusive:** the clean-tuned model reproduces the images no better than the untuned one, so this "
+            "fine-tune did not learn them and says little about protection. Raise `mimicry.steps` or the learning rate.",
+            "",
+        ]
+    lines += [
+        f"Use images at the model's interior resolution ({m['resolution']}x{m['resolution']} px): training resizes other "
+        "sizes (Lanczos, centre crop), which also changes the perturbation before the model sees it.",
+        "",
+    ]
+    if m["warnings"]:
+        lines += ["Warnings:", ""] + [f"- {w}" for w in m["warnings"]] + [""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

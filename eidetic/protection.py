@@ -407,19 +407,15 @@ def latent_distance(model: DiffusionModel, a: torch.Tensor, b: torch.Tensor) -> 
 
 
 # ---- loading a local diffusers pipeline ---------------------------------------------
-PIPELINE_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
-
-
 def load_pipeline_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """A :class:`DiffusionModel` from a local diffusers Stable Diffusion-style directory.
 
     The directory needs the sub-folders vae/, unet/, text_encoder/, tokenizer/ and
     scheduler/ (what ``StableDiffusionPipeline.save_pretrained`` writes). Nothing is
     downloaded. All weights are frozen; the scheduler becomes a DDPMScheduler with the same
-    noise schedule and prediction type.
+    noise schedule and prediction type (see :func:`eidetic.pipelines.load_components`).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from eidetic.pipelines import PIPELINE_COMPONENTS, frozen_diffusion_model, load_components
 
     root = Path(path)
     if not root.is_dir():
@@ -431,19 +427,4 @@ def load_pipeline_model(path: str | Path, device: str | torch.device = "cpu", dt
             f"{root} is not a Stable Diffusion-style diffusers directory: missing {', '.join(m + '/' for m in missing)} "
             f"(expected {', '.join(c + '/' for c in PIPELINE_COMPONENTS)}, as written by StableDiffusionPipeline.save_pretrained).{hint}"
         )
-    vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True, torch_dtype=dtype).to(device).eval()
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True, torch_dtype=dtype).to(device).eval()
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True, torch_dtype=dtype).to(device).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    scheduler_config = DDPMScheduler.load_config(root / "scheduler", local_files_only=True)
-    scheduler = DDPMScheduler.from_config(scheduler_config)
-    for module in (vae, unet, text_encoder):
-        module.requires_grad_(False)
-    max_length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
-
-    @torch.no_grad()
-    def encode_prompt(captions: Sequence[str]) -> torch.Tensor:
-        ids = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
-        return text_encoder(ids.to(device))[0]
-
-    return DiffusionModel(unet=unet, scheduler=scheduler, encode_prompt=encode_prompt, vae=vae)
+    return frozen_diffusion_model(load_components(root, dtype=dtype), device=device)

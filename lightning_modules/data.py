@@ -19,7 +19,6 @@ Bad input never yields a bare traceback or a silently shorter dataset:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import warnings
@@ -35,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from eidetic.borders import add_border, make_keys
+from eidetic.imagefolder import read_captions
 from eidetic.io import write_jsonl_atomic
 
 __all__ = ["DataError", "Record", "SolidMarkDataModule", "load_folder", "load_builtin", "BUILTIN_PHOTOS"]
@@ -167,22 +167,7 @@ def load_folder(folder: str | Path, resolution: int, small_images: str = "error"
 
 
 def _read_metadata(root: Path) -> dict[str, str]:
-    path = root / "metadata.jsonl"
-    if not path.exists():
-        return {}
-    captions = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            captions[Path(row["file_name"]).as_posix()] = str(row.get("text", ""))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(
-                f"{path}:{lineno}: expected a JSON object with 'file_name' and 'text' "
-                f"(Hugging Face imagefolder convention), got {line[:80]!r} ({exc})"
-            ) from exc
-    return captions
+    return read_captions(root, error=DataError)
 
 
 def load_builtin(num_images: int, resolution: int, shared_caption_fraction: float, seed: int) -> tuple[list[Record], np.ndarray]:

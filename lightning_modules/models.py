@@ -218,24 +218,21 @@ def _require(path: Path, what: str) -> None:
         )
 
 
-def load_pretrained(directory: str | Path) -> Pretrained:
-    """Load the components of a local diffusers text-to-image directory (no network)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def _check_model_dir(directory: str | Path) -> Path:
     root = Path(directory)
     if not root.is_dir():
         raise ModelLoadError(f"model directory not found: {root}")
     for sub, what in [("unet", "the UNet"), ("text_encoder", "the text encoder"), ("tokenizer", "the tokenizer"), ("scheduler", "the scheduler")]:
         _require(root / sub, what)
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
-    text = TextStack(
-        CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
-        CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True),
-    )
-    scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True) if (root / "vae").exists() else None
-    return Pretrained(unet=unet, text=text, scheduler=scheduler, vae=vae)
+    return root
+
+
+def load_pretrained(directory: str | Path) -> Pretrained:
+    """Load the components of a local diffusers text-to-image directory (no network)."""
+    from eidetic.pipelines import load_components
+
+    parts = load_components(_check_model_dir(directory))
+    return Pretrained(unet=parts.unet, text=TextStack(parts.tokenizer, parts.text_encoder), scheduler=parts.scheduler, vae=parts.vae)
 
 
 def load_vae(directory: str | Path):
@@ -250,11 +247,7 @@ def load_vae(directory: str | Path):
 
 
 def load_diffusion_model(directory: str | Path, device: str = "cpu"):
-    """An eidetic DiffusionModel from a local diffusers text-to-image directory (a run's model/)."""
-    from eidetic.diffusion import DiffusionModel
+    """An eidetic DiffusionModel from a local diffusers text-to-image directory (a run's model/), frozen."""
+    from eidetic.pipelines import frozen_diffusion_model, load_components
 
-    parts = load_pretrained(directory)
-    for m in (parts.unet, parts.text.text_encoder, parts.vae):
-        if m is not None:
-            m.to(device).eval().requires_grad_(False)
-    return DiffusionModel(unet=parts.unet, scheduler=parts.scheduler, encode_prompt=parts.text, vae=parts.vae)
+    return frozen_diffusion_model(load_components(_check_model_dir(directory)), device=device)

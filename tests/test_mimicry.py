@@ -1,0 +1,226 @@
+"""Mimicry after fine-tuning (protect.py mimicry.enabled=true, lightning_modules/mimicry.py),
+and the shared loaders it relies on (eidetic.imagefolder, eidetic.pipelines)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import protect  # noqa: E402
+from eidetic.config import ConfigError, load_config  # noqa: E402
+from lightning_modules import mimicry as M  # noqa: E402
+
+TINY = ROOT / "configs" / "tests" / "tiny.yaml"
+MIMICRY_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny run's exported model/ (16 px interior, 4 px border) with its config.yaml beside it."""
+    from lightning_modules.run import RUN_DIR_ENV, run
+
+    run_dir = run(load_config([TINY], [f"run.dir={tmp_path_factory.mktemp('base') / 'run'}", "logging.wandb.enabled=false"]))
+    os.environ.pop(RUN_DIR_ENV, None)
+    return run_dir / "model"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("clean")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        # smooth images: something a few fine-tuning steps can start to learn
+        base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(base).resize((16, 16), Image.BICUBIC).save(folder / f"img{i}.png")
+        rows.append({"file_name": f"img{i}.png", "text": f"a photo of the moon surface, detail {i}"})
+    # not at the interior resolution: trained resized, and reported as such
+    Image.fromarray(rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)).save(folder / "big.jpg", format="JPEG")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mimicry_run(tiny_model, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("protected") / "out"
+    rc = protect.main([
+        f"input={images}", f"model={tiny_model}", f"output={out}", "objective=sds-", "steps=2", "evaluate.enabled=false",
+        "mimicry.enabled=true", f"mimicry.steps={MIMICRY_STEPS}", "mimicry.samples_per_image=2", "mimicry.sample_steps=2",
+        "mimicry.train_overrides=[train.lr_warmup_steps=0]",
+    ])
+    return rc, out
+
+
+def finite(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_mimicry_section_and_report(mimicry_run):
+    rc, out = mimicry_run
+    assert rc == 0
+    m = json.loads((out / "summary.json").read_text())["protection"]["mimicry"]
+    assert m["images"] == 5 and m["resolution"] == 16 and m["border"] == 4 and m["steps"] == MIMICRY_STEPS
+    assert set(m["similarity"]) == set(M.MODELS)
+    for key in M.MODELS:
+        assert set(m["similarity"][key]) == set(M.METRICS)
+        assert all(finite(v) for v in m["similarity"][key].values()), m["similarity"][key]
+    for metric in M.METRICS:
+        expected = m["similarity"]["clean_tuned"][metric] - m["similarity"]["protected_tuned"][metric]
+        assert m["drop"][metric] == pytest.approx(expected, abs=1e-6)
+        assert finite(m["drop_standard_error"][metric])
+        # best of samples can only be at least the mean of samples
+        if metric.endswith("_best"):
+            for key in M.MODELS:
+                assert m["similarity"][key][metric] >= m["similarity"][key][metric.replace("_best", "_mean")] - 1e-6
+    assert "per_image" not in m  # per-image rows go to protection_per_image.jsonl
+    rows = [json.loads(line) for line in (out / "protection_per_image.jsonl").read_text().splitlines()]
+    assert all(set(r["mimicry"]) == set(M.MODELS) for r in rows) and len(rows) == 5
+    assert any("big.jpg" in w and "16x16" in w for w in m["warnings"])
+    report = (out / "report.md").read_text()
+    assert "## Mimicry after fine-tuning" in report and "fine-tuned on protected" in report and "big.jpg" in report
+
+
+def test_both_finetunes_used_the_same_settings(mimicry_run):
+    _, out = mimicry_run
+    m = json.loads((out / "summary.json").read_text())["protection"]["mimicry"]
+    clean, prot = m["finetune"]["clean"], m["finetune"]["protected"]
+    for key in ("seed", "max_steps", "lr", "global_step", "train_images"):
+        assert clean[key] == prot[key], key
+    assert clean["global_step"] == MIMICRY_STEPS and clean["train_images"] == 5
+    assert all(finite(f["final_loss"]) and f["wall_time_s"] >= 0 for f in (clean, prot))
+
+    def config(arm):
+        cfg = OmegaConf.to_container(OmegaConf.load(Path(m["finetune"][arm]["run_dir"]) / "config.yaml"))
+        folder = cfg["data"].pop("folder")
+        for key in ("dir", "name"):
+            cfg["run"].pop(key)
+        cfg["logging"]["wandb"].pop("id")
+        return cfg, folder
+
+    (a, folder_a), (b, folder_b) = config("clean"), config("protected")
+    assert a == b  # identical apart from the folder and the run's own names
+    assert a["train"]["lr_warmup_steps"] == 0  # train_overrides reached both
+    assert a["data"]["heldout_fraction"] == 0 and a["data"]["source"] == "folder"
+    assert not a["solidmark"]["enabled"] and not a["extraction"]["enabled"] and not a["logging"]["wandb"]["enabled"]
+    # the fine-tunes trained on staged folders holding only the PNGs and metadata.jsonl
+    names_a = sorted(p.name for p in Path(folder_a).iterdir())
+    assert names_a == sorted(p.name for p in Path(folder_b).iterdir())
+    assert names_a == ["big.png", "img0.png", "img1.png", "img2.png", "img3.png", "metadata.jsonl"]
+    assert (Path(folder_a) / "metadata.jsonl").read_text() == (Path(folder_b) / "metadata.jsonl").read_text()
+    # protected copies are the published files; clean copies differ from them
+    assert (Path(folder_b) / "img0.png").read_bytes() == (out / "img0.png").read_bytes()
+    assert (Path(folder_a) / "img0.png").read_bytes() != (out / "img0.png").read_bytes()
+    # nothing of the evaluation inside the output folder, which is itself a dataset
+    assert not [p for p in out.iterdir() if p.is_dir()]
+    assert Path(m["work_dir"]) == M.default_work_dir(out)
+
+
+def test_the_evaluation_really_fine_tuned(mimicry_run, tiny_model):
+    from safetensors.torch import load_file
+
+    _, out = mimicry_run
+    m = json.loads((out / "summary.json").read_text())["protection"]["mimicry"]
+    base = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
+    for arm in M.ARMS:
+        tuned = load_file(Path(m["finetune"][arm]["run_dir"]) / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+        assert base.keys() == tuned.keys()
+        assert any(not torch.equal(base[k], tuned[k]) for k in base), f"{arm} fine-tune did not change the UNet"
+        # the text encoder of a fine-tune stays frozen
+        te_base = load_file(tiny_model / "text_encoder" / "model.safetensors")
+        te_tuned = load_file(Path(m["finetune"][arm]["run_dir"]) / "model" / "text_encoder" / "model.safetensors")
+        assert all(torch.equal(te_base[k], te_tuned[k]) for k in te_base)
+
+
+def test_wrong_resolution_fails_before_protecting(tiny_model, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = protect.main([f"input={images}", f"model={tiny_model}", f"output={out}", "steps=1", "mimicry.enabled=true",
+                       "mimicry.train_overrides=[data.resolution=20]"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "24px canvases" in err and "data.resolution=16" in err
+    assert not out.exists()
+
+
+def test_mimicry_config_errors(images, tmp_path):
+    base = [f"input={images}", f"model={tmp_path}", f"output={tmp_path / 'out'}", "mimicry.enabled=true"]
+    for extra, message in [
+        ([f"mimicry.work_dir={tmp_path / 'out' / 'm'}"], "must not be inside output"),
+        ([f"mimicry.work_dir={images}"], "must not be inside input"),
+        ([f"mimicry.work_dir={tmp_path}"], "output .* must not be inside mimicry.work_dir"),
+        (["mimicry.lr=-1"], "mimicry.lr"),
+        (["mimicry.steps=0"], "mimicry.steps"),
+        (["mimicry.sampler=euler"], "mimicry.sampler"),
+        (["mimicry.train_overrides=[lr]"], "key=value"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            protect.check_config(load_config([], base + extra, schema=protect.SCHEMA))
+    # mimicry off: its keys are not checked
+    protect.check_config(load_config([], base[:3] + ["mimicry.steps=0"], schema=protect.SCHEMA))
+    with pytest.raises(ConfigError, match="(?s)invalid mimicry.train_overrides.*did you mean 'train.lr'"):
+        cfg = load_config([], base + ["mimicry.train_overrides=[train.lrr=1]"], schema=protect.SCHEMA)
+        M.training_config(tmp_path / "model", tmp_path / "d", tmp_path / "r", cfg.mimicry)
+
+
+def test_base_config_from_an_older_run_drops_unknown_keys(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "config.yaml").write_text("data:\n  resolution: 24\n  border: 4\nmodel:\n  space: latent\ntrain:\n  checkpoint:\n    export_diffusers: false\n")
+    layer, source, dropped = M.base_config(tmp_path / "model")
+    assert source == str(tmp_path / "config.yaml") and dropped == ["train.checkpoint.export_diffusers"]
+    cfg = load_config([], ["mimicry.steps=7"], schema=protect.SCHEMA)
+    train = M.training_config(tmp_path / "model", tmp_path / "d", tmp_path / "r", cfg.mimicry, (layer, source, dropped))
+    assert train.data.resolution == 24 and train.train.max_steps == 7 and train.model.pretrained == str((tmp_path / "model").resolve())
+    # no run config beside the model: the embedded default
+    assert M.base_config(tmp_path / "elsewhere" / "model")[2] == [] and M.base_config(tmp_path / "elsewhere" / "model")[1].endswith("default.yaml")
+
+
+def test_work_dir_not_made_by_mimicry_is_refused(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "mine.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        M._prepare_work_dir(tmp_path / "work")
+    assert (tmp_path / "work" / "mine.txt").exists()
+
+
+# ---- the shared loaders ----------------------------------------------------------------
+def test_one_caption_reader_for_training_and_protection(tmp_path):
+    from eidetic.imagefolder import read_captions
+    from lightning_modules.data import DataError, _read_metadata
+
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n\n{"file_name": "./b.png", "caption": "y"}\n')
+    assert read_captions(tmp_path) == {"a.png": "x", "b.png": "y"} == _read_metadata(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\nnot json\n')
+    with pytest.raises(DataError, match="metadata.jsonl:2"):
+        _read_metadata(tmp_path)
+    with pytest.raises(ConfigError, match="metadata.jsonl:2"):
+        read_captions(tmp_path, error=ConfigError)
+
+
+def test_one_model_loader(tiny_model):
+    from eidetic import protection as P
+    from lightning_modules.models import load_diffusion_model, load_pretrained
+
+    a = P.load_pipeline_model(tiny_model)
+    b = load_diffusion_model(tiny_model)
+    parts = load_pretrained(tiny_model)
+    assert not any(p.requires_grad for p in a.unet.parameters()) and not any(p.requires_grad for p in b.unet.parameters())
+    assert all(p.requires_grad for p in parts.unet.parameters())  # fine-tuning needs trainable weights
+    assert type(a.scheduler).__name__ == type(b.scheduler).__name__ == type(parts.scheduler).__name__ == "DDPMScheduler"
+    with torch.no_grad():
+        ea, eb = a.encode_prompt(["a photo of the moon"]), b.encode_prompt(["a photo of the moon"])
+        et = parts.text(["a photo of the moon"])
+    torch.testing.assert_close(ea, eb)
+    torch.testing.assert_close(ea, et)
