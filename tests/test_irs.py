@@ -109,6 +109,42 @@ def test_float32_statistics_close_to_float64(photos):
     assert torch.allclose(s32[:, 1:3], s64[:, 1:3], rtol=0.05)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (24, 48), (20, 70)])
+def test_canny_matches_skimage_in_every_map_form(photos, size):
+    # hysteresis runs on int32 row bitmasks up to 32 columns, int64 up to 64, uint8 maps beyond
+    gray = irs.to_grayscale(irs.random_crops(photos, 10, size, seed=21).double())
+    edges = irs.canny_edges(gray).numpy()
+    for i in range(len(gray)):
+        expected = feature.canny(gray[i].numpy())
+        assert np.array_equal(edges[i], expected), f"Canny edge map {i} differs from skimage"
+
+
+def test_statistics_independent_of_batching(photos):
+    # On CPU the work runs in groups of images (the last one partial, and padded to whole
+    # interleave groups in the GLCM): any split of a batch must give the same statistics.
+    for dtype in (torch.float32, torch.float64):
+        images = irs.random_crops(photos, 150, SIZE, seed=9).to(dtype)
+        whole = irs.image_statistics(images)
+        for parts in ([images[i : i + 37] for i in range(0, 150, 37)], [images[i : i + 1] for i in range(5)]):
+            split = torch.cat([irs.image_statistics(p) for p in parts])
+            n = len(split)
+            assert torch.equal(whole[:n, :4], split[:, :4])  # edges, GLCM and Laplacian: exactly
+            assert torch.allclose(whole[:n, 4], split[:, 4], rtol=1e-6, atol=0)  # FFT: up to rounding
+
+
+def test_statistics_are_ordinary_tensors_and_the_surrogate_still_differentiates(reference, heldout):
+    # image_statistics runs in inference mode; neither its result nor the constants it
+    # caches (shared with the differentiable surrogate) may be inference tensors
+    for dtype in (torch.float32, torch.float64):
+        images = heldout[:4].to(dtype)
+        stats = irs.image_statistics(images)
+        assert not stats.is_inference()
+        stats[:, 0] *= 1.0  # in place: allowed
+        x = images.clone().requires_grad_(True)
+        irs.realism_loss(x, reference).backward()
+        assert torch.isfinite(x.grad).all()
+
+
 def test_grayscale_convention():
     rgb = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 8, 8)
     assert irs.to_grayscale(rgb).mean().item() == pytest.approx(0.299)  # BT.601 red weight
