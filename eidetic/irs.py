@@ -259,13 +259,13 @@ def _row_dtype(w: int) -> torch.dtype:
 _CPU_GROUP_BYTES = 1 << 18
 
 
-def _image_groups(x: torch.Tensor, scale: float = 1.0) -> list[slice]:
+def _image_groups(x: torch.Tensor, scale: float = 1.0, max_images: int | None = None) -> list[slice]:
     """Slices of the batch dimension of (B, H, W) ``x``: see ``_CPU_GROUP_BYTES`` (times
-    ``scale``, for work with bulkier buffers per pixel)."""
+    ``scale``, for work with bulkier buffers per pixel); on any device at most
+    ``max_images`` images per group."""
     b, h, w = x.shape
-    if x.device.type != "cpu":
-        return [slice(0, b)]
-    n = max(1, int(_CPU_GROUP_BYTES * scale) // (h * w * x.element_size()))
+    n = b if x.device.type != "cpu" else int(_CPU_GROUP_BYTES * scale) // (h * w * x.element_size())
+    n = max(1, min(n, max_images or n))
     return [slice(s, min(s + n, b)) for s in range(0, b, n)]
 
 
@@ -566,9 +566,12 @@ def glcm_contrast_energy(gray: torch.Tensor, levels: int = 32, distance: int = 1
     # per offset and image: sum_ij U_ij (i - j)^2, sum_ij U_ij^2, sum_i U_ii^2 (see _GLCMSums)
     sums = torch.empty(3, len(offsets), b, dtype=gray.dtype, device=gray.device)
     workers: dict[int, _GLCMSums] = {}  # one per group size: at most two per call
-    # half-size groups: four count matrices and int64 indices make the buffers per pixel
-    # about twice the Canny maps' (measured: 7% faster than full-size groups)
-    for group in _image_groups(gray, 0.5):
+    # Half-size groups: four count matrices and int64 indices make the buffers per pixel
+    # about twice the Canny maps' (measured: 7% faster than full-size groups). On any
+    # device, groups small enough that the count matrices stay within 2^26 cells (256 MB
+    # in float32; this only binds for many grey levels).
+    max_images = max(1, 2**26 // (len(offsets) * levels**2))
+    for group in _image_groups(gray, 0.5, max_images):
         c = group.stop - group.start
         if c not in workers:
             workers[c] = _GLCMSums(c, h, w, levels, offsets, gray.dtype, gray.device)
