@@ -188,10 +188,25 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# Column order of the table, as _row builds a row. Rows of settings kept by resume=true come
+# back from summary.json with their keys sorted, so the order is imposed here, not inherited.
+_COLUMNS = (
+    "setting", "eidetic", "chance", "p_value", "solidmark_auc_heldout", "<detector AUCs>", "verified_extractions",
+    "irs_generated_mean", "irs_real_mean", "fake_rate", "realism_loss_seconds", "frechet_distance", "final_loss",
+    "global_step", "captions_changed", "wen_skipped", "near_duplicates_removed", "stopped_at", "excluded", "wall_time_s",
+)
+
+
+def _column_rank(name: str) -> int:
+    if name in _COLUMNS:
+        return _COLUMNS.index(name)
+    return _COLUMNS.index("<detector AUCs>") if name.endswith(("_auc_dup", "_auc_heldout")) else len(_COLUMNS)
+
+
 def write_outputs(out: Path, rows: list[dict], cfg) -> None:
     from eidetic.io import write_text_atomic
 
-    fields = list(dict.fromkeys(k for r in rows for k in r))
+    fields = sorted(dict.fromkeys(k for r in rows for k in r), key=_column_rank)  # stable: detector columns keep their order
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, restval="")
     w.writeheader()

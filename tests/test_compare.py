@@ -58,6 +58,9 @@ def test_tiny_comparison_end_to_end_and_reproducible(tmp_path, monkeypatch):
     assert (out / "baseline" / "metrics.csv").stat().st_mtime_ns == baseline_metrics
     assert (out / "random_word" / "checkpoints" / "last.ckpt").exists()
     assert _table(out / "comparison.csv") == rows
+    # kept rows come back from summary.json with sorted keys; the columns keep the table's order
+    header = (out / "comparison.csv").read_text().splitlines()[0]
+    assert header == (tmp_path / "b" / "comparison.csv").read_text().splitlines()[0] and header.startswith("setting,")
 
 
 def test_comparison_config_errors(tmp_path):
