@@ -303,11 +303,10 @@ def _canny(gray: torch.Tensor, sigma: float, low: float, high: float) -> torch.T
             mappers[c] = _WeakStrong(c, h, w, gray.dtype, gray.device, sigma, low, high)
         maps = mappers[c](gray[group])
         weak_strong[:, group] = mappers[c].packed() if packed else maps
+    weak_strong[:, :, 0] = weak_strong[:, :, -1] = 0  # first and last rows
+    if not packed:  # (packed rows hold columns 1..w-2 only)
+        weak_strong[..., 0] = weak_strong[..., -1] = 0
     weak, strong = weak_strong
-    if packed:  # (the packed rows hold columns 1..w-2 only)
-        weak_strong[:, :, 0] = weak_strong[:, :, -1] = 0
-        return _hysteresis(strong, weak)
-    weak_strong[:, :, 0] = weak_strong[:, :, -1] = weak_strong[..., 0] = weak_strong[..., -1] = 0
     return _hysteresis(strong, weak)
 
 
