@@ -29,7 +29,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CROP_SEED = 1234  # the default data set crops with data.key_seed-independent seed 0 (config seed)
+CROP_SEED = 1234  # the built-in data set crops with data.key_seed (default 0): other crops of the same photographs
 
 
 def write_images(folder: Path, n: int, resolution: int) -> None:
