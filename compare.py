@@ -275,13 +275,19 @@ def _plot(out: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     label, ys = memorization_axis(rows)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for r, y in zip(rows, ys):
+    # Settings that leave memorization unchanged land on the same point, so a legend names
+    # them (colour and marker) where text labels next to the points would overprint.
+    markers = "osD^v<>pPX*h"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (r, y) in enumerate(zip(rows, ys)):
         x = r.get("frechet_distance")
         if x is None or y is None:
             continue
-        ax.scatter([x], [y])
-        ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.scatter([x], [y], marker=markers[i % len(markers)], s=50, alpha=0.8, label=r["setting"])
+    chance_level = 0.0 if label.startswith("eidetic") else 0.5 if "_auc_" in label else None
+    if chance_level is not None:
+        ax.axhline(chance_level, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("Fréchet distance, local features (lower = closer to data)")
     ax.set_ylabel(label)
     ax.set_title("memorization vs quality")
