@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--objective", default="sds-")
     ap.add_argument("--pgd-steps", type=int, default=100)
-    ap.add_argument("--finetune-steps", type=int, default=200)
+    ap.add_argument("--finetune-steps", type=int, default=1500, help="steps of each fine-tune (at 200 the default model barely learns the images)")
     ap.add_argument("--samples", type=int, default=4, help="generations per caption and model")
     args = ap.parse_args(argv)
     if (args.model is None) == (not args.train_base):
