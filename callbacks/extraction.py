@@ -15,7 +15,8 @@ with each configured detector, and reports
   ``summary.json``, and on W&B: score histograms, AUCs, and a table of the top-k captions
   with their one-step image, their generation and the nearest training image.
 
-Only global rank 0 probes and writes; the probes are deterministic given the seed.
+Only global rank 0 probes and writes (the probes are deterministic given the seed); the
+other processes receive its rows, so controls acting on them agree across ranks.
 """
 
 from __future__ import annotations
@@ -114,11 +115,23 @@ class ExtractionProbeCallback(Callback):
             self.probe(trainer, pl_module)
 
     # ---- one probe round -----------------------------------------------------------
-    @torch.no_grad()
     def probe(self, trainer, pl_module) -> dict | None:
         self._last_step = trainer.global_step
-        if not trainer.is_global_zero:
-            return None
+        section = self._probe(trainer, pl_module) if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            # Only rank 0 probes, but the controls read the verified captions on every
+            # process: an image excluded on one rank only would give the ranks samplers of
+            # different lengths and hang DDP. So every process takes rank 0's rows.
+            rows = [r for r in self.rows if r["step"] == trainer.global_step] if trainer.is_global_zero else None
+            rows, section = trainer.strategy.broadcast((rows, section), src=0)
+            if not trainer.is_global_zero:
+                self.rows.extend(rows or [])
+                if section is not None:
+                    self.history.append(section)
+        return section
+
+    @torch.no_grad()
+    def _probe(self, trainer, pl_module) -> dict | None:
         s = self._settings(pl_module)
         cfg = self._cfg if self._cfg is not None else pl_module.cfg
         dm = trainer.datamodule

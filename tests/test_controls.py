@@ -153,3 +153,41 @@ def test_resume_keeps_exclusions_and_the_action_log(tiny_cfg, scripted):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sorted(summary["controls"]["excluded"]) == sorted(flagged)
     assert [a["action"] for a in summary["controls"]["actions"]] == ["exclude"]
+
+
+def test_extraction_flags_reach_every_ddp_rank(monkeypatch):
+    """Only rank 0 probes; rank 1 must still exclude the same images (else the ranks'
+    samplers differ in length and DDP hangs)."""
+    from types import SimpleNamespace
+
+    from callbacks.controls import flagged_from_callbacks
+    from callbacks.extraction import ExtractionProbeCallback
+
+    records = [SimpleNamespace(id=f"img-{i}", caption=f"caption {i}", split="train") for i in range(4)]
+    channel = {}
+
+    class Strategy:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def broadcast(self, obj, src=0):
+            if self.rank == src:
+                channel["obj"] = obj
+            return channel["obj"]
+
+    def trainer(rank, callback):
+        return SimpleNamespace(global_step=7, is_global_zero=rank == 0, world_size=2, strategy=Strategy(rank),
+                               datamodule=SimpleNamespace(records=records), callbacks=[callback])
+
+    def rank0_probe(self, trainer, pl_module):
+        self.rows += [{"step": 7, "caption": "caption 2", "verified": "matching"}, {"step": 7, "caption": "caption 3", "verified": "none"}]
+        return {"step": 7, "verified_extractions": 1}
+
+    monkeypatch.setattr(ExtractionProbeCallback, "_probe", rank0_probe)
+    ranks = [ExtractionProbeCallback(cfg=None), ExtractionProbeCallback(cfg=None)]
+    trainers = [trainer(r, cb) for r, cb in enumerate(ranks)]
+    sections = [cb.probe(t, pl_module=None) for cb, t in zip(ranks, trainers)]  # rank 0 first, as a broadcast orders them
+    assert sections[0] == sections[1] == {"step": 7, "verified_extractions": 1}
+    assert ranks[1].rows == ranks[0].rows and ranks[1].history == [sections[0]]
+    flagged = [flagged_from_callbacks(t, 0.05, ["extraction"]) for t in trainers]
+    assert flagged[0] == flagged[1] == {"extraction": {"img-2"}}
