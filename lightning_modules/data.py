@@ -415,14 +415,19 @@ class SolidMarkDataModule(pl.LightningDataModule):
         rows = [self._pixel_row[i] for i in range(len(self.records))]
         dataset = BorderedDataset(self.pixels[rows], self.records, index, self.cfg.border)
         batch = self.cfg.batch_size
-        drop_last = len(dataset) >= batch
-        per_epoch = (len(dataset) // batch) * batch if drop_last else len(dataset)
         trainer = self.trainer if self._trainer_attached() else None
+        # Under DDP each process gets 1/world of the epoch, so a set that fills a batch here
+        # may not fill one per process (e.g. after exclusions): dropping the last batch then
+        # leaves a process no batches at all and ends training.
+        world = max(1, int(trainer.world_size)) if trainer is not None else 1
+        step_samples = batch * world
+        drop_last = len(dataset) >= step_samples
+        per_epoch = (len(dataset) // step_samples) * step_samples if drop_last else len(dataset)
         consumed = None
         if trainer is not None and not self.excluded:
             # with exclusions the epoch length changed mid-run: start the new epoch at its beginning
             accum = trainer.accumulate_grad_batches
-            consumed = lambda: trainer.global_step * accum * batch  # noqa: E731
+            consumed = lambda: trainer.global_step * accum * step_samples  # noqa: E731
         return DataLoader(
             dataset,
             batch_size=batch,

@@ -263,6 +263,30 @@ def test_ddp_two_cpu_processes_write_one_set_of_outputs(tmp_path):
     assert len(solidmark_rows) == len({r["id"] for r in solidmark_rows}) == 12
 
 
+@pytest.mark.slow  # ~30 s alone
+def test_ddp_ranks_exclude_the_same_extraction_flagged_images(tmp_path):
+    """Rank 0 alone probes mid-training and broadcasts its rows in a real gloo run; the
+    exclusion runs to the end (that rank 1 gets the same ids: test_controls.py)."""
+    run_dir = tmp_path / "ddp-controls"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("EIDETIC_RUN_DIR", None)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tests/tiny.yaml", f"run.dir={run_dir}",
+         "trainer.strategy=ddp", "trainer.devices=2", "extraction.enabled=true", "extraction.every_n_steps=3",
+         "extraction.top_k=3", "extraction.heldout=false", "extraction.verify.threshold=1.0",  # RMS <= 1 always: every probed caption verifies
+         "extraction.detectors=[denoising_confidence]", "controls.enabled=true", "controls.flagged.action=exclude",
+         "controls.flagged.sources=[extraction]", "logging.wandb.enabled=false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train"]["global_step"] == 6
+    actions = [json.loads(line) for line in (run_dir / "actions.jsonl").read_text().splitlines()]
+    excluded = [a for a in actions if a["action"] == "exclude"]
+    assert excluded[0]["step"] == 3 and len(excluded[0]["ids"]) == 3, actions  # the mid-run probe
+    assert {a["step"] for a in excluded} <= {3, 6}, "only the probes (step 3 and the end) flag images"
+
+
 def test_pruned_trial_stops_early_and_is_recorded(tmp_path, monkeypatch):
     import lightning_modules.sweep as sweep_mod
 
