@@ -258,14 +258,16 @@ def _html(cfg, cols: list[str], rows: list[dict], plot: Path) -> str:
     )
 
 
-def memorization_axis(rows: list[dict]) -> tuple[str, list[float | None]]:
-    """The memorization measure the plot uses: SolidMark excess over chance if present, else an extraction AUC."""
+def memorization_axis(rows: list[dict]) -> tuple[str, list[float | None], float | None]:
+    """The memorization measure the plot uses: SolidMark excess over chance if present, else an
+    extraction AUC. Returns its label, the values, and its chance level (None: it has none)."""
     if any(r.get("eidetic") is not None for r in rows):
-        return "eidetic - chance (SolidMark)", [None if r.get("eidetic") is None else r["eidetic"] - (r.get("chance") or 0) for r in rows]
+        values = [None if r.get("eidetic") is None else r["eidetic"] - (r.get("chance") or 0) for r in rows]
+        return "eidetic - chance (SolidMark)", values, 0.0
     for key in ("denoising_confidence_auc_heldout", "noise_prediction_norm_auc_heldout"):
         if any(r.get(key) is not None for r in rows):
-            return f"{key} (extraction)", [r.get(key) for r in rows]
-    return "final training loss (no monitor ran)", [r.get("final_loss") for r in rows]
+            return f"{key} (extraction)", [r.get(key) for r in rows], 0.5
+    return "final training loss (no monitor ran)", [r.get("final_loss") for r in rows], None
 
 
 def _plot(out: Path, rows: list[dict]) -> None:
@@ -274,7 +276,7 @@ def _plot(out: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    label, ys = memorization_axis(rows)
+    label, ys, chance_level = memorization_axis(rows)
     # Settings that leave memorization unchanged land on the same point, so a legend names
     # them (colour and marker) where text labels next to the points would overprint.
     markers = "osD^v<>pPX*h"
@@ -284,7 +286,6 @@ def _plot(out: Path, rows: list[dict]) -> None:
         if x is None or y is None:
             continue
         ax.scatter([x], [y], marker=markers[i % len(markers)], s=50, alpha=0.8, label=r["setting"])
-    chance_level = 0.0 if label.startswith("eidetic") else 0.5 if "_auc_" in label else None
     if chance_level is not None:
         ax.axhline(chance_level, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
