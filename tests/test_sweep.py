@@ -227,19 +227,27 @@ def test_wandb_agent_style_arguments(tmp_path, monkeypatch):
     assert json.loads((run_dir / "summary.json").read_text())["train"]["global_step"] == 2
 
 
-@pytest.mark.slow  # ~25 s alone, and the default file must stay well under 90 s
-def test_ddp_two_cpu_processes_write_one_set_of_outputs(tmp_path):
-    """trainer.strategy=ddp trainer.devices=2 on CPU (gloo): rank 0 alone writes files and W&B."""
-    run_dir = tmp_path / "ddp"
+def _train_tiny_on_two_cpu_processes(run_dir, *overrides) -> subprocess.CompletedProcess:
+    """``train.py`` on the tiny config with trainer.strategy=ddp, 2 CPU processes (gloo)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("EIDETIC_RUN_DIR", None)
     proc = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/tests/tiny.yaml", f"run.dir={run_dir}",
-         "trainer.strategy=ddp", "trainer.devices=2", "extraction.enabled=true", "extraction.every_n_steps=0",
-         "solidmark.enabled=true", "solidmark.every_n_steps=0", "solidmark.steps=3"],
+         "trainer.strategy=ddp", "trainer.devices=2", *overrides],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow  # ~25 s alone, and the default file must stay well under 90 s
+def test_ddp_two_cpu_processes_write_one_set_of_outputs(tmp_path):
+    """trainer.strategy=ddp trainer.devices=2 on CPU (gloo): rank 0 alone writes files and W&B."""
+    run_dir = tmp_path / "ddp"
+    proc = _train_tiny_on_two_cpu_processes(
+        run_dir, "extraction.enabled=true", "extraction.every_n_steps=0",
+        "solidmark.enabled=true", "solidmark.every_n_steps=0", "solidmark.steps=3",
+    )
     log = proc.stdout + proc.stderr
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log, "two processes trained"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -268,17 +276,12 @@ def test_ddp_ranks_exclude_the_same_extraction_flagged_images(tmp_path):
     """Rank 0 alone probes mid-training and broadcasts its rows in a real gloo run; the
     exclusion runs to the end (that rank 1 gets the same ids: test_controls.py)."""
     run_dir = tmp_path / "ddp-controls"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("EIDETIC_RUN_DIR", None)
-    proc = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/tests/tiny.yaml", f"run.dir={run_dir}",
-         "trainer.strategy=ddp", "trainer.devices=2", "extraction.enabled=true", "extraction.every_n_steps=3",
-         "extraction.top_k=3", "extraction.heldout=false", "extraction.verify.threshold=1.0",  # RMS <= 1 always: every probed caption verifies
-         "extraction.detectors=[denoising_confidence]", "controls.enabled=true", "controls.flagged.action=exclude",
-         "controls.flagged.sources=[extraction]", "logging.wandb.enabled=false"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    _train_tiny_on_two_cpu_processes(
+        run_dir, "extraction.enabled=true", "extraction.every_n_steps=3", "extraction.top_k=3", "extraction.heldout=false",
+        "extraction.verify.threshold=1.0",  # RMS <= 1 always: every probed caption verifies
+        "extraction.detectors=[denoising_confidence]", "controls.enabled=true", "controls.flagged.action=exclude",
+        "controls.flagged.sources=[extraction]", "logging.wandb.enabled=false",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["global_step"] == 6
     actions = [json.loads(line) for line in (run_dir / "actions.jsonl").read_text().splitlines()]
