@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import imitate  # noqa: E402
-from eidetic.config import load_config  # noqa: E402
+from workflows import imitate  # noqa: E402
+from eidetic.io import read_summary  # noqa: E402
 
 ROWS = [  # (teacher, student arch, depth)
     ("gaussian_blur", "cnn", 6),
@@ -41,14 +41,14 @@ def main(argv=None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for teacher, arch, depth in ROWS:
-            cfg = load_config([], [
+            cfg = imitate.load_config([], [
                 f"teacher={teacher}", f"student.arch={arch}", f"student.depth={depth}",
                 f"train.steps={args.steps}", f"example_size={args.example_size}", f"eval.crop={args.eval_crop}",
                 "eval.every_n_steps=0", "logging.wandb.enabled=false", "logging.csv=false",
                 f"run.dir={tmp}/{teacher}-{arch}",
-            ], schema=imitate.SCHEMA)
+            ])
             start = time.perf_counter()
-            section = imitate.run_imitation(cfg)
+            section = read_summary(imitate.run(cfg))["imitation"]
             row = section["teachers"][teacher]["results"][0]
             h = row["heldout"]
             mse_ratio = 10 ** ((h["psnr"] - h["identity_psnr"]) / 10)

@@ -50,15 +50,14 @@ def write_images(folder: Path, n: int, resolution: int) -> None:
 
 
 def train_base(run_dir: Path, steps: int, config: Path | None) -> Path:
-    from eidetic.config import load_config
-    from lightning_modules.run import RUN_DIR_ENV, run
+    from workflows.train import load_config
+    from workflows.train import run
 
     if (run_dir / "model" / "model_index.json").is_file():
         return run_dir / "model"
     cfg = load_config([config] if config else [], [f"run.dir={run_dir}", f"train.max_steps={steps}", "solidmark.enabled=false",
                            "extraction.enabled=false", "logging.wandb.enabled=false"])
     run(cfg)
-    os.environ.pop(RUN_DIR_ENV, None)
     return run_dir / "model"
 
 
@@ -83,11 +82,12 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model = train_base(args.out / "base", args.base_steps, args.base_config) if args.train_base else args.model
     resolution = int(json.loads((model / "unet" / "config.json").read_text())["sample_size"])
-    from eidetic.config import load_config
-    from lightning_modules.mimicry import base_config
+    from eidetic.config import load
+    from workflows.mimicry import base_config
+    from workflows.train import Schema
 
     base_layer, _, _ = base_config(model)
-    interior = int(load_config([], [], base=base_layer).data.resolution)
+    interior = int(load(Schema, base=base_layer).data.resolution)
     clean = args.out / "clean"
     write_images(clean, args.images, interior)
     output = args.out / f"protected-{args.objective}"

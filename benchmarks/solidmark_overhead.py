@@ -30,10 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def train_once(tmp: Path, name: str, steps: int, with_monitor: bool) -> dict:
-    from eidetic.config import load_config
-    from lightning_modules.run import run
+    from workflows.train import load_config
+    from workflows.train import run
 
-    os.environ.pop("EIDETIC_RUN_DIR", None)
     overrides = [
         f"run.dir={tmp / name}", f"train.max_steps={steps}", "train.checkpoint.every_n_steps=0",
         "logging.wandb.enabled=false", "extraction.enabled=false", "realism.enabled=false",

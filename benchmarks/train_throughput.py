@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from eidetic.config import load_config  # noqa: E402
+from workflows.train import load_config  # noqa: E402
 from lightning_modules.data import SolidMarkDataModule  # noqa: E402
 from lightning_modules.diffusion import LatentDiffusionModule  # noqa: E402
 from lightning_modules.models import build_scheduler, build_text_stack, build_unet, build_vae  # noqa: E402

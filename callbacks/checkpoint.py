@@ -18,7 +18,11 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-        if final and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+        if final and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.fast_dev_run:  # Lightning's end-of-training last.ckpt ignores fast_dev_run
+            super().on_train_end(trainer, pl_module)

@@ -3,42 +3,48 @@
 Schedules and feeds :mod:`eidetic.extraction`; computes nothing itself. On a schedule
 (every ``extraction.every_n_steps`` optimizer steps, and at the end of training) it scores
 the distinct training captions (or a seeded sample of them) plus the held-out captions
-with each configured detector, and reports
+with each configured detector (looked up in :data:`eidetic.extraction.DETECTORS`), and reports
 
-* AUC against the ground truth the data module knows: captions of duplicated images vs
-  captions of single images (each carried by exactly one training image), and training
-  vs held-out captions;
+* AUC (rank, with its bootstrap interval and TPR at 1 % FPR) against the ground truth the
+  data module knows: captions of duplicated images vs captions of single images (each
+  carried by exactly one training image), and training vs held-out captions;
 * ``precision_at_k`` of the top-k captions for "duplicated";
-* the top-k captions of the first detector, verified with full-sampler generations
-  against the training canvases (template copies: right interior, other border key);
+* the top-k captions of the first detector, verified with full-sampler generations against
+  the training canvases (template copies: right interior, other border key); the training
+  image a verified generation copies is what the monitor flags for the controls;
 * ``extraction.csv`` (one row per caption and probe round), the ``extraction`` section of
   ``summary.json``, and on W&B: score histograms, AUCs, and a table of the top-k captions
   with their one-step image, their generation and the nearest training image.
 
-Only global rank 0 probes and writes (the probes are deterministic given the seed); the
-other processes receive its rows, so controls acting on them agree across ranks.
+Under multi-process training each process scores its share of the captions (the probes'
+noise is shared by all captions or seeded per caption, so the split does not change a
+score) and the scores are gathered by torchmetrics; verification is split the same way.
+Every process ends with the same rows, so controls acting on them agree across ranks.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback
+from torchmetrics.aggregation import CatMetric
 
-from eidetic import extraction as ex
 from eidetic.borders import border_mask
+from eidetic.config import build_section
+from eidetic.extraction import DETECTORS, precision_at_k, verify_extractions
 from eidetic.io import update_summary, write_text_atomic
+from eidetic.schema.train import ExtractionSettings
+from eidetic.stats import auc_report
 
-__all__ = ["ExtractionProbeCallback", "CaptionTruth", "caption_truth"]
+from .loggers import log_scalars, log_wandb
+from .monitor import Monitor, MonitorResult
 
-DETECTORS = ("denoising_confidence", "edge_consistency", "noise_prediction_norm", "clique")
+__all__ = ["ExtractionProbeCallback", "CaptionTruth", "caption_truth", "detector_options"]
 
 
 @dataclass
@@ -81,64 +87,67 @@ def caption_truth(records) -> dict[str, CaptionTruth]:
     return by_caption
 
 
-def _section(cfg):
-    section = cfg.get("extraction") if hasattr(cfg, "get") else None
-    if section is None:
-        raise ValueError("the config has no 'extraction' section; add it (see configs/default.yaml)")
-    return section
+def detector_options(name: str, s: ExtractionSettings) -> dict:
+    """The keyword options of detector ``name`` from the ``extraction`` section."""
+    if name == "denoising_confidence":
+        return {"guidance": float(s.guidance), "reference": str(s.reference)}
+    if name == "edge_consistency":
+        return {"seeds": int(s.edge.seeds), "guidance": float(s.edge.guidance), "threshold": float(s.edge.threshold)}
+    if name == "noise_prediction_norm":
+        return {"steps": int(s.wen.steps), "first_steps": int(s.wen.first_steps), "seeds": int(s.wen.seeds), "guidance": float(s.guidance)}
+    if name == "clique":
+        c = s.clique
+        return {"generations": int(c.generations), "steps": int(c.steps), "guidance": float(s.guidance), "threshold": float(c.threshold),
+                "min_clique": int(c.min_clique), "tiles": int(c.tiles)}
+    return {}
 
 
-class ExtractionProbeCallback(Callback):
-    """Runs the extraction probes on the schedule in ``cfg.extraction``."""
+def _gather(trainer, rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's (n_i, k) rows (float64) through torchmetrics."""
+    metric = CatMetric(nan_strategy="disable").to(rows.device)
+    metric.update(rows)
+    if trainer.world_size == 1 and rows.numel() == 0:
+        return rows
+    out = metric.compute()
+    return out.reshape(-1, rows.shape[1]).cpu()
 
-    def __init__(self, cfg=None):
+
+class ExtractionProbeCallback(Monitor):
+    """Runs the extraction probes on the schedule of the ``extraction`` config section."""
+
+    source = "extraction"
+
+    def __init__(self, settings=None, border: int = 1, **overrides):
         super().__init__()
-        self._cfg = cfg
+        self.settings: ExtractionSettings = build_section(ExtractionSettings, settings, **overrides)
+        self.border = int(border)
         self.rows: list[dict] = []
         self.history: list[dict] = []
         self._last_step = -1
 
     # ---- schedule ------------------------------------------------------------------
-    def _settings(self, pl_module):
-        return _section(self._cfg if self._cfg is not None else pl_module.cfg)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        s = self._settings(pl_module)
-        every = int(s.every_n_steps or 0)
+        every = int(self.settings.every_n_steps or 0)
         step = trainer.global_step
-        if s.enabled and every > 0 and step > 0 and step % every == 0 and step != self._last_step:
+        if self.settings.enabled and every > 0 and step > 0 and step % every == 0 and step != self._last_step:
             self.probe(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        s = self._settings(pl_module)
-        if s.enabled and s.at_end and trainer.global_step != self._last_step:
+        if self.settings.enabled and self.settings.at_end and trainer.global_step != self._last_step:
             self.probe(trainer, pl_module)
 
     # ---- one probe round -----------------------------------------------------------
-    def probe(self, trainer, pl_module) -> dict | None:
-        self._last_step = trainer.global_step
-        section = self._probe(trainer, pl_module) if trainer.is_global_zero else None
-        if trainer.world_size > 1:
-            # Only rank 0 probes, but the controls read the verified captions on every
-            # process: an image excluded on one rank only would give the ranks samplers of
-            # different lengths and hang DDP. So every process takes rank 0's rows.
-            rows = [r for r in self.rows if r["step"] == trainer.global_step] if trainer.is_global_zero else None
-            rows, section = trainer.strategy.broadcast((rows, section), src=0)
-            if not trainer.is_global_zero:
-                self.rows.extend(rows or [])
-                if section is not None:
-                    self.history.append(section)
-        return section
-
     @torch.no_grad()
-    def _probe(self, trainer, pl_module) -> dict | None:
-        s = self._settings(pl_module)
-        cfg = self._cfg if self._cfg is not None else pl_module.cfg
+    def probe(self, trainer, pl_module) -> dict | None:
+        s = self.settings
+        self._last_step = trainer.global_step
         dm = trainer.datamodule
         truth = caption_truth(dm.records)
-        captions = self._captions(truth, s)
+        captions = self._captions(truth)
         if not captions:
             return None
+        rank, world = trainer.global_rank, max(1, trainer.world_size)
+        mine = list(range(len(captions)))[rank::world]
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -146,16 +155,21 @@ class ExtractionProbeCallback(Callback):
             train_ids = sorted({i for t in truth.values() for i in t.ids})
             train_canvases = dm.canvases(train_ids)
             shape = tuple(train_canvases.shape[-2:])
-            results = self._run_detectors(model, captions, shape, s)
-            verification = self._verify(model, results[0], truth, train_ids, train_canvases, cfg, s)
+            scores, evals, images = self._score(trainer, model, [captions[i] for i in mine], mine, shape)
+            verification = self._verify(trainer, model, captions, scores[0], truth, train_ids, train_canvases)
         finally:
             pl_module.train(was_training)
-        section = self._summarise(results, captions, truth, verification, trainer.global_step, s)
-        self._write(pl_module, results, captions, truth, verification, trainer.global_step, section)
-        self._log(trainer, results, captions, verification, train_canvases, section)
+        section = self._summarise(scores, evals, captions, truth, verification, trainer.global_step)
+        flagged = {train_ids[v["nearest"]] for v in (verification or {}).values() if v["label"] != "none"}
+        self.publish(MonitorResult(source=self.source, step=trainer.global_step, flagged=frozenset(flagged)))
+        self._record(scores, captions, truth, verification, trainer.global_step)
+        if trainer.is_global_zero:
+            self._write(pl_module, section)
+            self._log(trainer, scores, captions, verification, train_canvases, train_ids, section, images)
         return section
 
-    def _captions(self, truth: dict[str, CaptionTruth], s) -> list[str]:
+    def _captions(self, truth: dict[str, CaptionTruth]) -> list[str]:
+        s = self.settings
         trained = sorted(c for c, t in truth.items() if t.trained)
         limit = int(s.max_train_captions or 0)
         if 0 < limit < len(trained):
@@ -167,109 +181,100 @@ class ExtractionProbeCallback(Callback):
         heldout = sorted(c for c, t in truth.items() if not t.trained) if s.heldout else []
         return trained + heldout
 
-    def _run_detectors(self, model, captions, shape, s) -> list[ex.ProbeResult]:
-        unknown = [d for d in s.detectors if d not in DETECTORS]
-        if unknown:
-            raise ValueError(f"unknown extraction detector(s) {unknown}; choose from {list(DETECTORS)}")
-        common = {"seed": int(s.seed), "batch_size": int(s.batch_size)}
-        results = []
+    def _score(self, trainer, model, captions, ids, shape):
+        """Every detector's scores for all captions (gathered), its UNet evaluations, and this
+        process's one-step images of the first detector (for the W&B table)."""
+        s = self.settings
+        columns, evals, images = [], {}, {}
         for name in s.detectors:
-            if name == "denoising_confidence":
-                r = ex.denoising_confidence(
-                    model, captions, shape, guidance=float(s.guidance), reference=str(s.reference), return_images=True, **common
-                )
-            elif name == "edge_consistency":
-                e = s.edge
-                r = ex.edge_consistency(
-                    model, captions, shape, seeds=int(e.seeds), guidance=float(e.guidance), threshold=float(e.threshold),
-                    return_images=True, **common,
-                )
-            elif name == "noise_prediction_norm":
-                w = s.wen
-                r = ex.noise_prediction_norm(
-                    model, captions, shape, steps=int(w.steps), first_steps=int(w.first_steps), seeds=int(w.seeds),
-                    guidance=float(s.guidance), **common,
-                )
+            if captions:
+                r = DETECTORS[name](model, captions, shape, seed=int(s.seed), batch_size=int(s.batch_size), return_images=True,
+                                    **detector_options(name, s), **({"noise_ids": ids} if name == "clique" else {}))
+                local, spent = r.scores.double(), r.unet_evals
+                if r.images is not None:
+                    images[name] = dict(zip(ids, r.images))
             else:
-                c = s.clique
-                r = ex.clique_detector(
-                    model, captions, shape, generations=int(c.generations), steps=int(c.steps), guidance=float(s.guidance),
-                    threshold=float(c.threshold), min_clique=int(c.min_clique), tiles=int(c.tiles), return_images=True, **common,
-                )
-            results.append(r)
-        return results
+                local, spent = torch.zeros(0, dtype=torch.float64), 0
+            rows = torch.stack([torch.tensor(ids, dtype=torch.float64), local], dim=1) if captions else torch.zeros(0, 2, dtype=torch.float64)
+            gathered = _gather(trainer, rows)
+            order = torch.argsort(gathered[:, 0])
+            columns.append(gathered[order, 1])
+            evals[name] = int(trainer.strategy.reduce(torch.tensor(float(spent)), reduce_op="sum").item()) if trainer.world_size > 1 else spent
+        return columns, evals, images
 
-    def _verify(self, model, primary: ex.ProbeResult, truth, train_ids, train_canvases, cfg, s):
-        v = s.verify
+    def _verify(self, trainer, model, captions, primary, truth, train_ids, train_canvases) -> dict[int, dict] | None:
+        """caption index -> {label, nearest, distance} for the top-k captions of the first detector."""
+        s, v = self.settings, self.settings.verify
         if not v.enabled or int(s.top_k) < 1:
             return None
-        k = min(int(s.top_k), len(primary.captions))
-        top = torch.topk(primary.scores, k).indices.tolist()
+        k = min(int(s.top_k), len(captions))
+        top = torch.topk(primary, k).indices.tolist()
+        rank, world = trainer.global_rank, max(1, trainer.world_size)
+        mine = top[rank::world]
+        mask = border_mask(*train_canvases.shape[-2:], self.border) if v.template_mask == "border" else None
         id_to_caption = {i: t.caption for t in truth.values() for i in t.ids}
-        train_captions = [id_to_caption[i] for i in train_ids]
-        mask = None
-        if v.template_mask == "border":
-            h, w = train_canvases.shape[-2:]
-            mask = border_mask(h, w, int(cfg.data.border))
-        result = ex.verify_extractions(
-            model, [primary.captions[i] for i in top], train_canvases.to(model.device), train_captions,
-            generations=int(v.generations), steps=int(v.steps), guidance=float(v.guidance), sampler=str(v.sampler),
-            threshold=float(v.threshold), mask=mask, seed=int(s.seed), batch_size=int(s.batch_size),
-        )
-        return top, result
+        labels = ("none", "matching", "template")
+        rows = torch.zeros(0, 4, dtype=torch.float64)
+        if mine:
+            result = verify_extractions(
+                model, [captions[i] for i in mine], train_canvases.to(model.device), [id_to_caption[i] for i in train_ids],
+                generations=int(v.generations), steps=int(v.steps), guidance=float(v.guidance), sampler=str(v.sampler),
+                threshold=float(v.threshold), mask=mask, seed=int(s.seed), batch_size=int(s.batch_size), noise_ids=mine,
+            )
+            rows = torch.tensor([[i, labels.index(lab), int(n), float(d)] for i, lab, n, d in
+                                 zip(mine, result.labels, result.nearest.tolist(), result.distances.tolist())], dtype=torch.float64)
+            self._verification_images = dict(zip(mine, result.images))
+            self._verification_evals = result.unet_evals
+        gathered = _gather(trainer, rows)
+        return {int(r[0]): {"label": labels[int(r[1])], "nearest": int(r[2]), "distance": float(r[3])} for r in gathered}
 
     # ---- outputs ---------------------------------------------------------------------
-    def _summarise(self, results, captions, truth, verification, step, s) -> dict:
+    def _summarise(self, scores, evals, captions, truth, verification, step) -> dict:
         dup = [truth[c].duplicated for c in captions]
         known = torch.tensor([d is not None for d in dup])
         dup_labels = torch.tensor([bool(d) for d in dup])
         trained = torch.tensor([truth[c].trained for c in captions])
-        k = int(s.top_k)
+        k = int(self.settings.top_k)
         section: dict = {"step": int(step), "captions": len(captions), "heldout_captions": int((~trained).sum())}
-        for r in results:
+        for name, column in zip(self.settings.detectors, scores):
+            dup_report = auc_report(column[known], dup_labels[known]) if known.any() else None
+            heldout_report = auc_report(column, trained)
             entry = {
-                "auc": _nan_to_none(ex.auc(r.scores[known], dup_labels[known])) if known.any() else None,
-                "auc_trained_vs_heldout": _nan_to_none(ex.auc(r.scores, trained)),
-                "precision_at_k": ex.precision_at_k(r.scores[known], dup_labels[known], k) if known.any() and k > 0 else None,
-                "unet_evals_per_caption": r.unet_evals_per_caption,
-                "unet_evals": r.unet_evals,
-                "score_mean": float(r.scores.mean()),
+                "auc": dup_report["auc"] if dup_report else None,
+                "auc_duplicated": dup_report,
+                "auc_trained_vs_heldout": heldout_report["auc"],
+                "trained_vs_heldout": heldout_report,
+                "precision_at_k": precision_at_k(column[known], dup_labels[known], k) if known.any() and k > 0 else None,
+                "unet_evals_per_caption": evals[name] / max(1, len(captions)),
+                "unet_evals": evals[name],
+                "score_mean": float(column.mean()),
             }
-            if r.flagged is not None:
-                entry["flagged"] = int(r.flagged.sum())
-            section[r.name] = entry
+            section[name] = entry
         if verification is not None:
-            _, v = verification
-            section["verified_extractions"] = v.count
-            section["verified_matching"] = sum(label == "matching" for label in v.labels)
-            section["verified_template"] = sum(label == "template" for label in v.labels)
-            section["verification_unet_evals"] = v.unet_evals
+            labels = [v["label"] for v in verification.values()]
+            section["verified_extractions"] = sum(label != "none" for label in labels)
+            section["verified_matching"] = labels.count("matching")
+            section["verified_template"] = labels.count("template")
         else:
             section["verified_extractions"] = None
         self.history.append(section)
         return section
 
-    def _write(self, pl_module, results, captions, truth, verification, step, section):
-        labels = {}
-        if verification is not None:
-            top, v = verification
-            labels = {results[0].captions[i]: (lab, d) for i, lab, d in zip(top, v.labels, v.distances.tolist())}
+    def _record(self, scores, captions, truth, verification, step) -> None:
         for i, c in enumerate(captions):
             t = truth[c]
             row = {
-                "step": int(step),
-                "caption": c,
-                "split": "train" if t.trained else "heldout",
-                "n_images": t.n_images,
-                "copies": t.copies,
-                "duplicated": "" if t.duplicated is None else int(t.duplicated),
+                "step": int(step), "caption": c, "split": "train" if t.trained else "heldout", "n_images": t.n_images,
+                "copies": t.copies, "duplicated": "" if t.duplicated is None else int(t.duplicated),
             }
-            for r in results:
-                row[r.name] = float(r.scores[i])
-            lab = labels.get(c)
-            row["verified"] = lab[0] if lab else ""
-            row["verified_distance"] = f"{lab[1]:.5f}" if lab else ""
+            for name, column in zip(self.settings.detectors, scores):
+                row[name] = float(column[i])
+            v = (verification or {}).get(i)
+            row["verified"] = v["label"] if v else ""
+            row["verified_distance"] = f"{v['distance']:.5f}" if v else ""
             self.rows.append(row)
+
+    def _write(self, pl_module, section) -> None:
         run_dir = Path(pl_module.run_dir)
         fields = list(dict.fromkeys(key for row in self.rows for key in row))
         buffer = io.StringIO()
@@ -279,37 +284,28 @@ class ExtractionProbeCallback(Callback):
         write_text_atomic(run_dir / "extraction.csv", buffer.getvalue())
         update_summary(run_dir, "extraction", section)
 
-    def _log(self, trainer, results, captions, verification, train_canvases, section):
+    def _log(self, trainer, scores, captions, verification, train_canvases, train_ids, section, images):
         scalars = {}
-        for r in results:
+        for name in self.settings.detectors:
             for key in ("auc", "auc_trained_vs_heldout", "precision_at_k", "unet_evals_per_caption"):
-                value = section[r.name].get(key)
-                if value is not None:
-                    scalars[f"extraction/{r.name}/{key}"] = value
-        if section.get("verified_extractions") is not None:
-            scalars["extraction/verified_extractions"] = section["verified_extractions"]
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
-        wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
-        if not wandb_loggers:
-            return
-        import wandb
+                scalars[f"extraction/{name}/{key}"] = section[name].get(key)
+        scalars["extraction/verified_extractions"] = section.get("verified_extractions")
+        log_scalars(trainer, scalars)
 
-        run = wandb_loggers[0].experiment
-        payload = {f"extraction/{r.name}/scores": wandb.Histogram(r.scores.numpy()) for r in results}
-        if verification is not None:
-            top, v = verification
-            primary = results[0]
-            table = wandb.Table(columns=["rank", "caption", "score", "one_step", "generation", "nearest_training", "label", "distance"])
-            for rank, (i, label) in enumerate(zip(top, v.labels)):
-                one_step = primary.images[i] if primary.images is not None else None
-                table.add_data(
-                    rank, primary.captions[i], float(primary.scores[i]), _wandb_image(wandb, one_step),
-                    _wandb_image(wandb, v.images[rank]), _wandb_image(wandb, train_canvases[int(v.nearest[rank])]),
-                    label, float(v.distances[rank]),
-                )
-            payload["extraction/top_k"] = table
-        run.log(payload, step=trainer.global_step)
+        def payload(wandb):
+            out = {f"extraction/{name}/scores": wandb.Histogram(column.numpy()) for name, column in zip(self.settings.detectors, scores)}
+            if verification:
+                one_step = images.get(self.settings.detectors[0], {})
+                generated = getattr(self, "_verification_images", {})
+                table = wandb.Table(columns=["caption", "score", "one_step", "generation", "nearest_training", "label", "distance"])
+                for i, v in sorted(verification.items(), key=lambda kv: -float(scores[0][kv[0]])):
+                    table.add_data(captions[i], float(scores[0][i]), _wandb_image(wandb, one_step.get(i)),
+                                   _wandb_image(wandb, generated.get(i)), _wandb_image(wandb, train_canvases[v["nearest"]]),
+                                   v["label"], v["distance"])
+                out["extraction/top_k"] = table
+            return out
+
+        log_wandb(trainer, payload)
 
 
 def _wandb_image(wandb, image):
@@ -317,7 +313,3 @@ def _wandb_image(wandb, image):
         return None
     array = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
     return wandb.Image(array)
-
-
-def _nan_to_none(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else value

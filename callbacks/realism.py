@@ -11,8 +11,9 @@ of the predicted clean image (decoded through the frozen VAE for latent models, 
 stripped) for training timesteps in ``[t_min, t_max]``. The callback registers it when
 ``realism.loss.weight > 0``, and reports its cost.
 
-Settings come from the ``realism`` config section (defaults: ``DEFAULTS`` below, the same
-as in configs/default.yaml).
+Settings come from the ``realism`` config section (:class:`eidetic.schema.train.RealismSettings`).
+Under multi-process training each process generates and scores its share of the samples
+(noise seeded per sample) and the scores are gathered by torchmetrics.
 """
 
 from __future__ import annotations
@@ -22,40 +23,17 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from torchmetrics.aggregation import CatMetric
 
 from eidetic import irs
 from eidetic.borders import strip_border
-from eidetic.diffusion import generate, noise_to_eps
+from eidetic.diffusion import generate, item_generator, noise_to_eps, randn_per_item
 from eidetic.io import update_summary
 
-__all__ = ["RealismCallback", "RealismLoss", "DEFAULTS", "realism_settings"]
+from .loggers import log_scalars, log_wandb
 
-DEFAULTS = {
-    "enabled": False,
-    "every_n_steps": 500,  # 0: only at the end of training
-    "num_samples": 32,
-    "steps": 25,
-    "guidance": 3.0,
-    "sampler": "ddim",
-    "reference": "train",  # train | builtin | path/to/irs_reference.json
-    "max_real": 256,  # training interiors scored (and fitted on, for reference=train)
-    "loss": {"weight": 0.0, "t_min": 0, "t_max": 400},
-}
-
-
-def realism_settings(cfg: DictConfig) -> DictConfig:
-    """The ``realism`` section merged over the defaults (the section may be absent)."""
-    section = cfg.get("realism") if hasattr(cfg, "get") else None
-    merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), section or {})
-    if merged.loss.weight < 0:
-        raise ValueError(f"realism.loss.weight must be >= 0, got {merged.loss.weight}")
-    if not 0 <= merged.loss.t_min <= merged.loss.t_max:
-        raise ValueError(f"need 0 <= realism.loss.t_min <= realism.loss.t_max, got {merged.loss.t_min}, {merged.loss.t_max}")
-    if merged.num_samples < 1:
-        raise ValueError(f"realism.num_samples must be >= 1, got {merged.num_samples}")
-    return merged
-
+__all__ = ["RealismCallback", "RealismLoss"]
 
 class RealismLoss:
     """``weight * realism_loss(x0_pred)`` for samples with ``t_min <= t <= t_max``.
@@ -77,12 +55,10 @@ class RealismLoss:
         mask = (t >= self.t_min) & (t <= self.t_max)
         if not mask.any():
             return pred.new_zeros(())
-        a = module.alphas_cumprod[t[mask]].view(-1, 1, 1, 1).to(pred.dtype)
-        eps = noise_to_eps(pred[mask], x_t[mask], a.flatten(), module.scheduler.config.prediction_type)
-        x0 = (x_t[mask] - (1 - a).sqrt() * eps) / a.sqrt()
-        if module.vae is not None:
-            x0 = module.vae.decode(x0 / module.vae.config.scaling_factor).sample
-        images = strip_border(x0.float(), self.border)
+        model = module.diffusion_model(ema=False)
+        a = model.alphas_cumprod.to(pred.device)[t[mask]].to(pred.dtype)
+        eps = noise_to_eps(pred[mask], x_t[mask], a, model.prediction_type)
+        images = strip_border(model.decode_latents(model.predict_x0(x_t[mask], t[mask], eps)).float(), self.border)
         loss = self.weight * irs.realism_loss(images, self.reference) * mask.float().mean()
         self.last = float(loss.detach())
         self.seconds += time.perf_counter() - start
@@ -108,7 +84,7 @@ class RealismCallback(pl.Callback):
     @classmethod
     def from_config(cls, cfg: DictConfig, dm) -> "RealismCallback":
         train = [r for r in dm.records if r.split == "train"]
-        return cls(realism_settings(cfg), cfg.data.border, cfg.data.resolution, [r.id for r in train], [r.caption for r in train], cfg.seed)
+        return cls(cfg.realism, cfg.data.border, cfg.data.resolution, [r.id for r in train], [r.caption for r in train], cfg.seed)
 
     # ---- setup -------------------------------------------------------------------------
     def _real_interiors(self, pl_module) -> torch.Tensor:
@@ -151,21 +127,33 @@ class RealismCallback(pl.Callback):
 
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, pl_module) -> torch.Tensor:
-        n = int(self.s.num_samples)
-        captions = [self.captions[i % len(self.captions)] for i in range(n)]
+    def sample(self, pl_module, indices: list[int]) -> torch.Tensor:
+        """Interiors of the samples ``indices`` (each seeded by its index, captions cycled)."""
+        size = self.resolution + 2 * self.border
+        if not indices:
+            return torch.zeros(0, 3, self.resolution, self.resolution)
+        captions = [self.captions[i % len(self.captions)] for i in indices]
         model = pl_module.diffusion_model(ema=True)
         was_training = pl_module.training
         pl_module.eval()
-        g = torch.Generator().manual_seed(self.seed + 7919)
-        size = self.resolution + 2 * self.border
-        images = generate(model, captions, (size, size), steps=self.s.steps, guidance=self.s.guidance, generator=g, sampler=self.s.sampler)
-        pl_module.train(was_training)
+        try:
+            gens = [item_generator(self.seed + 7919, i) for i in indices]
+            noise = randn_per_item(gens, (model.latent_channels, size // model.downsample, size // model.downsample))
+            images = generate(model, captions, (size, size), steps=self.s.steps, guidance=self.s.guidance, generator=gens[0],
+                              sampler=self.s.sampler, noise=noise)
+        finally:
+            pl_module.train(was_training)
         return strip_border(images.float().cpu(), self.border)
 
     def evaluate(self, trainer, pl_module) -> dict:
         self._last_step = trainer.global_step
-        generated = irs.image_realism_score(self.sample(pl_module), self.reference)
+        rank, world = trainer.global_rank, max(1, trainer.world_size)
+        mine = list(range(int(self.s.num_samples)))[rank::world]
+        scores = irs.image_realism_score(self.sample(pl_module, mine), self.reference) if mine else torch.zeros(0)
+        gather = CatMetric(nan_strategy="disable").to(pl_module.device)
+        gather.update(torch.stack([torch.tensor(mine, dtype=torch.float64), scores.double()], dim=1).to(pl_module.device))
+        rows = gather.compute().reshape(-1, 2).cpu()
+        generated = rows[torch.argsort(rows[:, 0]), 1].float()
         thr = self.reference.threshold
         row = {
             "step": int(trainer.global_step),
@@ -182,17 +170,11 @@ class RealismCallback(pl.Callback):
         return row
 
     def _log(self, trainer, row: dict, generated: torch.Tensor) -> None:
-        scalars = {f"realism/{k}": v for k, v in row.items() if k != "step" and v is not None}
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=row["step"])
-            if type(logger).__name__ == "WandbLogger":
-                import wandb
-
-                logger.experiment.log({
-                    "realism/irs_generated_hist": wandb.Histogram(generated.numpy()),
-                    "realism/irs_real_hist": wandb.Histogram(self.real_scores.numpy()),
-                    "trainer/global_step": row["step"],
-                })
+        log_scalars(trainer, {f"realism/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+        log_wandb(trainer, lambda wandb: {
+            "realism/irs_generated_hist": wandb.Histogram(generated.numpy()),
+            "realism/irs_real_hist": wandb.Histogram(self.real_scores.numpy()),
+        }, step=row["step"])
 
     def _write_summary(self, pl_module, row: dict) -> None:
         run_dir = getattr(pl_module, "run_dir", None)

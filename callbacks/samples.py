@@ -11,6 +11,8 @@ from PIL import Image
 
 from eidetic.diffusion import generate
 
+from .loggers import log_image
+
 __all__ = ["SampleGridCallback", "save_grid"]
 
 
@@ -60,6 +62,4 @@ class SampleGridCallback(pl.Callback):
         pl_module.train(was_training)
         path = Path(pl_module.run_dir) / "samples" / f"step-{trainer.global_step:06d}.png"
         grid = save_grid(images, path)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[np.asarray(grid)], caption=[" | ".join(self.captions)], step=trainer.global_step)
+        log_image(trainer, "samples", [np.asarray(grid)], [" | ".join(self.captions)])

@@ -9,7 +9,9 @@ curves are comparable) is outpainted with the EMA weights and scored with
   splits, the AUCs, cost; a table of the most-memorized images and a grid),
 * ``solidmark.csv`` in the run directory (one row per image per evaluation),
 * the ``solidmark`` section of ``summary.json``,
-* ``trainer.callback_metrics`` (``solidmark/...``) so that controls can act on them.
+* a :class:`~callbacks.monitor.MonitorResult` (counts vs chance per δ for stop rules, and
+  the training images whose per-image test is significant under false-discovery control
+  at ``solidmark.flag_q``) that the memorization controls read.
 
 Under multi-process training each process outpaints its share of the sample (noise is
 seeded per image, so the split does not change the result) and the per-image scores are
@@ -21,74 +23,23 @@ from __future__ import annotations
 import csv
 import io
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torchmetrics import Metric
 
+from eidetic.config import build_section
 from eidetic.io import update_summary, write_text_atomic
-from eidetic.solidmark import (
-    DEFAULT_DELTAS,
-    SolidMarkMetric,
-    autoencoder_floor,
-    chance_probability,
-    check_deltas,
-    fixed_sample,
-    outpaint_border,
-)
+from eidetic.schema.train import SolidMarkSettings
+from eidetic.solidmark import SolidMarkMetric, autoencoder_floor, chance_probability, fixed_sample, outpaint_border
 
-__all__ = ["SolidMarkSettings", "SolidMarkCallback", "GeneratedCanvases"]
+from .loggers import log_image, log_scalars, log_wandb, to_uint8
+from .monitor import BudgetSignal, Monitor, MonitorResult
 
-
-@dataclass
-class SolidMarkSettings:
-    """The ``solidmark`` config section (see configs/default.yaml)."""
-
-    enabled: bool = True
-    every_n_steps: int = 400  # 0: no step schedule
-    every_n_epochs: int = 0  # 0: no epoch schedule
-    at_train_end: bool = True
-    train_sample: int | None = None  # trained images scored each time (None: all)
-    heldout_sample: int | None = None  # held-out images scored each time (None: all)
-    sample_seed: int = 0  # which images form the fixed sample
-    ema: bool = True
-    steps: int = 25
-    guidance: float = 1.0  # see configs/default.yaml: CFG 3 loses keys on the exact denoiser and doubles the cost
-    sampler: str = "ddpm"
-    reencode_every: int = 5
-    samples_per_image: int = 1
-    batch_size: int = 64
-    seed: int = 0  # outpainting noise (the same at every evaluation)
-    deltas: list = field(default_factory=lambda: list(DEFAULT_DELTAS))
-    table_rows: int = 16
-    log_images: bool = True
-
-    def __post_init__(self) -> None:
-        self.deltas = list(check_deltas(list(self.deltas)))
-        for name in ("every_n_steps", "every_n_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"solidmark.{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
-        for name in ("train_sample", "heldout_sample"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"solidmark.{name} must be >= 0 or null (all), got {value}")
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"solidmark.sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
-
-    @classmethod
-    def from_config(cls, section: Any) -> "SolidMarkSettings":
-        from omegaconf import OmegaConf
-
-        values = OmegaConf.to_container(section, resolve=True) if not isinstance(section, dict) else dict(section)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown solidmark settings {unknown}; valid: {sorted(known)}")
-        return cls(**values)
+__all__ = ["SolidMarkCallback", "GeneratedCanvases"]
 
 
 class GeneratedCanvases(Metric):
@@ -115,9 +66,14 @@ def _delta_name(delta: float) -> str:
     return f"{delta:g}"
 
 
-class SolidMarkCallback(pl.Callback):
-    def __init__(self, settings: SolidMarkSettings | None = None, **overrides):
-        self.settings = settings or SolidMarkSettings(**overrides)
+class SolidMarkCallback(Monitor):
+    """The SolidMark monitor; ``settings`` is the ``solidmark`` config section (or keywords of it)."""
+
+    source = "solidmark"
+
+    def __init__(self, settings=None, **overrides):
+        super().__init__()
+        self.settings: SolidMarkSettings = build_section(SolidMarkSettings, settings, **overrides)
         self._last_step = -1
         self._sample: list[int] | None = None  # record indices: trained sample, then held-out
         self.history: list[dict] = []
@@ -125,10 +81,6 @@ class SolidMarkCallback(pl.Callback):
         self.total_seconds = 0.0
         self.floor: dict | None = None
         self.last_result: dict | None = None
-
-    @classmethod
-    def from_config(cls, cfg) -> "SolidMarkCallback":
-        return cls(SolidMarkSettings.from_config(cfg.solidmark))
 
     # ---- checkpointed state: a resumed run continues the same curves and cost totals ----
     @property
@@ -220,7 +172,7 @@ class SolidMarkCallback(pl.Callback):
             pl_module.train(was_training)
 
         device = pl_module.device
-        metric = SolidMarkMetric(deltas=s.deltas).to(device)
+        metric = SolidMarkMetric(deltas=s.deltas, flag_q=s.flag_q).to(device)
         images = GeneratedCanvases().to(device)
         metric.update(
             out.border_key,
@@ -238,7 +190,7 @@ class SolidMarkCallback(pl.Callback):
         self.total_seconds += seconds
         result.update(unet_evals=int(evals.item()), seconds=seconds, step=trainer.global_step, epoch=trainer.current_epoch)
         self.last_result = result
-        self._publish(trainer, result)
+        self.publish(self._monitor_result(result, records))
         if trainer.is_global_zero:
             self._write(trainer, pl_module, result, generated)
         return result
@@ -259,9 +211,12 @@ class SolidMarkCallback(pl.Callback):
         flat["solidmark/seconds"] = float(result["seconds"])
         return flat
 
-    def _publish(self, trainer, result: dict) -> None:
-        for name, value in self._flat_metrics(result).items():
-            trainer.callback_metrics[name] = torch.tensor(value)
+    def _monitor_result(self, result: dict, records) -> MonitorResult:
+        trained = result["trained"]
+        budget = {d: BudgetSignal(trained["eidetic"][d], trained["chance"][d], trained["p_value"][d]) for d in self.settings.deltas}
+        rows = result["per_image"]
+        flagged = [records[int(i)].id for i, f, t in zip(rows["index"].tolist(), rows["flagged"].tolist(), rows["trained"].tolist()) if f and t > 0.5]
+        return MonitorResult(source=self.source, step=result["step"], flagged=frozenset(flagged), budget=budget)
 
     def _summary(self, result: dict) -> dict:
         def by_delta(values: dict) -> dict:
@@ -275,6 +230,8 @@ class SolidMarkCallback(pl.Callback):
             "p_value": by_delta(result["trained"]["p_value"]),
             "auc_heldout": result["auc_heldout"],
             "auc_duplicated": result["auc_duplicated"],
+            "flagged": result["trained"]["flagged"],
+            "heldout_flagged": result["heldout"]["flagged"],
         }
         self.history.append(entry)
         return {
@@ -284,13 +241,14 @@ class SolidMarkCallback(pl.Callback):
             "n_heldout": result["n_heldout"],
             "mean_loss": result["trained"]["mean_loss"],
             "heldout_mean_loss": result["heldout"]["mean_loss"],
+            "flag_q": result["flag_q"],
             "autoencoder_floor": self.floor,
             "unet_evals": self.total_unet_evals,
             "seconds": round(self.total_seconds, 3),
             "evaluations": len(self.history),
             "last_evaluation": {"unet_evals": result["unet_evals"], "seconds": round(result["seconds"], 3)},
             "history": self.history,
-            "settings": asdict(self.settings),
+            "settings": OmegaConf.to_container(OmegaConf.structured(self.settings)),
         }
 
     def _write(self, trainer, pl_module, result: dict, generated: dict[int, torch.Tensor]) -> None:
@@ -299,7 +257,7 @@ class SolidMarkCallback(pl.Callback):
         rows = result["per_image"]
         deltas = self.settings.deltas
         path = run_dir / "solidmark.csv"
-        header = (["step", "epoch", "id", "split", "copies", "key", "pred_key", "loss"]
+        header = (["step", "epoch", "id", "split", "copies", "key", "pred_key", "loss", "p_value", "flagged"]
                   + [f"chance@{_delta_name(d)}" for d in deltas] + [f"memorized@{_delta_name(d)}" for d in deltas] + ["caption"])
         kept: list[list[str]] = []
         if path.exists():
@@ -316,7 +274,8 @@ class SolidMarkCallback(pl.Callback):
             pred, loss = float(rows["pred_keys"][j]), float(rows["loss"][j])
             chance = [float(chance_probability(torch.tensor([pred]), d)[0]) for d in deltas]
             writer.writerow(
-                [result["step"], result["epoch"], r.id, r.split, r.copies, f"{r.key:.6f}", f"{pred:.6f}", f"{loss:.6f}"]
+                [result["step"], result["epoch"], r.id, r.split, r.copies, f"{r.key:.6f}", f"{pred:.6f}", f"{loss:.6f}",
+                 f"{float(rows['p_value'][j]):.6g}", int(rows["flagged"][j])]
                 + [f"{c:.6f}" for c in chance] + [int(loss < d) for d in deltas] + [r.caption]
             )
         write_text_atomic(path, buffer.getvalue())
@@ -324,8 +283,7 @@ class SolidMarkCallback(pl.Callback):
 
         step = result["step"]
         flat = self._flat_metrics(result)
-        for logger in trainer.loggers:
-            logger.log_metrics(flat, step=step)
+        log_scalars(trainer, flat, step=step)
         if self.settings.log_images and generated:
             self._log_images(trainer, run_dir, result, generated)
 
@@ -342,28 +300,16 @@ class SolidMarkCallback(pl.Callback):
         truth = trainer.datamodule.canvases([records[i].id for i in top])
         pairs = torch.stack([torch.stack([truth[k], generated[i]]) for k, i in enumerate(top)]).flatten(0, 1)
         grid = save_grid(pairs, run_dir / "solidmark" / f"step-{result['step']:06d}.png", nrow=8)
+        log_image(trainer, "solidmark/most_memorized_grid", [np.asarray(grid)],
+                  ["pairs: training canvas | outpainted border (most memorized first)"], step=result["step"])
 
-        def to_uint8(x: torch.Tensor) -> np.ndarray:
-            return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        def table(wandb):
+            columns = ["id", "image", "generated", "key", "predicted", "loss", "p_value", "copies", "caption"]
+            data = []
+            for k, (j, i) in enumerate(zip(order, top)):
+                r = records[i]
+                data.append([r.id, wandb.Image(to_uint8(truth[k])), wandb.Image(to_uint8(generated[i])), r.key,
+                             float(rows["pred_keys"][j]), float(rows["loss"][j]), float(rows["p_value"][j]), r.copies, r.caption])
+            return {"solidmark/most_memorized": wandb.Table(columns=columns, data=data)}
 
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(
-                    key="solidmark/most_memorized_grid", images=[np.asarray(grid)],
-                    caption=["pairs: training canvas | outpainted border (most memorized first)"], step=result["step"],
-                )
-            if type(logger).__name__ == "WandbLogger":
-                import wandb
-
-                data = []
-                for k, (j, i) in enumerate(zip(order, top)):
-                    r = records[i]
-                    data.append([
-                        r.id, wandb.Image(to_uint8(truth[k])), wandb.Image(to_uint8(generated[i])), r.key,
-                        float(rows["pred_keys"][j]), float(rows["loss"][j]), r.copies, r.caption,
-                    ])
-                logger.log_table(
-                    key="solidmark/most_memorized",
-                    columns=["id", "image", "generated", "key", "predicted", "loss", "copies", "caption"],
-                    data=data, step=result["step"],
-                )
+        log_wandb(trainer, table, step=result["step"])

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["DiffusionModel", "generate", "noise_to_eps"]
+__all__ = ["DiffusionModel", "generate", "noise_to_eps", "item_generator", "randn_per_item"]
 
 
 def noise_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -31,6 +31,22 @@ def noise_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tenso
     if prediction_type == "sample":
         return (x_t - a.sqrt() * output) / (1 - a).sqrt()
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def item_generator(seed: int, *ids: int) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, ids): noise seeded per item (image,
+    caption, sample) does not depend on batch size, order or how items are split across
+    processes."""
+    import numpy as np
+
+    words = [int(seed) & 0xFFFFFFFF, *[int(i) & 0xFFFFFFFF for i in ids]]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def randn_per_item(generators: Sequence[torch.Generator], shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """One standard-normal draw of ``shape`` per generator, stacked (drawn on the CPU)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 @dataclass
@@ -138,11 +154,13 @@ class DiffusionModel:
         return out.float() if sample.dtype == torch.float32 else out
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod.to(x0.device)[timesteps.long()].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        """The forward process q(x_t | x0) at ``timesteps``: the training scheduler's own ``add_noise``."""
+        return self.scheduler.add_noise(x0, noise, torch.as_tensor(timesteps).long().reshape(-1))
 
     def predict_x0(self, x_t: torch.Tensor, timesteps: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod.to(x_t.device)[timesteps.long()].view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+        """The clean-image estimate (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (DDPM eq. 15)."""
+        t = torch.as_tensor(timesteps, device=x_t.device).long().reshape(-1)
+        a = self.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
 
@@ -157,11 +175,13 @@ def generate(
     sampler: str = "ddim",
     step_hook: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     decode: bool = True,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample images (B, 3, H, W) in [-1, 1] for ``captions``.
 
     ``shape`` is the image size (H, W) in pixels. ``sampler`` is ``"ddim"`` (deterministic
-    given the initial noise) or ``"ddpm"`` (ancestral). ``step_hook(x, t_next, i)`` may
+    given the initial noise) or ``"ddpm"`` (ancestral). ``noise`` (B, C, h, w), if given, is
+    the initial noise (else drawn from ``generator``). ``step_hook(x, t_next, i)`` may
     rewrite the working tensor after every step (inpainting-style replacement).
     """
     from diffusers import DDIMScheduler, DDPMScheduler
@@ -180,7 +200,9 @@ def generate(
     cond = model.encode_prompt(list(captions))
     uncond = model.encode_prompt([""]) if guidance != 1.0 else None
     # noise is drawn on the CPU so a seed gives the same images on every device
-    x = torch.randn((len(captions), model.latent_channels, h // f, w // f), generator=generator).to(device)
+    if noise is None:
+        noise = torch.randn((len(captions), model.latent_channels, h // f, w // f), generator=generator)
+    x = noise.to(device)
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):

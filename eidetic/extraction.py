@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from eidetic.diffusion import DiffusionModel, generate
+from eidetic.diffusion import DiffusionModel, generate, item_generator, randn_per_item
 
 __all__ = [
     "ProbeResult",
@@ -53,8 +53,8 @@ __all__ = [
     "largest_clique_size",
     "clique_detector",
     "verify_extractions",
-    "auc",
     "precision_at_k",
+    "DETECTORS",
 ]
 
 
@@ -115,6 +115,14 @@ def _noise(model: DiffusionModel, n: int, shape: tuple[int, int], seed: int) -> 
     same noise on every device."""
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn((n, *_latent_shape(model, shape)), generator=generator).to(model.device)
+
+
+def _noise_ids(noise_ids: Sequence[int] | None, n: int) -> list[int]:
+    """A stable integer per caption that seeds its generations (default: its position)."""
+    ids = list(range(n)) if noise_ids is None else [int(i) for i in noise_ids]
+    if len(ids) != n:
+        raise ValueError(f"got {len(ids)} noise_ids for {n} captions")
+    return ids
 
 
 def _chunks(n: int, size: int):
@@ -354,6 +362,7 @@ def noise_prediction_norm(
     seeds: int = 1,
     seed: int = 0,
     batch_size: int = 64,
+    return_images: bool = False,
 ) -> ProbeResult:
     """Wen et al.'s detector: ``mean_t ||eps(x_t, c) - eps(x_t, empty)||_2``.
 
@@ -476,6 +485,7 @@ def clique_detector(
     seed: int = 0,
     batch_size: int = 64,
     return_images: bool = False,
+    noise_ids: Sequence[int] | None = None,
 ) -> ProbeResult:
     """Carlini et al.'s extraction attack: many generations, look for a near-identical clique.
 
@@ -491,13 +501,15 @@ def clique_detector(
     min_clique = _check_positive("min_clique", min_clique)
     batch_size = _check_positive("batch_size", batch_size)
     start = model.unet_evals
-    generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    noise_ids = _noise_ids(noise_ids, len(captions))
     per_batch = max(1, batch_size // generations)
     sizes, images = [], []
     for part in _chunks(len(captions), per_batch):
         chunk = captions[part]
         repeated = [c for c in chunk for _ in range(generations)]
-        out = generate(model, repeated, shape=shape, steps=steps, guidance=guidance, generator=generator, sampler=sampler)
+        gens = [item_generator(seed, i, g) for i in noise_ids[part] for g in range(generations)]
+        out = generate(model, repeated, shape=shape, steps=steps, guidance=guidance, generator=gens[0], sampler=sampler,
+                       noise=randn_per_item(gens, _latent_shape(model, shape)))
         out = out.float().view(len(chunk), generations, *out.shape[1:])
         for group in out:
             linked = tiled_rms_distance(group, group, tiles) < threshold
@@ -570,6 +582,7 @@ def verify_extractions(
     mask: torch.Tensor | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    noise_ids: Sequence[int] | None = None,
 ) -> Verification:
     """Generate ``generations`` images per caption and find the nearest training image.
 
@@ -594,13 +607,15 @@ def verify_extractions(
         if not keep.any():
             raise ValueError("the mask covers every pixel; nothing is left to compare")
     start = model.unet_evals
-    generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    noise_ids = _noise_ids(noise_ids, len(captions))
     per_batch = max(1, batch_size // generations)
     labels, nearest, dists, masked, own, best_images = [], [], [], [], [], []
     for part in _chunks(len(captions), per_batch):
         chunk = captions[part]
         repeated = [c for c in chunk for _ in range(generations)]
-        out = generate(model, repeated, shape=shape, steps=steps, guidance=guidance, generator=generator, sampler=sampler)
+        gens = [item_generator(seed, i, g) for i in noise_ids[part] for g in range(generations)]
+        out = generate(model, repeated, shape=shape, steps=steps, guidance=guidance, generator=gens[0], sampler=sampler,
+                       noise=randn_per_item(gens, _latent_shape(model, shape)))
         out = out.float().to(train_images.device)
         full = _rms_to_all(out, train_images, None).view(len(chunk), generations, -1)
         part_d = _rms_to_all(out, train_images, keep).view(len(chunk), generations, -1) if keep is not None else None
@@ -635,22 +650,6 @@ def verify_extractions(
 # ---- summary statistics -----------------------------------------------------------------
 
 
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (ties count half).
-
-    NaN when one class is absent (an AUC needs both).
-    """
-    from torchmetrics.functional.classification import binary_auroc
-
-    scores = torch.as_tensor(scores).float().flatten()
-    labels = torch.as_tensor(labels).long().flatten()
-    if scores.shape != labels.shape:
-        raise ValueError(f"got {scores.numel()} scores for {labels.numel()} labels")
-    if labels.min() == labels.max():
-        return float("nan")
-    return float(binary_auroc(scores, labels))
-
-
 def precision_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of positives among the ``k`` highest-scoring items (k is capped at N)."""
     scores = torch.as_tensor(scores).float().flatten()
@@ -660,3 +659,14 @@ def precision_at_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     k = min(_check_positive("k", k), scores.numel())
     top = torch.topk(scores, k).indices
     return float(labels[top].float().mean())
+
+
+# ---- the registry ---------------------------------------------------------------------------
+# Every detector has one signature, ``fn(model, captions, shape, *, seed, batch_size,
+# return_images, **options) -> ProbeResult``; callers look detectors up by name.
+DETECTORS = {
+    "denoising_confidence": denoising_confidence,
+    "edge_consistency": edge_consistency,
+    "noise_prediction_norm": noise_prediction_norm,
+    "clique": clique_detector,
+}

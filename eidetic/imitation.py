@@ -37,9 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eidetic.errors import InputError
+from eidetic.images import decode_image
+from eidetic.photos import ALIASES, PHOTOS, load_photo
+
 __all__ = [
     "ImitationError",
-    "SKIMAGE_PHOTOS",
     "BUILTIN_TEACHERS",
     "Teacher",
     "build_teacher",
@@ -68,60 +71,30 @@ __all__ = [
 ]
 
 
-class ImitationError(ValueError):
+class ImitationError(InputError):
     """Input the imitation audit cannot use: says what was wrong and how to fix it."""
-
-
-# Photographs bundled with scikit-image (no download needed). ``cat`` is omitted: it is the
-# same picture as ``chelsea``. Grayscale ones are replicated to three channels.
-SKIMAGE_PHOTOS: tuple[str, ...] = (
-    "astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "moon",
-    "brick", "grass", "gravel", "clock", "immunohistochemistry",
-)
-_SKIMAGE_ALIASES = {"cat": "chelsea"}
 
 
 # ---------------------------------------------------------------------------------------
 # images
 # ---------------------------------------------------------------------------------------
-def _as_rgb_float(arr: np.ndarray, source: str) -> np.ndarray:
-    from skimage.util import img_as_float32
-
-    arr = np.asarray(arr)
-    if arr.dtype == bool:
-        arr = arr.astype(np.float32)
-    arr = img_as_float32(arr)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    elif arr.ndim == 3 and arr.shape[-1] == 4:
-        arr = arr[..., :3]  # alpha is not part of what an image-to-image model maps
-    elif arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ImitationError(f"{source}: expected a grayscale, RGB or RGBA image, got array of shape {arr.shape}")
-    return np.ascontiguousarray(np.clip(arr, 0.0, 1.0), dtype=np.float32)
-
-
 def load_image(spec: str | Path) -> np.ndarray:
-    """A scikit-image photograph by name (``astronaut``) or an image file → ``(H, W, 3)`` in [0, 1]."""
+    """A built-in photograph by name (``astronaut``, see :mod:`eidetic.photos`) or an image file
+    (decoded by :func:`eidetic.images.decode_image`) -> ``(H, W, 3)`` float32 in [0, 1]."""
     spec = str(spec)
-    name = _SKIMAGE_ALIASES.get(spec, spec)
     path = Path(spec)
     if path.suffix and path.is_file():
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return _as_rgb_float(np.asarray(im.convert("RGBA" if "A" in im.getbands() else "RGB")), str(path))
-    if not path.suffix:
-        import skimage.data
-
-        loader = getattr(skimage.data, name, None)
-        if callable(loader) and name in SKIMAGE_PHOTOS:
-            return _as_rgb_float(loader(), f"skimage.data.{name}")
-    raise ImitationError(
-        f"cannot load image {spec!r}: give an existing image file path or one of the scikit-image "
-        f"photographs {', '.join(SKIMAGE_PHOTOS)}"
-    )
+        try:
+            arr = decode_image(path)
+        except Exception as exc:
+            raise ImitationError(f"cannot read image {spec}: {type(exc).__name__}: {exc}") from exc
+    elif not path.suffix and (spec in PHOTOS or spec in ALIASES):
+        arr = load_photo(spec)
+    else:
+        raise ImitationError(
+            f"cannot load image {spec!r}: give an existing image file path or one of the built-in photographs {', '.join(PHOTOS)}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32) / 255.0
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

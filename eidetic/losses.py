@@ -1,29 +1,23 @@
-"""Diffusion training-loss pieces shared by every training path."""
+"""Diffusion training-loss pieces shared by every training path (over the diffusers scheduler)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["snr", "min_snr_weights", "offset_noise", "diffusion_target"]
+__all__ = ["min_snr_weights", "offset_noise", "diffusion_target"]
 
 
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    a = alphas_cumprod.to(timesteps.device)[timesteps.long()].float()
-    return a / (1 - a)
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023), as diffusers' training scripts
+    compute them: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v prediction."""
+    from diffusers.training_utils import compute_snr
 
-
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023).
-
-    For epsilon prediction the weight is min(SNR, gamma) / SNR; for v prediction it is
-    min(SNR, gamma) / (SNR + 1), as in diffusers' training scripts.
-    """
-    s = snr(alphas_cumprod, timesteps)
-    clipped = torch.minimum(s, torch.full_like(s, float(gamma)))
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, float(gamma)))
     if prediction_type == "v_prediction":
-        return clipped / (s + 1)
+        return clipped / (snr + 1)
     if prediction_type == "epsilon":
-        return clipped / s
+        return clipped / snr
     if prediction_type == "sample":
         return clipped
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
@@ -37,12 +31,13 @@ def offset_noise(shape, offset: float, generator: torch.Generator | None, device
     return noise
 
 
-def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the network is trained to predict under the scheduler's ``prediction_type``."""
+    prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         return noise
-    a = alphas_cumprod.to(x0.device)[timesteps.long()].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
     if prediction_type == "v_prediction":
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
+        return scheduler.get_velocity(x0, noise, timesteps)
     if prediction_type == "sample":
         return x0
     raise ValueError(f"unknown prediction_type {prediction_type!r}")

@@ -64,7 +64,6 @@ __all__ = [
     "image_similarity",
     "latent_distance",
     "evaluate_semantic_loss",
-    "load_pipeline_model",
 ]
 
 OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
@@ -404,27 +403,3 @@ def latent_distance(model: DiffusionModel, a: torch.Tensor, b: torch.Tensor) -> 
     za = model.encode_images(_pad_to_multiple(a.to(device), model.downsample))
     zb = model.encode_images(_pad_to_multiple(b.to(device), model.downsample))
     return _per_image_mean((za.float() - zb.float()) ** 2).cpu()
-
-
-# ---- loading a local diffusers pipeline ---------------------------------------------
-def load_pipeline_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    """A :class:`DiffusionModel` from a local diffusers Stable Diffusion-style directory.
-
-    The directory needs the sub-folders vae/, unet/, text_encoder/, tokenizer/ and
-    scheduler/ (what ``StableDiffusionPipeline.save_pretrained`` writes). Nothing is
-    downloaded. All weights are frozen; the scheduler becomes a DDPMScheduler with the same
-    noise schedule and prediction type (see :func:`eidetic.pipelines.load_components`).
-    """
-    from eidetic.pipelines import PIPELINE_COMPONENTS, frozen_diffusion_model, load_components
-
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"model directory not found: {root} (give a local diffusers pipeline directory)")
-    missing = [c for c in PIPELINE_COMPONENTS if not (root / c).is_dir()]
-    if missing:
-        hint = " Protection attacks the autoencoder of a latent diffusion model; pixel-space models are not supported." if "vae" in missing else ""
-        raise FileNotFoundError(
-            f"{root} is not a Stable Diffusion-style diffusers directory: missing {', '.join(m + '/' for m in missing)} "
-            f"(expected {', '.join(c + '/' for c in PIPELINE_COMPONENTS)}, as written by StableDiffusionPipeline.save_pretrained).{hint}"
-        )
-    return frozen_diffusion_model(load_components(root, dtype=dtype), device=device)

@@ -49,10 +49,10 @@ from typing import Sequence
 import numpy as np
 import torch
 from torchmetrics import Metric
-from torchmetrics.classification import BinaryAUROC
 
 from .borders import border_key, border_mask
-from .diffusion import DiffusionModel
+from .diffusion import DiffusionModel, item_generator, randn_per_item
+from .stats import benjamini_hochberg, poisson_binomial_sf, rank_auc
 
 __all__ = [
     "DEFAULT_DELTAS",
@@ -64,7 +64,7 @@ __all__ = [
     "eidetic_counts",
     "chance_probability",
     "chance_count",
-    "poisson_binomial_sf",
+    "per_image_p_values",
     "binomial_p_value",
     "fixed_sample",
     "SolidMarkMetric",
@@ -104,15 +104,6 @@ def _model_canvas_size(model: DiffusionModel) -> tuple[int, int] | None:
     else:
         h = w = int(size)
     return h * model.downsample, w * model.downsample
-
-
-def _item_seed(seed: int, noise_id: int, sample: int) -> int:
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(noise_id) & 0xFFFFFFFF, int(sample)]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
-
-
-def _randn_per_item(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 @torch.no_grad()
@@ -211,16 +202,16 @@ def outpaint_border(
     for start in range(0, len(items), int(batch_size)):
         chunk = items[start : start + int(batch_size)]
         idx = torch.tensor([i for i, _ in chunk])
-        gens = [torch.Generator().manual_seed(_item_seed(seed, noise_ids[i], s)) for i, s in chunk]
+        gens = [item_generator(seed, noise_ids[i], s) for i, s in chunk]
         known = known_all[idx.to(device)]
         cond = model.encode_prompt([captions[i] for i, _ in chunk])
         b = len(chunk)
         step_kwargs = {"generator": gens} if sampler == "ddpm" else {"eta": 0.0}
 
-        x = _randn_per_item(gens, work_shape, device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+        x = randn_per_item(gens, work_shape, device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
         if not model.is_latent:
             t0 = torch.full((b,), timesteps[0], device=device)
-            x = torch.where(interior, model.add_noise(known, _randn_per_item(gens, work_shape, device), t0), x)
+            x = torch.where(interior, model.add_noise(known, randn_per_item(gens, work_shape, device), t0), x)
 
         for i, t in enumerate(timesteps):
             t_batch = torch.full((b,), t, device=device, dtype=torch.long)
@@ -242,7 +233,7 @@ def outpaint_border(
                     x = torch.where(interior, known, x)
                 else:
                     t_next = torch.full((b,), timesteps[i + 1], device=device)
-                    noised = model.add_noise(known, _randn_per_item(gens, work_shape, device), t_next)
+                    noised = model.add_noise(known, randn_per_item(gens, work_shape, device), t_next)
                     x = torch.where(interior, noised, x)
 
         if model.is_latent:
@@ -326,24 +317,19 @@ def chance_probability(pred_keys, delta: float) -> torch.Tensor:
     return ((pred + delta).clamp(max=1.0) - (pred - delta).clamp(min=0.0)).clamp(min=0.0)
 
 
+def per_image_p_values(pred_keys, keys) -> torch.Tensor:
+    """Per-image p-value of "this prediction ignores the key": P(ℓ' <= ℓ) for an independent
+    key k' ~ U[0, 1), i.e. the chance probability at the image's own ℓ. Exactly uniform under
+    the null, whatever the prediction, so it can be thresholded with false-discovery control
+    across images (:func:`eidetic.stats.benjamini_hochberg`)."""
+    pred = _as_key_scale(pred_keys, "predicted keys")
+    loss = eidetic_scores(pred, keys)
+    return ((pred + loss).clamp(max=1.0) - (pred - loss).clamp(min=0.0)).clamp(min=0.0)
+
+
 def chance_count(pred_keys, delta: float) -> float:
     """Expected number of (ℓ < δ) hits if every prediction were independent of its key."""
     return float(chance_probability(pred_keys, delta).sum())
-
-
-def poisson_binomial_sf(observed: int, probabilities) -> float:
-    """Exact P(X ≥ observed) for X a sum of independent Bernoulli(p_i)."""
-    p = np.asarray(torch.as_tensor(probabilities, dtype=torch.float64).reshape(-1).cpu().numpy(), dtype=np.float64)
-    if observed <= 0:
-        return 1.0
-    if observed > p.size:
-        return 0.0
-    dist = np.zeros(p.size + 1)
-    dist[0] = 1.0
-    for k, pk in enumerate(p, start=1):
-        dist[1 : k + 1] = dist[1 : k + 1] * (1 - pk) + dist[0:k] * pk
-        dist[0] *= 1 - pk
-    return float(min(1.0, max(0.0, dist[observed:].sum())))
 
 
 def binomial_p_value(pred_keys, keys, delta: float) -> float:
@@ -365,14 +351,6 @@ def fixed_sample(total: int, size: int | None, seed: int = 0) -> list[int]:
     return sorted(int(i) for i in perm[: int(size)])
 
 
-def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
-    if labels.numel() == 0 or labels.all() or not labels.any():
-        return None
-    metric = BinaryAUROC()
-    metric.update(scores.float(), labels.long())
-    return float(metric.compute())
-
-
 # ---------------------------------------------------------------------------------------
 # aggregation across processes
 # ---------------------------------------------------------------------------------------
@@ -384,16 +362,19 @@ class SolidMarkMetric(Metric):
     the training set, and a stable integer index (for per-image tables). ``compute()``
     returns eidetic counts, chance counts and p-values per δ for both splits, the AUCs
     (score −ℓ) of trained vs held-out and of duplicated vs single trained images, and the
-    gathered per-image tensors sorted by index.
+    gathered per-image tensors sorted by index, with each image's p-value
+    (:func:`per_image_p_values`) and whether Benjamini-Hochberg at ``flag_q`` flags it
+    (within its split).
     """
 
     full_state_update = False
     higher_is_better = None
     is_differentiable = False
 
-    def __init__(self, deltas=DEFAULT_DELTAS, **kwargs):
+    def __init__(self, deltas=DEFAULT_DELTAS, flag_q: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.deltas = check_deltas(deltas)
+        self.flag_q = float(flag_q)
         for name in ("pred_keys", "keys", "trained", "copies", "index"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -437,8 +418,16 @@ class SolidMarkMetric(Metric):
                 "mean_loss": float(lo.mean()) if lo.numel() else None,
                 "median_loss": float(lo.median()) if lo.numel() else None,
             }
-        result["auc_heldout"] = _auroc(-loss, trained)
+        result["auc_heldout"] = rank_auc(-loss, trained)
         dup = rows["copies"][trained] > 1.5
-        result["auc_duplicated"] = _auroc(-loss[trained], dup)
-        result["per_image"] = {**rows, "loss": loss}
+        result["auc_duplicated"] = rank_auc(-loss[trained], dup)
+        p_values = per_image_p_values(rows["pred_keys"], rows["keys"])
+        flagged = torch.zeros_like(trained)
+        for mask in (trained, ~trained):
+            if mask.any():
+                flagged[mask] = torch.from_numpy(benjamini_hochberg(p_values[mask].numpy(), self.flag_q))
+        result["trained"]["flagged"] = int(flagged[trained].sum())
+        result["heldout"]["flagged"] = int(flagged[~trained].sum())
+        result["flag_q"] = self.flag_q
+        result["per_image"] = {**rows, "loss": loss, "p_value": p_values, "flagged": flagged}
         return result

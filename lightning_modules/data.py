@@ -9,12 +9,13 @@ Bad input never yields a bare traceback or a silently shorter dataset:
 - files without an image extension (and metadata.jsonl) are ignored, listed in a warning;
 - unreadable image files (corrupt, truncated, zero-byte) are an error listing every one of
   them (``data.bad_files=skip`` turns it into a warning that lists them);
-- grayscale, palette and RGBA images are converted to RGB (alpha composited on white);
-  16-bit images are scaled to 8 bits;
+- images are decoded by :func:`eidetic.images.decode_image` (EXIF orientation applied,
+  transparency composited on white, 16-bit scaled to 8 bits, grayscale/palette to RGB);
 - images smaller than ``data.resolution`` follow ``data.small_images``: error (default),
   upscale, or skip (warning lists them);
 - captions in metadata.jsonl for files that do not exist are listed in a warning;
-- an empty folder, or a folder that does not exist, is an error.
+- an empty folder, or a folder that does not exist, is an error;
+- all problems of a folder are reported together, so one round of fixes is enough.
 """
 
 from __future__ import annotations
@@ -30,43 +31,19 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from eidetic.borders import add_border, make_keys
-from eidetic.imagefolder import read_captions
+from eidetic.errors import DataError
+from eidetic.images import IMAGE_EXTENSIONS, decode_image, fit_to_resolution, image_files, read_captions
 from eidetic.io import write_jsonl_atomic
+from eidetic.photos import PHOTOS, load_photo
 
-__all__ = ["DataError", "Record", "SolidMarkDataModule", "load_folder", "load_builtin", "BUILTIN_PHOTOS"]
+__all__ = ["DataError", "Record", "SolidMarkDataModule", "load_folder", "load_builtin"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-# Photographs shipped inside scikit-image (no download): name -> caption subject.
-BUILTIN_PHOTOS = {
-    "astronaut": "an astronaut",
-    "coffee": "a cup of coffee",
-    "chelsea": "a tabby cat",
-    "rocket": "a rocket on its launch pad",
-    "camera": "a cameraman",
-    "coins": "old coins",
-    "moon": "the moon surface",
-    "hubble_deep_field": "deep space galaxies",
-    "immunohistochemistry": "stained tissue",
-    "stereo_motorcycle": "a motorcycle",
-    "brick": "a brick wall",
-    "grass": "grass",
-    "gravel": "gravel",
-    "clock": "a clock",
-    "retina": "a retina",
-    "cell": "a cell under a microscope",
-}
 _STYLES = ["a photo of", "a close-up of", "a picture of", "a crop of", "a detail of"]
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as it is: says which files and how to fix it."""
 
 
 @dataclass
@@ -85,49 +62,26 @@ def _listing(paths: Sequence, limit: int = 20) -> str:
     return "\n    " + "\n    ".join(names[:limit]) + more
 
 
-def to_rgb_uint8(image: Image.Image) -> np.ndarray:
-    """Any PIL image -> (H, W, 3) uint8. 16-bit is scaled, alpha is composited on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
-    if image.mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
-        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
-        return np.repeat((arr * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
-    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def fit_to_resolution(arr: np.ndarray, resolution: int) -> np.ndarray:
-    """Resize the shorter side to ``resolution`` (Lanczos) and centre-crop a square."""
-    h, w = arr.shape[:2]
-    scale = resolution / min(h, w)
-    image = Image.fromarray(arr)
-    if scale != 1:
-        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.LANCZOS)
-    w2, h2 = image.size
-    left, top = (w2 - resolution) // 2, (h2 - resolution) // 2
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)))
-
-
 def load_folder(folder: str | Path, resolution: int, small_images: str = "error", bad_files: str = "error") -> tuple[list[Record], np.ndarray]:
-    """Images of ``folder`` (with optional HF-imagefolder ``metadata.jsonl``) at ``resolution``."""
+    """Images of ``folder`` (with optional HF-imagefolder ``metadata.jsonl``) at ``resolution``.
+
+    Every problem of the folder is found in one pass and reported together: malformed
+    metadata lines, unreadable files, images smaller than the resolution.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"data.folder does not exist or is not a directory: {root}")
-    captions = _read_metadata(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    ignored = [p.relative_to(root) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and p.name != "metadata.jsonl"]
+    problems: list[str] = []
+    try:
+        captions = read_captions(root, error=DataError)
+    except DataError as exc:
+        captions = {}
+        problems.append(f"{exc}\n  Fix or remove these lines.")
+    images, ignored = image_files(root)
     if ignored:
-        warnings.warn(f"ignoring {len(ignored)} file(s) without an image extension in {root}:{_listing(ignored)}", stacklevel=2)
+        warnings.warn(f"ignoring {len(ignored)} file(s) without an image extension in {root}:{_listing([p.relative_to(root) for p in ignored])}", stacklevel=2)
     if not images:
-        raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError("\n".join([f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})", *problems]))
     rel_names = {p.relative_to(root).as_posix() for p in images}
     orphans = sorted(set(captions) - rel_names)
     if orphans:
@@ -137,16 +91,13 @@ def load_folder(folder: str | Path, resolution: int, small_images: str = "error"
     for path in images:
         rel = path.relative_to(root).as_posix()
         try:
-            with Image.open(path) as im:
-                im.load()
-                arr = to_rgb_uint8(im)
+            arr = decode_image(path)
         except Exception as exc:  # PIL raises many types for bad files
             broken.append(f"{rel} ({type(exc).__name__}: {exc})" if path.stat().st_size else f"{rel} (empty file)")
             continue
-        if min(arr.shape[:2]) < resolution:
-            if small_images == "error" or small_images == "skip":
-                small.append(f"{rel} ({arr.shape[1]}x{arr.shape[0]})")
-                continue
+        if min(arr.shape[:2]) < resolution and small_images in ("error", "skip"):
+            small.append(f"{rel} ({arr.shape[1]}x{arr.shape[0]})")
+            continue
         arrays.append(fit_to_resolution(arr, resolution))
         records.append(Record(id=rel, source=str(path), caption=captions.get(rel, "")))
     if broken:
@@ -154,20 +105,18 @@ def load_folder(folder: str | Path, resolution: int, small_images: str = "error"
         if bad_files == "skip":
             warnings.warn(message + "\n  (skipped because data.bad_files=skip)", stacklevel=2)
         else:
-            raise DataError(message + "\n  Remove or fix them, or set data.bad_files=skip to train without them.")
+            problems.append(message + "\n  Remove or fix them, or set data.bad_files=skip to train without them.")
     if small:
         message = f"{len(small)} image(s) in {root} are smaller than data.resolution={resolution}:{_listing(small)}"
         if small_images == "skip":
             warnings.warn(message + "\n  (skipped because data.small_images=skip)", stacklevel=2)
         else:
-            raise DataError(message + "\n  Lower data.resolution, or set data.small_images=upscale (or skip).")
+            problems.append(message + "\n  Lower data.resolution, or set data.small_images=upscale (or skip).")
+    if problems:
+        raise DataError("\n".join(problems))
     if not records:
         raise DataError(f"no usable images left in {root} after the checks above")
     return records, np.stack(arrays)
-
-
-def _read_metadata(root: Path) -> dict[str, str]:
-    return read_captions(root, error=DataError)
 
 
 def load_builtin(num_images: int, resolution: int, shared_caption_fraction: float, seed: int) -> tuple[list[Record], np.ndarray]:
@@ -177,14 +126,8 @@ def load_builtin(num_images: int, resolution: int, shared_caption_fraction: floa
     like small photographs, not pixel noise. A ``shared_caption_fraction`` of crops get the
     photo's generic caption (many images, one caption); the rest get a unique caption.
     """
-    import skimage.data
-
     rng = random.Random(seed)
-    photos = {}
-    for name in BUILTIN_PHOTOS:
-        arr = getattr(skimage.data, name)()
-        arr = arr[0] if isinstance(arr, tuple) else arr  # stereo pairs come as (left, right, disparity)
-        photos[name] = to_rgb_uint8(Image.fromarray(arr))
+    photos = {name: load_photo(name) for name in PHOTOS}
     names = list(photos)
     records, arrays = [], []
     for i in range(num_images):
@@ -195,7 +138,7 @@ def load_builtin(num_images: int, resolution: int, shared_caption_fraction: floa
         top, left = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
         crop = photo[top : top + size, left : left + size]
         arrays.append(fit_to_resolution(crop, resolution))
-        subject = BUILTIN_PHOTOS[name]
+        subject = PHOTOS[name]
         if rng.random() < shared_caption_fraction:
             caption = f"a photo of {subject}"
         else:

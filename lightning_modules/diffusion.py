@@ -25,6 +25,13 @@ class LatentDiffusionModule(pl.LightningModule):
     run would: resume equivalence does not depend on restoring global RNG state.
     Memorization tooling gets the model through :meth:`diffusion_model` (EMA weights by
     default), never by reaching into attributes.
+
+    Callbacks extend training through four lists of hooks, applied in order:
+
+    * ``batch_transforms``: ``(module, batch, batch_idx) -> batch`` (captions, images, weights);
+    * ``embedding_transforms``: ``(module, hidden, batch_idx) -> hidden``;
+    * ``sample_filters``: ``(module, batch, x_t, t, hidden) -> keep mask`` (B,);
+    * ``loss_hooks``: ``(module, batch, pred, x_t, t) -> extra loss`` (``pred`` is the raw network output).
     """
 
     def __init__(self, cfg: DictConfig, unet, text, scheduler, vae=None, run_dir: str | Path | None = None):
@@ -40,25 +47,20 @@ class LatentDiffusionModule(pl.LightningModule):
         self.train_text = bool(cfg.model.text.train) and not cfg.model.pretrained
         if not self.train_text:
             self.text.text_encoder.requires_grad_(False)
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         ema = cfg.train.ema
         self.ema_unet = EMA(unet, ema.decay, ema.warmup) if ema.enabled else None
         self.ema_text = EMA(text.text_encoder, ema.decay, ema.warmup) if ema.enabled and self.train_text else None
-        self.loss_hooks: list = []  # callables (module, batch, pred, x0_pred, t) -> extra loss
-        self.sample_filters: list = []  # callables (module, batch, x_t, t, hidden) -> keep mask
-        self.batch_transforms: list = []  # callables (module, batch, batch_idx) -> batch (captions, images)
-        self.embedding_transforms: list = []  # callables (module, hidden, batch_idx) -> hidden
+        self.batch_transforms: list = []
+        self.embedding_transforms: list = []
+        self.sample_filters: list = []
+        self.loss_hooks: list = []
 
     # ---- model access ------------------------------------------------------------------
     def diffusion_model(self, ema: bool = True) -> DiffusionModel:
+        """The model as every memorization algorithm sees it (EMA weights by default)."""
         unet = self.ema_unet.shadow if (ema and self.ema_unet is not None) else self.unet
         encoder = self.ema_text.shadow if (ema and self.ema_text is not None) else self.text.text_encoder
-        tokenize = self.text.tokenize
-
-        def encode_prompt(captions):
-            return encoder(tokenize(captions).to(self.device))[0]
-
-        return DiffusionModel(unet=unet, scheduler=self.scheduler, encode_prompt=encode_prompt, vae=self.vae)
+        return DiffusionModel(unet=unet, scheduler=self.scheduler, encode_prompt=lambda captions: self.text(captions, encoder=encoder), vae=self.vae)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -74,6 +76,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def encode_batch(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training latents: a sample of the VAE posterior (scaled), or the pixels themselves."""
         if self.vae is None:
             return pixels
         dist = self.vae.encode(pixels).latent_dist
@@ -90,22 +93,20 @@ class LatentDiffusionModule(pl.LightningModule):
         noise = offset_noise(tuple(x0.shape), cfg.noise_offset, g, self.device).to(x0.dtype)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g).to(self.device)
         drop = torch.rand(b, generator=g) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-        hidden = self.text(captions)
+        hidden = self.text(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
         for transform in self.embedding_transforms:
             hidden = transform(self, hidden, batch_idx)
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = self.scheduler.add_noise(x0, noise, t)
 
         keep = torch.ones(b, dtype=torch.bool, device=self.device)
         for sample_filter in self.sample_filters:
             keep &= sample_filter(self, batch, x_t, t, hidden)
 
         pred = self.unet(x_t, t, encoder_hidden_states=hidden).sample
-        target = diffusion_target(x0, noise, self.alphas_cumprod, t, self.scheduler.config.prediction_type)
+        target = diffusion_target(self.scheduler, x0, noise, t)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
-            per_sample = per_sample * min_snr_weights(self.alphas_cumprod, t, cfg.min_snr_gamma, self.scheduler.config.prediction_type)
+            per_sample = per_sample * min_snr_weights(self.scheduler, t, cfg.min_snr_gamma, self.scheduler.config.prediction_type)
         weights = keep.float() * batch.get("loss_weight", torch.ones(b, device=self.device))
         loss = (per_sample * weights).sum() / weights.sum().clamp_min(1.0)
         for hook in self.loss_hooks:
@@ -147,6 +148,6 @@ class LatentDiffusionModule(pl.LightningModule):
     def export_pipeline(self, directory: str | Path, ema: bool = True) -> Path:
         from eidetic.pipelines import save_pipeline
 
-        model = self.diffusion_model(ema=ema)
+        unet = self.ema_unet.shadow if (ema and self.ema_unet is not None) else self.unet
         encoder = self.ema_text.shadow if (ema and self.ema_text is not None) else self.text.text_encoder
-        return save_pipeline(directory, unet=model.unet, text_encoder=encoder, tokenizer=self.text.tokenizer, scheduler=self.scheduler, vae=self.vae)
+        return save_pipeline(directory, unet=unet, text_encoder=encoder, tokenizer=self.text.tokenizer, scheduler=self.scheduler, vae=self.vae)

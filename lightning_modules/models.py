@@ -2,28 +2,25 @@
 
 From scratch: a CLIP-style BPE tokenizer learned from the dataset's captions, a tiny
 CLIPTextModel, an AutoencoderKL (trained by the autoencoder stage) and a
-UNet2DConditionModel. Fine-tuning: every component comes from a local diffusers
-directory; nothing is ever downloaded.
+UNet2DConditionModel. Fine-tuning loads a local diffusers directory instead
+(:func:`eidetic.pipelines.load_components`); nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from omegaconf import DictConfig
 
-__all__ = ["learn_bpe", "build_tokenizer", "TextStack", "build_unet", "build_vae", "build_scheduler", "load_pretrained", "load_diffusion_model", "ModelLoadError"]
+from eidetic.pipelines import TextStack
+
+__all__ = ["learn_bpe", "build_tokenizer", "build_text_stack", "build_unet", "build_vae", "build_scheduler"]
 
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -94,32 +91,6 @@ def build_tokenizer(captions: Sequence[str], vocab_size: int, max_length: int, d
         model_max_length=max_length,
         pad_token="<|endoftext|>",
     )
-
-
-class TextStack(torch.nn.Module):
-    """Tokenizer + CLIP text encoder: captions -> encoder hidden states (B, L, D)."""
-
-    def __init__(self, tokenizer, text_encoder):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-
-    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
-    def forward(self, captions: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenize(captions).to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
 
 
 def build_text_stack(captions: Sequence[str], cfg: DictConfig, tokenizer_dir: str | Path) -> TextStack:
@@ -200,54 +171,3 @@ def build_scheduler(cfg: DictConfig, prediction_type: str, latent: bool):
         prediction_type=prediction_type,
         clip_sample=not latent,
     )
-
-
-@dataclass
-class Pretrained:
-    unet: torch.nn.Module
-    text: TextStack
-    scheduler: object
-    vae: torch.nn.Module | None
-
-
-def _require(path: Path, what: str) -> None:
-    if not path.exists():
-        raise ModelLoadError(
-            f"{path.parent} is not a diffusers text-to-image directory: {what} ({path.name}/) is missing. "
-            "Point model.pretrained at a directory written by `save_pretrained` (e.g. a run's model/)."
-        )
-
-
-def _check_model_dir(directory: str | Path) -> Path:
-    root = Path(directory)
-    if not root.is_dir():
-        raise ModelLoadError(f"model directory not found: {root}")
-    for sub, what in [("unet", "the UNet"), ("text_encoder", "the text encoder"), ("tokenizer", "the tokenizer"), ("scheduler", "the scheduler")]:
-        _require(root / sub, what)
-    return root
-
-
-def load_pretrained(directory: str | Path) -> Pretrained:
-    """Load the components of a local diffusers text-to-image directory (no network)."""
-    from eidetic.pipelines import load_components
-
-    parts = load_components(_check_model_dir(directory))
-    return Pretrained(unet=parts.unet, text=TextStack(parts.tokenizer, parts.text_encoder), scheduler=parts.scheduler, vae=parts.vae)
-
-
-def load_vae(directory: str | Path):
-    from diffusers import AutoencoderKL
-
-    root = Path(directory)
-    if (root / "vae" / "config.json").exists():
-        root = root / "vae"
-    if not (root / "config.json").exists():
-        raise ModelLoadError(f"no AutoencoderKL found at {directory} (expected config.json or vae/config.json)")
-    return AutoencoderKL.from_pretrained(root, local_files_only=True)
-
-
-def load_diffusion_model(directory: str | Path, device: str = "cpu"):
-    """An eidetic DiffusionModel from a local diffusers text-to-image directory (a run's model/), frozen."""
-    from eidetic.pipelines import frozen_diffusion_model, load_components
-
-    return frozen_diffusion_model(load_components(_check_model_dir(directory)), device=device)

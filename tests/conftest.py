@@ -14,16 +14,14 @@ TINY = ROOT / "configs" / "tests" / "tiny.yaml"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch):
-    # every run picks its own directory; never inherit one from an earlier test
-    monkeypatch.delenv("EIDETIC_RUN_DIR", raising=False)
+def _quiet_loader_warning():
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The tiny test config with its run directory under ``tmp_path`` (a fresh DictConfig)."""
-    from eidetic.config import load_config
+    from workflows.train import load_config
 
     def make(*overrides, files=()):
         return load_config([TINY, *files], [f"run.dir={tmp_path / 'run'}", *overrides])

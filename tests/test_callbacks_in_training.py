@@ -5,7 +5,7 @@ import json
 
 
 def test_extraction_probe_callback_in_a_run(tiny_cfg):
-    from lightning_modules.run import run
+    from workflows.train import run
 
     cfg = tiny_cfg(
         "extraction.enabled=true",
@@ -29,7 +29,7 @@ def test_extraction_probe_callback_in_a_run(tiny_cfg):
 
 
 def test_realism_callback_in_a_run(tiny_cfg):
-    from lightning_modules.run import run
+    from workflows.train import run
 
     run_dir = run(tiny_cfg("realism.enabled=true", "realism.every_n_steps=3", "realism.num_samples=4", "realism.steps=2", "realism.max_real=8"))
     section = json.loads((run_dir / "summary.json").read_text())["realism"]

@@ -1,5 +1,5 @@
-"""The mitigation comparison end to end on the tiny config: table, report, plot, W&B group,
-and the same table again from the same seed."""
+"""The mitigation comparison on the tiny config: table, report, plot, W&B group, shared
+autoencoder, refusal to mix into an existing comparison, reproducibility and resume."""
 
 import csv
 import json
@@ -9,9 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 
 import compare
-from eidetic.config import ConfigError
+from eidetic.errors import ConfigError
+from workflows import compare as workflow
 
-TINY = str(compare.ROOT / "configs" / "compare" / "tiny.yaml")
+TINY = str(workflow.ROOT / "configs" / "compare" / "tiny.yaml")
 
 
 def _table(path):
@@ -19,69 +20,95 @@ def _table(path):
         return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in csv.DictReader(fh)]
 
 
-def test_tiny_comparison_end_to_end_and_reproducible(tmp_path, monkeypatch):
-    monkeypatch.delenv("EIDETIC_RUN_DIR", raising=False)
-    assert compare.main(["--config", TINY, f"out={tmp_path / 'a'}"]) == 0
-    out = tmp_path / "a"
-    rows = _table(out / "comparison.csv")
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished tiny comparison (two settings), shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("compare") / "a"
+    assert compare.main(["--config", TINY, f"out={out}"]) == 0
+    return out
+
+
+def test_table_report_and_plot(finished):
+    rows = _table(finished / "comparison.csv")
     assert [r["setting"] for r in rows] == ["baseline", "random_word"]
     for r in rows:
         assert float(r["frechet_distance"]) > 0 and float(r["final_loss"]) > 0 and r["global_step"] == "6"
         assert 0 <= float(r["denoising_confidence_auc_heldout"]) <= 1
+        assert int(r["eidetic"]) >= 0 and 0 < float(r["chance"]) and 0 < float(r["p_value"]) <= 1
     assert rows[0]["captions_changed"] == "" and int(rows[1]["captions_changed"]) > 0
-    report = (out / "report.md").read_text()
+    report = (finished / "report.md").read_text()
     assert "| setting |" in report and "| random_word |" in report and "frechet_distance" in report
-    assert (out / "memorization_vs_quality.png").stat().st_size > 1000
-    page = (out / "report.html").read_text()
+    assert (finished / "memorization_vs_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (finished / "report.html").read_text()
     assert "<td>random_word</td>" in page and "data:image/png;base64," in page
-    for name in ("baseline", "random_word"):  # each run is in W&B, grouped under the comparison's name
-        assert len(list((out / name / "wandb").glob("offline-run-*"))) == 1
-        config = OmegaConf.load(out / name / "config.yaml")
-        assert config.logging.wandb.group == "tiny" and config.seed == 0
-    # one autoencoder for both settings, trained before either
+
+
+def test_every_setting_is_its_own_wandb_run_in_the_group_and_shares_one_autoencoder(finished):
     for name in ("baseline", "random_word"):
-        assert OmegaConf.load(out / name / "config.yaml").model.vae.pretrained == str(out / "shared" / "autoencoder")
+        assert len(list((finished / name / "wandb").glob("offline-run-*"))) == 1
+        config = OmegaConf.load(finished / name / "config.yaml")
+        assert config.logging.wandb.group == "tiny" and config.seed == 0
+        assert config.model.vae.pretrained == str(finished / "shared" / "autoencoder")
+    a, b = (OmegaConf.load(finished / n / "config.yaml") for n in ("baseline", "random_word"))
+    assert list(a.mitigation.caption.methods) == [] and list(b.mitigation.caption.methods) == ["random_word"]
 
-    # an existing comparison is never silently mixed into
+
+def test_an_existing_comparison_is_never_mixed_into(finished):
+    before = sorted(p.relative_to(finished) for p in finished.rglob("*"))
     with pytest.raises(ConfigError, match="overwrite=true"):
-        compare.compare(compare.load_compare_config([TINY], [f"out={out}"]))
-    assert compare.main(["--config", TINY, f"out={tmp_path / 'b'}"]) == 0
-    assert _table(tmp_path / "b" / "comparison.csv") == rows
+        workflow.run(workflow.load_config([TINY], [f"out={finished}"]))
+    assert sorted(p.relative_to(finished) for p in finished.rglob("*")) == before
 
-    # an interrupted comparison resumes: finished settings are kept, the unfinished one reruns
+
+def test_the_same_config_and_seed_give_the_same_table(finished, tmp_path):
+    assert compare.main(["--config", TINY, f"out={tmp_path / 'b'}"]) == 0
+    assert _table(tmp_path / "b" / "comparison.csv") == _table(finished / "comparison.csv")
+
+
+def test_an_interrupted_comparison_resumes_where_it_stopped(finished, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(finished, out)
+    rows = _table(out / "comparison.csv")
     baseline_metrics = (out / "baseline" / "metrics.csv").stat().st_mtime_ns
-    shutil.rmtree(out / "random_word" / "checkpoints")
-    summary = json.loads((out / "random_word" / "summary.json").read_text())
-    del summary["compare"]  # died before its row was recorded
-    (out / "random_word" / "summary.json").write_text(json.dumps(summary))
+    shutil.rmtree(out / "random_word")  # died before its row was recorded
     assert compare.main(["--config", TINY, f"out={out}", "resume=true"]) == 0
-    assert (out / "baseline" / "metrics.csv").stat().st_mtime_ns == baseline_metrics
+    assert (out / "baseline" / "metrics.csv").stat().st_mtime_ns == baseline_metrics, "the finished setting was not rerun"
     assert (out / "random_word" / "checkpoints" / "last.ckpt").exists()
+    # the kept row comes back from summary.json; the table and its column order are unchanged
     assert _table(out / "comparison.csv") == rows
-    # kept rows come back from summary.json with sorted keys; the columns keep the table's order
-    header = (out / "comparison.csv").read_text().splitlines()[0]
-    assert header == (tmp_path / "b" / "comparison.csv").read_text().splitlines()[0] and header.startswith("setting,")
+    assert (out / "comparison.csv").read_text().splitlines()[0] == (finished / "comparison.csv").read_text().splitlines()[0]
 
 
 def test_comparison_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="unknown comparison config key"):
-        compare.load_compare_config([TINY], ["settingz=1"])
+    with pytest.raises(ConfigError, match="did you mean 'settings'"):
+        workflow.load_config([TINY], ["settingz=1"])
+    with pytest.raises(ConfigError, match="did you mean 'quality.steps'"):
+        workflow.load_config([TINY], ["quality.stepz=3"])
     bad = tmp_path / "dup.yaml"
     bad.write_text("settings:\n  - {name: a, overrides: []}\n  - {name: a, overrides: []}\n")
     with pytest.raises(ConfigError, match="unique"):
-        compare.load_compare_config([bad], [])
+        workflow.load_config([bad], [])
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("settings:\n  - {name: a, overides: []}\n")
+    with pytest.raises(ConfigError, match=r"settings\[0\].overides': did you mean 'settings\[0\].overrides'"):
+        workflow.load_config([nested], [])
     # a typo in a setting's training override fails before anything trains
     typo = tmp_path / "typo.yaml"
     typo.write_text(f"out: {tmp_path / 'o'}\nsettings:\n  - {{name: a, overrides: [mitigation.wen.enabeld=true]}}\n")
     with pytest.raises(ConfigError, match="did you mean"):
-        compare.compare(compare.load_compare_config([typo], []))
+        workflow.run(workflow.load_config([typo], []))
     assert not (tmp_path / "o" / "a").exists()
     with pytest.raises(ConfigError, match="solidmark.deltas"):
-        compare.compare(compare.load_compare_config([TINY], [f"out={tmp_path / 'd'}", "delta=0.01"]))
+        workflow.run(workflow.load_config([TINY], [f"out={tmp_path / 'd'}", "delta=0.01"]))
 
 
 def test_non_comparison_overrides_reach_every_setting():
-    files, own, training = compare.split_overrides([TINY], ["out=/x", "quality.steps=2", "train.max_steps=3", "seed=4"])
-    assert own == ["out=/x", "quality.steps=2", "seed=4"] and training == ["train.max_steps=3"]
-    cfg = compare.load_compare_config(files, own, training)
-    assert list(cfg.overrides)[-1] == "train.max_steps=3" and cfg.seed == 4 and cfg.quality.steps == 2
+    cfg = workflow.load_config([TINY], ["out=/x", "quality.steps=2", "train.max_steps=3", "seed=4"])
+    assert list(cfg.overrides)[-1] == "train.max_steps=3" and cfg.seed == 4 and cfg.quality.steps == 2 and cfg.out == "/x"
+
+
+def test_summary_rows_are_what_the_table_shows(finished):
+    row = json.loads((finished / "baseline" / "summary.json").read_text())["compare"]
+    table = _table(finished / "comparison.csv")[0]
+    assert table["setting"] == row["setting"] == "baseline"
+    assert float(table["final_loss"]) == pytest.approx(row["final_loss"], rel=1e-3)

@@ -4,25 +4,25 @@ weight, and every action is logged with its reason."""
 
 import json
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-import callbacks as callbacks_pkg
 from callbacks.controls import MemorizationControlCallback
-from lightning_modules.run import run
+from callbacks.monitor import BudgetSignal, Monitor, MonitorResult
+from workflows.train import run
 
-OFF = ["extraction.enabled=false", "logging.wandb.enabled=false", "controls.enabled=true"]
-WANDB = ["extraction.enabled=false", "controls.enabled=true"]
+OFF = ["extraction.enabled=false", "logging.wandb.enabled=false", "controls.enabled=true", "controls.flagged.sources=[scripted]"]
+WANDB = ["extraction.enabled=false", "controls.enabled=true", "controls.flagged.sources=[scripted]"]
 
 
-class ScriptedMonitor(pl.Callback):
+class ScriptedMonitor(Monitor):
     """Publishes a scripted SolidMark signal per step and flags the first batch's images."""
 
     source = "scripted"
 
     def __init__(self, script: dict[int, dict], flag_at: int | None = None):
+        super().__init__()
         self.script, self.flag_at = script, flag_at
         self.flagged_ids: set[str] = set()
         self.batches: list[tuple[int, int, list[str], list[float]]] = []  # (step, epoch, ids, weights)
@@ -37,27 +37,12 @@ class ScriptedMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        for name, value in self.script.get(step, {}).items():
-            trainer.callback_metrics[f"solidmark/{name}@0.05"] = torch.tensor(float(value))
         if self.flag_at is not None and step == self.flag_at:
             self.flagged_ids = set(batch["id"])
-
-
-@pytest.fixture
-def scripted(monkeypatch):
-    holder = {}
-
-    def install(monitor):
-        original = callbacks_pkg.build_callbacks
-
-        def build(cfg, dm, run_dir):
-            return [monitor, *original(cfg, dm, run_dir)]  # the monitor runs before the controls
-
-        monkeypatch.setattr(callbacks_pkg, "build_callbacks", build)
-        holder["monitor"] = monitor
-        return monitor
-
-    return install
+        values = self.script.get(step)
+        if values is not None or (self.flag_at is not None and step == self.flag_at):
+            budget = {0.05: BudgetSignal(values["eidetic"], values["chance"], values.get("p_value", 1.0))} if values else {}
+            self.publish(MonitorResult(self.source, step, frozenset(self.flagged_ids), budget))
 
 
 def _actions(run_dir):
@@ -75,10 +60,9 @@ def test_stop_reason_conditions_are_strict():
     assert c.stop_reason(None, 5) is None
 
 
-def test_stop_fires_exactly_when_margin_exceeded(tiny_cfg, scripted):
+def test_stop_fires_exactly_when_margin_exceeded(tiny_cfg):
     script = {1: {"eidetic": 1, "chance": 0.5}, 2: {"eidetic": 2, "chance": 0.5}, 3: {"eidetic": 3, "chance": 0.5}, 4: {"eidetic": 4, "chance": 0.5}}
-    scripted(ScriptedMonitor(script))
-    run_dir = run(tiny_cfg(*WANDB, "controls.stop.margin=2.0", "train.max_steps=6"))  # W&B on: actions logged there too
+    run_dir = run(tiny_cfg(*WANDB, "controls.stop.margin=2.0", "train.max_steps=6"), callbacks=[ScriptedMonitor(script)])  # W&B on: actions logged there too
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["global_step"] == 3  # 3 - 0.5 = 2.5 > 2 first at step 3
     (action,) = _actions(run_dir)
@@ -90,18 +74,17 @@ def test_stop_fires_exactly_when_margin_exceeded(tiny_cfg, scripted):
     assert "controls/stopped" in header
 
 
-def test_stop_fires_on_p_value_bound(tiny_cfg, scripted):
+def test_stop_fires_on_p_value_bound(tiny_cfg):
     script = {s: {"eidetic": 1, "chance": 1.0, "p_value": p} for s, p in zip(range(1, 7), [0.5, 0.2, 0.06, 0.01, 0.001, 0.0])}
-    scripted(ScriptedMonitor(script))
-    run_dir = run(tiny_cfg(*OFF, "controls.stop.p_value=0.05"))
+    run_dir = run(tiny_cfg(*OFF, "controls.stop.p_value=0.05"), callbacks=[ScriptedMonitor(script)])
     assert json.loads((run_dir / "summary.json").read_text())["train"]["global_step"] == 4
     assert _actions(run_dir)[0]["reason"].startswith("SolidMark p-value 0.01 < bound 0.05")
 
 
-def test_excluded_images_stop_appearing_in_batches(tiny_cfg, scripted):
+def test_excluded_images_stop_appearing_in_batches(tiny_cfg):
     # 9 training images, batch 4, drop_last: 2 steps per epoch; flag the first batch's images at step 1
-    monitor = scripted(ScriptedMonitor({}, flag_at=1))
-    run_dir = run(tiny_cfg(*OFF, "controls.flagged.action=exclude", "train.max_steps=10"))
+    monitor = ScriptedMonitor({}, flag_at=1)
+    run_dir = run(tiny_cfg(*OFF, "controls.flagged.action=exclude", "train.max_steps=10"), callbacks=[monitor])
     flagged = monitor.flagged_ids
     assert len(flagged) == 4
     (action,) = _actions(run_dir)
@@ -119,19 +102,18 @@ def test_excluded_images_stop_appearing_in_batches(tiny_cfg, scripted):
     assert sorted(summary["controls"]["excluded"]) == sorted(flagged)
 
 
-def test_downweighted_images_keep_training_with_their_weight(tiny_cfg, scripted):
-    monitor = scripted(ScriptedMonitor({}, flag_at=1))
-    run(tiny_cfg(*OFF, "controls.flagged.action=downweight", "controls.flagged.weight=0.25", "train.max_steps=8"))
+def test_downweighted_images_keep_training_with_their_weight(tiny_cfg):
+    monitor = ScriptedMonitor({}, flag_at=1)
+    run(tiny_cfg(*OFF, "controls.flagged.action=downweight", "controls.flagged.weight=0.25", "train.max_steps=8"), callbacks=[monitor])
     flagged = monitor.flagged_ids
     weights = [(i, wi) for step, _, ids, w in monitor.batches if step >= 1 for i, wi in zip(ids, w)]
     assert any(i in flagged for i, _ in weights)  # they still appear ...
     assert all(wi == (0.25 if i in flagged else 1.0) for i, wi in weights)  # ... at a quarter weight
 
 
-def test_keep_mode_trains_on_and_keeps_the_last_checkpoint_under_budget(tiny_cfg, scripted):
+def test_keep_mode_trains_on_and_keeps_the_last_checkpoint_under_budget(tiny_cfg):
     script = {1: {"eidetic": 1, "chance": 0.5}, 2: {"eidetic": 2, "chance": 0.5}, 3: {"eidetic": 3, "chance": 0.5}, 4: {"eidetic": 1, "chance": 0.5}}
-    scripted(ScriptedMonitor(script))
-    run_dir = run(tiny_cfg(*OFF, "controls.stop.margin=2.0", "controls.stop.mode=keep", "train.max_steps=6"))
+    run_dir = run(tiny_cfg(*OFF, "controls.stop.margin=2.0", "controls.stop.mode=keep", "train.max_steps=6"), callbacks=[ScriptedMonitor(script)])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["global_step"] == 6  # not stopped
     (action,) = _actions(run_dir)  # exceeded once; a later signal under the margin does not move the kept state
@@ -142,12 +124,12 @@ def test_keep_mode_trains_on_and_keeps_the_last_checkpoint_under_budget(tiny_cfg
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
 
-def test_resume_keeps_exclusions_and_the_action_log(tiny_cfg, scripted):
-    monitor = scripted(ScriptedMonitor({}, flag_at=1))
-    run_dir = run(tiny_cfg(*OFF, "controls.flagged.action=exclude", "train.max_steps=4"))
+def test_resume_keeps_exclusions_and_the_action_log(tiny_cfg):
+    monitor = ScriptedMonitor({}, flag_at=1)
+    run_dir = run(tiny_cfg(*OFF, "controls.flagged.action=exclude", "train.max_steps=4"), callbacks=[monitor])
     flagged = monitor.flagged_ids
-    resumed = scripted(ScriptedMonitor({}))  # flags nothing: the exclusions must come from the checkpoint
-    run(tiny_cfg(*OFF, "controls.flagged.action=exclude", "train.max_steps=8", "train.resume=last"))
+    resumed = ScriptedMonitor({})  # flags nothing: the exclusions must come from the checkpoint
+    run(tiny_cfg(*OFF, "controls.flagged.action=exclude", "train.max_steps=8", "train.resume=last"), callbacks=[resumed])
     seen = {i for _, _, ids, _ in resumed.batches for i in ids}
     assert resumed.batches and not (seen & flagged)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -155,39 +137,9 @@ def test_resume_keeps_exclusions_and_the_action_log(tiny_cfg, scripted):
     assert [a["action"] for a in summary["controls"]["actions"]] == ["exclude"]
 
 
-def test_extraction_flags_reach_every_ddp_rank(monkeypatch):
-    """Only rank 0 probes; rank 1 must still exclude the same images (else the ranks'
-    samplers differ in length and DDP hangs)."""
-    from types import SimpleNamespace
+def test_a_source_that_names_no_monitor_is_an_error(tiny_cfg):
+    from eidetic.errors import ConfigError
 
-    from callbacks.controls import flagged_from_callbacks
-    from callbacks.extraction import ExtractionProbeCallback
-
-    records = [SimpleNamespace(id=f"img-{i}", caption=f"caption {i}", split="train") for i in range(4)]
-    channel = {}
-
-    class Strategy:
-        def __init__(self, rank):
-            self.rank = rank
-
-        def broadcast(self, obj, src=0):
-            if self.rank == src:
-                channel["obj"] = obj
-            return channel["obj"]
-
-    def trainer(rank, callback):
-        return SimpleNamespace(global_step=7, is_global_zero=rank == 0, world_size=2, strategy=Strategy(rank),
-                               datamodule=SimpleNamespace(records=records), callbacks=[callback])
-
-    def rank0_probe(self, trainer, pl_module):
-        self.rows += [{"step": 7, "caption": "caption 2", "verified": "matching"}, {"step": 7, "caption": "caption 3", "verified": "none"}]
-        return {"step": 7, "verified_extractions": 1}
-
-    monkeypatch.setattr(ExtractionProbeCallback, "_probe", rank0_probe)
-    ranks = [ExtractionProbeCallback(cfg=None), ExtractionProbeCallback(cfg=None)]
-    trainers = [trainer(r, cb) for r, cb in enumerate(ranks)]
-    sections = [cb.probe(t, pl_module=None) for cb, t in zip(ranks, trainers)]  # rank 0 first, as a broadcast orders them
-    assert sections[0] == sections[1] == {"step": 7, "verified_extractions": 1}
-    assert ranks[1].rows == ranks[0].rows and ranks[1].history == [sections[0]]
-    flagged = [flagged_from_callbacks(t, 0.05, ["extraction"]) for t in trainers]
-    assert flagged[0] == flagged[1] == {"extraction": {"img-2"}}
+    with pytest.raises(ConfigError, match=r"controls.flagged.sources names \['nothing'\]"):
+        run(tiny_cfg("extraction.enabled=false", "logging.wandb.enabled=false", "controls.enabled=true",
+                     "controls.flagged.action=exclude", "controls.flagged.sources=[nothing]"))

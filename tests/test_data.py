@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eidetic.config import load_config
+from workflows.train import load_config
 from lightning_modules.data import DataError, SolidMarkDataModule, load_folder
 
 
@@ -75,8 +75,21 @@ def test_non_images_and_orphan_captions_are_listed(folder):
 
 def test_bad_metadata_line(folder):
     (folder / "metadata.jsonl").write_text('{"file_name": "ok0.png", "text": "x"}\nnot json\n')
-    with pytest.raises(DataError, match="metadata.jsonl:2"):
+    with pytest.raises(DataError, match="metadata.jsonl: 1 line.*\n.*line 2: 'not json'"):
         load_folder(folder, 16)
+
+
+def test_every_kind_of_bad_input_is_reported_in_one_pass(folder):
+    """A broken metadata line, an unreadable file and a too-small image: one error names all three."""
+    from PIL import Image
+
+    (folder / "metadata.jsonl").write_text('{"file_name": "ok0.png", "text": "x"}\n{"text": "no file name"}\n')
+    (folder / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (8, 8)).save(folder / "small.png")
+    with pytest.raises(DataError) as err:
+        load_folder(folder, 16)
+    message = str(err.value)
+    assert "line 2" in message and "broken.png" in message and "small.png (8x8)" in message
 
 
 def test_empty_and_missing_folders(tmp_path):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from eidetic import extraction as ex
+from eidetic.stats import rank_auc
 from eidetic.borders import add_border, border_mask
 from eidetic.diffusion import DiffusionModel
 from eidetic.oracle import EmpiricalDenoiser
@@ -92,7 +93,7 @@ def setup():
 
 def assert_separates(result: ex.ProbeResult, memorized: torch.Tensor):
     single, group = result.scores[memorized.bool()], result.scores[~memorized.bool()]
-    assert ex.auc(result.scores, memorized) == pytest.approx(1.0)
+    assert rank_auc(result.scores, memorized) == pytest.approx(1.0)
     assert single.min() > group.max(), f"{result.name}: single {single.tolist()} vs group {group.tolist()}"
 
 
@@ -130,8 +131,10 @@ def test_noise_prediction_norm_flags_single_image_captions(setup):
 
 
 def test_clique_detector_flags_exactly_the_single_image_captions(setup):
+    # unguided: guidance > 1 extrapolates past the oracle's posterior mean, and some noise draws
+    # of a copied caption then end on another training image
     result = ex.clique_detector(
-        setup.model, setup.captions, (SIZE, SIZE), generations=8, steps=6, min_clique=5, threshold=0.05, batch_size=32
+        setup.model, setup.captions, (SIZE, SIZE), generations=8, steps=6, guidance=1.0, min_clique=5, threshold=0.05, batch_size=32
     )
     assert_separates(result, setup.memorized)
     assert result.flagged.tolist() == setup.memorized.bool().tolist()
@@ -283,10 +286,8 @@ def test_bad_inputs_are_explained(setup):
         ex.verify_extractions(setup.model, ["single 0"], setup.images, mask=torch.zeros(4, 4, dtype=torch.bool))
 
 
-def test_auc_and_precision_at_k():
+def test_precision_at_k():
     scores = torch.tensor([0.9, 0.8, 0.1, 0.7, 0.2])
     labels = torch.tensor([1, 1, 0, 0, 0])
-    assert ex.auc(scores, labels) == pytest.approx(1.0)
     assert ex.precision_at_k(scores, labels, 2) == 1.0
     assert ex.precision_at_k(scores, labels, 3) == pytest.approx(2 / 3)
-    assert math.isnan(ex.auc(scores, torch.ones(5)))

@@ -312,28 +312,14 @@ def test_default_reference_is_cached_and_resolution_specific(reference):
 # --------------------------------------------------------------------------- training
 
 
-def test_realism_callback_and_loss_in_a_tiny_run(tiny_cfg, monkeypatch):
+def test_realism_callback_and_loss_in_a_tiny_run(tiny_cfg):
     import json
 
-    import callbacks as callbacks_pkg
-    from callbacks.realism import RealismCallback, realism_settings
-    from lightning_modules.run import run
-    from omegaconf import OmegaConf
+    from workflows.train import run
 
-    made = []
-    original = callbacks_pkg.build_callbacks
-
-    def with_realism(cfg, dm, run_dir):
-        section = OmegaConf.create({"realism": {"every_n_steps": 3, "num_samples": 4, "steps": 2,
-                                                "loss": {"weight": 0.5, "t_min": 0, "t_max": 999}}})
-        train = [r for r in dm.records if r.split == "train"]
-        cb = RealismCallback(realism_settings(section), cfg.data.border, cfg.data.resolution,
-                             [r.id for r in train], [r.caption for r in train], cfg.seed)
-        made.append(cb)
-        return [*original(cfg, dm, run_dir), cb]
-
-    monkeypatch.setattr(callbacks_pkg, "build_callbacks", with_realism)
-    run_dir = run(tiny_cfg())
+    cfg = tiny_cfg("realism.every_n_steps=3", "realism.num_samples=4", "realism.steps=2", "realism.loss.weight=0.5",
+                   "realism.loss.t_min=0", "realism.loss.t_max=999", "realism.enabled=true")
+    run_dir = run(cfg)
     realism = json.loads((run_dir / "summary.json").read_text())["realism"]
     assert {"irs_generated_mean", "irs_real_mean", "fake_rate"} <= set(realism)
     assert [h["step"] for h in realism["history"]] == [3, 6]
@@ -345,9 +331,10 @@ def test_realism_callback_and_loss_in_a_tiny_run(tiny_cfg, monkeypatch):
 
 
 def test_realism_settings_validation():
-    from callbacks.realism import realism_settings
-    from omegaconf import OmegaConf
+    from eidetic.config import build_section
+    from eidetic.errors import ConfigError
+    from eidetic.schema.train import RealismSettings
 
-    assert realism_settings(OmegaConf.create({})).loss.weight == 0.0
-    with pytest.raises(ValueError, match="t_min"):
-        realism_settings(OmegaConf.create({"realism": {"loss": {"t_min": 500, "t_max": 10}}}))
+    assert build_section(RealismSettings).loss.weight == 0.0
+    with pytest.raises(ConfigError, match="t_min"):
+        build_section(RealismSettings, loss={"t_min": 500, "t_max": 10})

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import protect  # noqa: E402
-from eidetic.config import ConfigError, load_config  # noqa: E402
-from lightning_modules import mimicry as M  # noqa: E402
+from eidetic.errors import ConfigError  # noqa: E402
+from workflows import protect as protect_workflow  # noqa: E402
+from workflows import mimicry  # noqa: E402
 
 TINY = ROOT / "configs" / "tests" / "tiny.yaml"
 MIMICRY_STEPS = 3
@@ -29,10 +30,9 @@ MIMICRY_STEPS = 3
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny run's exported model/ (16 px interior, 4 px border) with its config.yaml beside it."""
-    from lightning_modules.run import RUN_DIR_ENV, run
+    from workflows.train import load_config, run
 
     run_dir = run(load_config([TINY], [f"run.dir={tmp_path_factory.mktemp('base') / 'run'}", "logging.wandb.enabled=false"]))
-    os.environ.pop(RUN_DIR_ENV, None)
     return run_dir / "model"
 
 
@@ -74,21 +74,21 @@ def test_mimicry_section_and_report(mimicry_run):
     assert rc == 0
     m = json.loads((out / "summary.json").read_text())["protection"]["mimicry"]
     assert m["images"] == 5 and m["resolution"] == 16 and m["border"] == 4 and m["steps"] == MIMICRY_STEPS
-    assert set(m["similarity"]) == set(M.MODELS)
-    for key in M.MODELS:
-        assert set(m["similarity"][key]) == set(M.METRICS)
+    assert set(m["similarity"]) == set(mimicry.MODELS)
+    for key in mimicry.MODELS:
+        assert set(m["similarity"][key]) == set(mimicry.METRICS)
         assert all(finite(v) for v in m["similarity"][key].values()), m["similarity"][key]
-    for metric in M.METRICS:
+    for metric in mimicry.METRICS:
         expected = m["similarity"]["clean_tuned"][metric] - m["similarity"]["protected_tuned"][metric]
         assert m["drop"][metric] == pytest.approx(expected, abs=1e-6)
         assert finite(m["drop_standard_error"][metric])
         # best of samples can only be at least the mean of samples
         if metric.endswith("_best"):
-            for key in M.MODELS:
+            for key in mimicry.MODELS:
                 assert m["similarity"][key][metric] >= m["similarity"][key][metric.replace("_best", "_mean")] - 1e-6
     assert "per_image" not in m  # per-image rows go to protection_per_image.jsonl
     rows = [json.loads(line) for line in (out / "protection_per_image.jsonl").read_text().splitlines()]
-    assert all(set(r["mimicry"]) == set(M.MODELS) for r in rows) and len(rows) == 5
+    assert all(set(r["mimicry"]) == set(mimicry.MODELS) for r in rows) and len(rows) == 5
     assert any("big.jpg" in w and "16x16" in w for w in m["warnings"])
     report = (out / "report.md").read_text()
     assert "## Mimicry after fine-tuning" in report and "fine-tuned on protected" in report and "big.jpg" in report
@@ -126,7 +126,7 @@ def test_both_finetunes_used_the_same_settings(mimicry_run):
     assert (Path(folder_a) / "img0.png").read_bytes() != (out / "img0.png").read_bytes()
     # nothing of the evaluation inside the output folder, which is itself a dataset
     assert not [p for p in out.iterdir() if p.is_dir()]
-    assert Path(m["work_dir"]) == M.default_work_dir(out)
+    assert Path(m["work_dir"]) == mimicry.default_work_dir(out)
 
 
 def test_the_evaluation_really_fine_tuned(mimicry_run, tiny_model):
@@ -135,7 +135,7 @@ def test_the_evaluation_really_fine_tuned(mimicry_run, tiny_model):
     _, out = mimicry_run
     m = json.loads((out / "summary.json").read_text())["protection"]["mimicry"]
     base = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
-    for arm in M.ARMS:
+    for arm in mimicry.ARMS:
         tuned = load_file(Path(m["finetune"][arm]["run_dir"]) / "model" / "unet" / "diffusion_pytorch_model.safetensors")
         assert base.keys() == tuned.keys()
         assert any(not torch.equal(base[k], tuned[k]) for k in base), f"{arm} fine-tune did not change the UNet"
@@ -167,60 +167,43 @@ def test_mimicry_config_errors(images, tmp_path):
         (["mimicry.train_overrides=[lr]"], "key=value"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            protect.check_config(load_config([], base + extra, schema=protect.SCHEMA))
-    # mimicry off: its keys are not checked
-    protect.check_config(load_config([], base[:3] + ["mimicry.steps=0"], schema=protect.SCHEMA))
+            protect_workflow.check_config(protect_workflow.load_config([], base + extra))
+    # an out-of-range value is an error even while its section is off: it would bite when switched on
+    with pytest.raises(ConfigError, match="mimicry.steps"):
+        protect_workflow.load_config([], base[:3] + ["mimicry.steps=0"])
     with pytest.raises(ConfigError, match="(?s)invalid mimicry.train_overrides.*did you mean 'train.lr'"):
-        cfg = load_config([], base + ["mimicry.train_overrides=[train.lrr=1]"], schema=protect.SCHEMA)
-        M.training_config(tmp_path / "model", tmp_path / "d", tmp_path / "r", cfg.mimicry)
+        cfg = protect_workflow.load_config([], base + ["mimicry.train_overrides=[train.lrr=1]"])
+        mimicry.training_config(tmp_path / "model", tmp_path / "d", tmp_path / "r", cfg.mimicry)
 
 
 def test_base_config_from_an_older_run_drops_unknown_keys(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "config.yaml").write_text("data:\n  resolution: 24\n  border: 4\nmodel:\n  space: latent\ntrain:\n  checkpoint:\n    export_diffusers: false\n")
-    layer, source, dropped = M.base_config(tmp_path / "model")
+    layer, source, dropped = mimicry.base_config(tmp_path / "model")
     assert source == str(tmp_path / "config.yaml") and dropped == ["train.checkpoint.export_diffusers"]
-    cfg = load_config([], ["mimicry.steps=7"], schema=protect.SCHEMA)
-    train = M.training_config(tmp_path / "model", tmp_path / "d", tmp_path / "r", cfg.mimicry, (layer, source, dropped))
+    cfg = protect_workflow.load_config([], ["input=i", "model=m", "output=o", "mimicry.steps=7"])
+    train = mimicry.training_config(tmp_path / "model", tmp_path / "d", tmp_path / "r", cfg.mimicry, (layer, source, dropped))
     assert train.data.resolution == 24 and train.train.max_steps == 7 and train.model.pretrained == str((tmp_path / "model").resolve())
     # no run config beside the model: the embedded default
-    assert M.base_config(tmp_path / "elsewhere" / "model")[2] == [] and M.base_config(tmp_path / "elsewhere" / "model")[1].endswith("default.yaml")
+    assert mimicry.base_config(tmp_path / "elsewhere" / "model")[2] == [] and mimicry.base_config(tmp_path / "elsewhere" / "model")[1] == "the training defaults"
 
 
 def test_work_dir_not_made_by_mimicry_is_refused(tmp_path):
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "mine.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty"):
-        M._prepare_work_dir(tmp_path / "work")
+        mimicry._prepare_work_dir(tmp_path / "work")
     assert (tmp_path / "work" / "mine.txt").exists()
 
 
 # ---- the shared loaders ----------------------------------------------------------------
-def test_one_caption_reader_for_training_and_protection(tmp_path):
-    from eidetic.imagefolder import read_captions
-    from lightning_modules.data import DataError, _read_metadata
+def test_one_model_loader_freezes_for_inference_and_not_for_fine_tuning(tiny_model):
+    from eidetic.pipelines import load_components, load_diffusion_model
 
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n\n{"file_name": "./b.png", "caption": "y"}\n')
-    assert read_captions(tmp_path) == {"a.png": "x", "b.png": "y"} == _read_metadata(tmp_path)
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\nnot json\n')
-    with pytest.raises(DataError, match="metadata.jsonl:2"):
-        _read_metadata(tmp_path)
-    with pytest.raises(ConfigError, match="metadata.jsonl:2"):
-        read_captions(tmp_path, error=ConfigError)
-
-
-def test_one_model_loader(tiny_model):
-    from eidetic import protection as P
-    from lightning_modules.models import load_diffusion_model, load_pretrained
-
-    a = P.load_pipeline_model(tiny_model)
-    b = load_diffusion_model(tiny_model)
-    parts = load_pretrained(tiny_model)
-    assert not any(p.requires_grad for p in a.unet.parameters()) and not any(p.requires_grad for p in b.unet.parameters())
+    frozen = load_diffusion_model(tiny_model)
+    parts = load_components(tiny_model)
+    assert not any(p.requires_grad for p in frozen.unet.parameters())
     assert all(p.requires_grad for p in parts.unet.parameters())  # fine-tuning needs trainable weights
-    assert type(a.scheduler).__name__ == type(b.scheduler).__name__ == type(parts.scheduler).__name__ == "DDPMScheduler"
+    assert type(frozen.scheduler).__name__ == type(parts.scheduler).__name__ == "DDPMScheduler"
     with torch.no_grad():
-        ea, eb = a.encode_prompt(["a photo of the moon"]), b.encode_prompt(["a photo of the moon"])
-        et = parts.text(["a photo of the moon"])
-    torch.testing.assert_close(ea, eb)
-    torch.testing.assert_close(ea, et)
+        torch.testing.assert_close(frozen.encode_prompt(["a photo of the moon"]), parts.text(["a photo of the moon"]))

@@ -120,7 +120,7 @@ def test_wen_filter_skips_high_norm_samples_only():
 
 # ---- inside a run ---------------------------------------------------------------------------
 def test_mitigations_inside_a_tiny_run(tiny_cfg):
-    from lightning_modules.run import run
+    from workflows.train import run
 
     cfg = tiny_cfg(
         "mitigation.caption.methods=[random_number,repeat_word]", "mitigation.caption.prob=0.5",

@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 import protect  # noqa: E402
 from eidetic import protection as P  # noqa: E402
-from eidetic.config import ConfigError, load_config  # noqa: E402
+from eidetic.errors import ConfigError  # noqa: E402
+from workflows import protect as protect_workflow  # noqa: E402
 from eidetic.diffusion import DiffusionModel  # noqa: E402
 from eidetic.oracle import EmpiricalDenoiser  # noqa: E402
 
@@ -325,9 +326,9 @@ def test_sdedit_is_seeded_and_keeps_size(oracle_model):
 # ---- errors ----------------------------------------------------------------------------
 def test_bad_config_errors(tmp_path, image_folder):
     with pytest.raises(ConfigError, match="objective"):
-        load_config([], ["objectiv=sds-"], schema=protect.SCHEMA)  # typo: names the closest key
+        protect_workflow.load_config([], ["objectiv=sds-"])  # typo: names the closest key
     with pytest.raises(ConfigError, match="expects int"):
-        load_config([], ["steps=many"], schema=protect.SCHEMA)
+        protect_workflow.load_config([], ["steps=many"])
     base = [f"input={image_folder}", f"model={tmp_path}", f"output={tmp_path / 'out'}"]
     for extra, message in [
         (["objective=sds"], "objective must be one of"),
@@ -338,14 +339,15 @@ def test_bad_config_errors(tmp_path, image_folder):
         ([f"output={image_folder}"], "output must differ"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            protect.check_config(load_config([], base + extra, schema=protect.SCHEMA))
+            protect_workflow.check_config(protect_workflow.load_config([], base + extra))
     with pytest.raises(ConfigError, match="'model' is required"):
-        protect.check_config(load_config([], [f"input={image_folder}", "output=o"], schema=protect.SCHEMA))
+        protect_workflow.check_config(protect_workflow.load_config([], [f"input={image_folder}", "output=o"]))
 
 
 def test_cli_reports_errors_with_exit_code(tmp_path, image_folder, pipeline_dir, capsys):
     assert protect.main([f"input={image_folder}", f"model={tmp_path}", f"output={tmp_path / 'o'}"]) == 2
-    assert "missing vae/" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing unet/ (the UNet)" in err and "vae/ (the autoencoder)" in err
     assert protect.main([f"input={image_folder}", f"model={pipeline_dir}", f"output={tmp_path / 'o'}", "t_range=[0,5000]", "steps=1"]) == 2
     assert "training timesteps" in capsys.readouterr().err
     empty = tmp_path / "empty"

@@ -392,16 +392,18 @@ def test_metric_gathers_across_processes():
 # the callback inside a real (tiny) training run
 # ---------------------------------------------------------------------------------------
 def solidmark_run_config(tmp_path, *overrides):
-    from eidetic.config import DEFAULT_CONFIG, load_config
+    from pathlib import Path
 
-    return load_config([DEFAULT_CONFIG.parent / "tests" / "tiny.yaml"], [f"run.dir={tmp_path / 'run'}", "solidmark.enabled=true", *overrides])
+    from workflows.train import load_config
+
+    return load_config([Path(__file__).resolve().parent.parent / "configs" / "tests" / "tiny.yaml"], [f"run.dir={tmp_path / 'run'}", "solidmark.enabled=true", *overrides])
 
 
 def test_callback_in_a_run_writes_rows_summary_and_images(tmp_path):
     import csv
     import json
 
-    from lightning_modules.run import run
+    from workflows.train import run
 
     cfg = solidmark_run_config(
         tmp_path, "solidmark.every_n_steps=3", "solidmark.steps=4", "solidmark.train_sample=5",
@@ -438,7 +440,7 @@ def test_callback_in_a_run_writes_rows_summary_and_images(tmp_path):
 
 
 def test_callback_rejects_a_sample_larger_than_the_split(tmp_path):
-    from lightning_modules.run import run
+    from workflows.train import run
 
     cfg = solidmark_run_config(tmp_path, "solidmark.heldout_sample=50", "extraction.enabled=false", "realism.enabled=false")
     with pytest.raises(ValueError, match="heldout_sample=50 but the data has only"):

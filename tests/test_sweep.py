@@ -12,8 +12,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from eidetic.config import ConfigError
-from eidetic.sweep import load_sweep, metric_wandb_name, resolve_metric, to_wandb_sweep
+from eidetic.errors import ConfigError
+from workflows import sweep as sweep_mod
+from workflows.sweep import load_sweep, make_study, run_sweep
+from workflows.sweep_report import metric_wandb_name, resolve_metric, to_wandb_sweep, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_SWEEP = ROOT / "configs" / "sweeps" / "tiny.yaml"
@@ -30,8 +32,6 @@ def _rows(sweep_dir: Path) -> list[dict]:
 
 
 def test_two_worker_sweep_runs_to_completion(tmp_path):
-    from lightning_modules.sweep import run_sweep
-
     spec = _spec(tmp_path, "logging.wandb.enabled=false", n_trials=4)
     study = run_sweep(spec, workers=2)
     trials = study.get_trials()
@@ -57,8 +57,6 @@ def test_two_worker_sweep_runs_to_completion(tmp_path):
 
 
 def test_resume_does_not_repeat_finished_trials(tmp_path):
-    from lightning_modules.sweep import make_study, run_sweep
-
     journal = tmp_path / "shared" / "study.journal"  # the multi-machine storage path
     spec = _spec(tmp_path, "logging.wandb.enabled=false", n_trials=2, storage=str(journal))
     run_sweep(spec, workers=1)
@@ -94,9 +92,6 @@ def test_resume_does_not_repeat_finished_trials(tmp_path):
 
 
 def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    import lightning_modules.sweep as sweep_mod
-    from lightning_modules.sweep import make_study, run_sweep
-
     real_run = sweep_mod._run
 
     def flaky(cfg, callbacks):
@@ -137,8 +132,6 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
 
 
 def test_pruning_reports_intermediate_values(tmp_path):
-    from lightning_modules.sweep import run_sweep
-
     spec = load_sweep(data={
         "name": "prune", "base": [str(ROOT / "configs/tests/tiny.yaml")], "dir": str(tmp_path / "prune"),
         "overrides": [*FILE_OVERRIDES, "logging.wandb.enabled=false"],
@@ -160,7 +153,11 @@ def test_sweep_spec_validation_and_metric_paths(tmp_path):
     with pytest.raises(ConfigError, match="log scale needs low > 0"):
         load_sweep(data={"name": "x", "params": {"train.lr": {"low": 0, "high": 1, "log": True}}, "objectives": ["summary.a"]})
     with pytest.raises(ConfigError, match="single objective"):
-        load_sweep(data={"name": "x", "objectives": ["summary.a", "summary.b"], "pruning": True})
+        load_sweep(data={"name": "x", "objectives": ["summary.a", "summary.b"], "pruning": {"enabled": True}})
+    with pytest.raises(ConfigError, match="did you mean 'n_trials'"):
+        load_sweep(data={"name": "x", "objectives": ["summary.a"], "n_trial": 3})
+    with pytest.raises(ConfigError, match="did you mean 'pruning.pruner'"):
+        load_sweep(data={"name": "x", "objectives": ["summary.a"], "pruning": {"prunner": "median"}})
     with pytest.raises(ConfigError, match="summary"):
         load_sweep(data={"name": "x", "objectives": ["loss"]})
     run_dir = tmp_path / "run"
@@ -179,7 +176,8 @@ def test_export_wandb_sweep(tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "wandb_sweep.yaml"
-    assert sweep.main([str(TINY_SWEEP), "--export-wandb", str(out)]) == 0
+    assert sweep.main([str(TINY_SWEEP), "--export-wandb", str(out)]) == 0  # the pre-1.0 form still works
+    assert sweep.main(["--config", str(TINY_SWEEP), f"export_wandb={out}"]) == 0
     cfg = yaml.safe_load(out.read_text())
     assert cfg["program"] == "train.py"
     assert cfg["method"] == "bayes"
@@ -204,21 +202,22 @@ def test_export_wandb_sweep(tmp_path, monkeypatch):
 def test_wandb_agent_style_arguments(tmp_path, monkeypatch):
     """What `wandb agent` runs: the exported command with --key=value parameters appended."""
     import train
+    from workflows.cli import parse_args
+    from workflows.train import load_config
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun01")
-    cfg = train.load([
+    files, overrides, _ = parse_args("train", [
         "--config", str(ROOT / "configs/tests/tiny.yaml"), "extraction.enabled=false", "logging.wandb.group=tiny",
         "--train.lr=0.0025", "--train.lr_schedule=cosine", "--train.lr_warmup_steps=1", "logging.wandb.mode=offline",
     ])
+    cfg = load_config(files, overrides)
     assert cfg.train.lr == 0.0025 and cfg.train.lr_schedule == "cosine" and cfg.train.lr_warmup_steps == 1
     assert cfg.logging.wandb.id == "agentrun01", "the run logs into the W&B run the agent created"
     assert cfg.logging.wandb.group == "tiny" and cfg.logging.wandb.mode == "offline"
     monkeypatch.delenv("WANDB_SWEEP_ID")
     with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
-        train.load(["--train.lrr=1"])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--train.lr"])  # not --key=value
+        load_config(*parse_args("train", ["--train.lrr=1"])[:2])
     # and the whole path trains: train.main with agent-style args
     run_dir = tmp_path / "agent"
     assert train.main(["--config", str(ROOT / "configs/tests/tiny.yaml"), f"--run.dir={run_dir}", "--train.max_steps=2",
@@ -230,7 +229,6 @@ def test_wandb_agent_style_arguments(tmp_path, monkeypatch):
 def _train_tiny_on_two_cpu_processes(run_dir, *overrides) -> subprocess.CompletedProcess:
     """``train.py`` on the tiny config with trainer.strategy=ddp, 2 CPU processes (gloo)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("EIDETIC_RUN_DIR", None)
     proc = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/tests/tiny.yaml", f"run.dir={run_dir}",
          "trainer.strategy=ddp", "trainer.devices=2", *overrides],
@@ -273,8 +271,9 @@ def test_ddp_two_cpu_processes_write_one_set_of_outputs(tmp_path):
 
 @pytest.mark.slow  # ~30 s alone
 def test_ddp_ranks_exclude_the_same_extraction_flagged_images(tmp_path):
-    """Rank 0 alone probes mid-training and broadcasts its rows in a real gloo run; the
-    exclusion runs to the end (that rank 1 gets the same ids: test_controls.py)."""
+    """The ranks split the probed captions and gather their scores and verifications (torchmetrics)
+    in a real gloo run; both exclude the same images, or their samplers would differ in length and
+    DDP would hang before the end."""
     run_dir = tmp_path / "ddp-controls"
     _train_tiny_on_two_cpu_processes(
         run_dir, "extraction.enabled=true", "extraction.every_n_steps=3", "extraction.top_k=3", "extraction.heldout=false",
@@ -286,13 +285,15 @@ def test_ddp_ranks_exclude_the_same_extraction_flagged_images(tmp_path):
     assert summary["train"]["global_step"] == 6
     actions = [json.loads(line) for line in (run_dir / "actions.jsonl").read_text().splitlines()]
     excluded = [a for a in actions if a["action"] == "exclude"]
-    assert excluded[0]["step"] == 3 and len(excluded[0]["ids"]) == 3, actions  # the mid-run probe
+    # the mid-run probe: every top-3 caption verifies (threshold 1), and what is excluded is the
+    # training image each generation copies (several captions may copy the same one)
+    keymap = {json.loads(line)["id"]: json.loads(line) for line in (run_dir / "keymap.jsonl").read_text().splitlines()}
+    assert excluded[0]["step"] == 3 and 1 <= len(excluded[0]["ids"]) <= 3, actions
+    assert all(keymap[i]["split"] == "train" for a in excluded for i in a["ids"])
     assert {a["step"] for a in excluded} <= {3, 6}, "only the probes (step 3 and the end) flag images"
 
 
 def test_pruned_trial_stops_early_and_is_recorded(tmp_path, monkeypatch):
-    import lightning_modules.sweep as sweep_mod
-
     class PruneAfterTwoSteps(optuna.pruners.BasePruner):
         def prune(self, study, trial):
             return max(trial.intermediate_values, default=0) >= 2
@@ -316,7 +317,6 @@ def test_pareto_report_for_two_objectives(tmp_path):
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
-    from lightning_modules.sweep import write_report
 
     spec = load_sweep(data={
         "name": "pareto", "dir": str(tmp_path / "pareto"), "base": [str(ROOT / "configs/tests/tiny.yaml")],

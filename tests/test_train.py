@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.run import run
+from workflows.train import run
 
 
 def _state(path: Path) -> dict:
@@ -31,7 +31,11 @@ def test_smoke_run_writes_every_artifact(tiny_cfg):
 
 
 def test_fast_dev_run(tiny_cfg):
-    run(tiny_cfg("trainer.fast_dev_run=true"))
+    """One batch through training (Lightning's fast_dev_run): no checkpoints, no export, no summary."""
+    run_dir = run(tiny_cfg("trainer.fast_dev_run=true", "logging.wandb.enabled=false"))
+    assert (run_dir / "config.yaml").exists() and (run_dir / "keymap.jsonl").exists()
+    assert not list((run_dir / "checkpoints").glob("*.ckpt")), "fast_dev_run writes no checkpoint to resume from"
+    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
 
 
 def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
@@ -95,7 +99,7 @@ def test_finetune_rejects_a_model_of_another_resolution(tiny_cfg, tmp_path):
 
 
 def test_pretrained_directory_that_is_not_a_model(tiny_cfg, tmp_path):
-    from lightning_modules.models import ModelLoadError
+    from eidetic.errors import ModelLoadError
 
     (tmp_path / "notamodel").mkdir()
     with pytest.raises(ModelLoadError, match="unet"):

@@ -1,11 +1,11 @@
-"""Run a sweep (:mod:`eidetic.sweep`) with Optuna: trials in-process, workers as processes.
+"""The sweep workflow: a hyperparameter search (:mod:`eidetic.schema.sweep`) run with Optuna.
 
-Each trial is a whole :func:`lightning_modules.run.run` in ``<sweep_dir>/trial-NNNN`` with its
-own W&B run in the sweep's group. Workers (local processes, or processes on other machines
+Each trial is a whole :func:`workflows.train.run` in ``<sweep_dir>/trial-NNNN`` with its own
+W&B run in the sweep's group. Workers (local processes, or processes on other machines
 pointing at the same ``storage``) share one study. A trial that raises or produces a
 non-finite loss/objective is told FAIL with its error in the ``error`` user attribute; the
 sweep goes on. ``trials.csv``, ``best.json`` and a plot are rewritten (atomically) after
-every finished trial.
+every finished trial (:mod:`workflows.sweep_report`).
 
 Budget: ``n_trials`` counts COMPLETE + PRUNED + FAIL trials plus those RUNNING now, so a
 rerun never repeats finished trials. A trial whose worker died (Ctrl-C, kill, a crash of
@@ -16,33 +16,242 @@ starts; trials of workers on other hosts are never touched.
 
 from __future__ import annotations
 
-import csv
 import fcntl
-import io
-import json
 import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import socket
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import optuna
 import torch
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from eidetic.io import atomic_write, write_json_atomic, write_text_atomic
-from eidetic.sweep import SweepSpec, is_finite, journal_path, resolve_metric
+from eidetic.config import load
+from eidetic.errors import ConfigError
+from eidetic.io import write_text_atomic
+from eidetic.schema.sweep import PruningSettings, SweepConfig
 
-__all__ = ["TrialCallback", "make_study", "run_sweep", "worker", "write_report", "budget_used"]
+from .rundir import finish_wandb
+from .sweep_report import resolve_metric, to_wandb_sweep, write_report
+
+__all__ = ["Schema", "SweepSpec", "load_config", "load_sweep", "spec_from_config", "TrialCallback", "make_study", "run_sweep",
+           "worker", "budget_used", "run", "done_message"]
 
 log = logging.getLogger("eidetic.sweep")
+Schema = SweepConfig
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Param:
+    name: str  # dotted config key
+    kind: str  # float | int | categorical
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list | None = None
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def example(self) -> Any:
+        return self.choices[0] if self.kind == "categorical" else self.low
+
+
+@dataclass
+class Objective:
+    metric: str
+    direction: str = "minimize"
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    path: Path | None
+    base: list[Path]
+    overrides: list[str]
+    params: list[Param]
+    objectives: list[Objective]
+    n_trials: int = 10
+    sampler: str = "tpe"
+    seed: int | None = 0
+    pruning: PruningSettings = field(default_factory=PruningSettings)
+    workers: int = 1
+    export_wandb: str | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    dir: Path | None = None
+    group: str | None = None
+
+    @property
+    def sweep_dir(self) -> Path:
+        return (self.dir or Path("sweeps") / self.name).resolve()
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.sweep_dir / 'study.db'}"
+
+    @property
+    def study(self) -> str:
+        return self.study_name or self.name
+
+    @property
+    def wandb_group(self) -> str:
+        return self.group or self.name
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def trial_overrides(self, values: dict[str, Any]) -> list[str]:
+        return [*self.overrides, *(format_override(k, v) for k, v in values.items())]
+
+    def trial_config(self, values: dict[str, Any], extra: Sequence[str] = ()):
+        from . import train
+
+        return train.load_config(self.base, [*self.trial_overrides(values), *extra])
+
+
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` that OmegaConf parses back to the same value and type."""
+    if isinstance(value, bool) or value is None:
+        text = {True: "true", False: "false", None: "null"}[value]
+    elif isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            mant, exp = text.split("e")
+            text = f"{mant}.0e{exp}"  # YAML 1.1 floats need a dot
+    elif isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w./-]*", value) and value not in ("true", "false", "null"):
+        text = value
+    elif isinstance(value, str):
+        text = "'" + value.replace("'", "\\'") + "'"
+    else:
+        text = str(value)
+    return f"{key}={text}"
+
+
+def _resolve_file(entry: str, sweep_path: Path | None) -> Path:
+    p = Path(entry)
+    if p.is_absolute():
+        return p
+    for root in (Path.cwd(), sweep_path.parent if sweep_path else None, REPO_ROOT):
+        if root is not None and (root / p).is_file():
+            return (root / p).resolve()
+    raise ConfigError(f"sweep base config not found: {entry}")
+
+
+def _param(name: str, spec: Any) -> Param:
+    if isinstance(spec, list):
+        spec = {"choices": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep param '{name}': expected a mapping like {{type: float, low: .., high: ..}} or {{choices: [..]}}")
+    unknown = set(spec) - {"type", "low", "high", "log", "step", "choices"}
+    if unknown:
+        raise ConfigError(f"sweep param '{name}': unknown field(s) {sorted(unknown)}")
+    if "choices" in spec:
+        choices = list(spec["choices"])
+        if not choices or any(not isinstance(c, (str, int, float, bool)) and c is not None for c in choices):
+            raise ConfigError(f"sweep param '{name}': choices must be a non-empty list of scalars")
+        return Param(name, "categorical", choices=choices)
+    kind = spec.get("type", "float")
+    if kind not in ("float", "int"):
+        raise ConfigError(f"sweep param '{name}': type must be float or int (or give choices), got {kind!r}")
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError(f"sweep param '{name}': needs low and high")
+    low, high = spec["low"], spec["high"]
+    if not low < high:
+        raise ConfigError(f"sweep param '{name}': low ({low}) must be below high ({high})")
+    log = bool(spec.get("log", False))
+    if log and low <= 0:
+        raise ConfigError(f"sweep param '{name}': log scale needs low > 0")
+    if log and spec.get("step") not in (None, 1):
+        raise ConfigError(f"sweep param '{name}': step cannot be combined with log")
+    return Param(name, kind, low=low, high=high, log=log, step=spec.get("step"))
+
+
+def spec_from_config(cfg: DictConfig, source: Path | None = None) -> SweepSpec:
+    """The sweep a typed config describes (``source``: the sweep file, for relative paths and the default name)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    name = data["name"] or (source.stem if source else None)
+    if not name:
+        raise ConfigError("a sweep needs a name (name=..., or give the sweep file with --config)")
+    objs = []
+    for o in data["objectives"]:
+        o = {"metric": o} if isinstance(o, str) else dict(o)
+        unknown = set(o) - {"metric", "direction"}
+        if unknown:
+            raise ConfigError(f"objective {o}: unknown field(s) {sorted(unknown)} (an objective is {{metric, direction}})")
+        direction = o.get("direction", "minimize")
+        if direction not in ("minimize", "maximize"):
+            raise ConfigError(f"objective {o.get('metric')}: direction must be minimize or maximize, got {direction!r}")
+        if not str(o.get("metric", "")).startswith(("summary.", "metrics.")):
+            raise ConfigError(f"objective metric must start with 'summary.' or 'metrics.', got {o.get('metric')!r}")
+        objs.append(Objective(str(o["metric"]), direction))
+    spec = SweepSpec(
+        name=str(name),
+        path=source,
+        base=[_resolve_file(str(b), source) for b in data["base"]],
+        overrides=[str(o) for o in data["overrides"]],
+        params=[_param(k, v) for k, v in data["params"].items()],
+        objectives=objs,
+        n_trials=int(data["n_trials"]),
+        sampler=data["sampler"],
+        seed=data["seed"],
+        pruning=cfg.pruning,
+        storage=data["storage"],
+        study_name=data["study_name"],
+        dir=Path(data["dir"]) if data["dir"] else None,
+        group=data["group"],
+        workers=int(data["workers"]),
+        export_wandb=data["export_wandb"],
+    )
+    # every parameter must be a valid config key of the right type: fail before any trial runs
+    spec.trial_config({p.name: p.example() for p in spec.params})
+    return spec
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> SweepSpec:
+    """The sweep of a command line: ``--config SWEEP.yaml ... key=value``."""
+    cfg = load(Schema, files, overrides)
+    return spec_from_config(cfg, Path(files[-1]).resolve() if files else None)
+
+
+def load_sweep(path: str | Path | None = None, data: dict | None = None, **fields: Any) -> SweepSpec:
+    """A sweep from a file and/or a mapping; ``fields`` replace top-level keys (``n_trials=8``)."""
+    layer = {**(data or {}), **{k: v for k, v in fields.items() if v is not None}}
+    cfg = load(Schema, [path] if path else [], extra=[("sweep fields", layer)] if layer else ())
+    return spec_from_config(cfg, Path(path).resolve() if path else None)
+
+
+def journal_path(storage: str) -> Path | None:
+    """A storage string naming a journal file (``*.log``/``*.journal`` path or ``journal:PATH``), else None."""
+    if storage.startswith("journal:"):
+        return Path(storage[len("journal:"):])
+    if "://" not in storage:
+        return Path(storage)
+    return None
+
+
+def is_finite(value: Any) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class TrialCallback(pl.Callback):
@@ -179,9 +388,9 @@ def recover_interrupted(study: optuna.Study) -> int:
 
 # ---- trials --------------------------------------------------------------------------------
 def _run(cfg, callbacks):  # indirection so tests can make a trial fail
-    from .run import run
+    from . import train
 
-    return run(cfg, callbacks=callbacks)
+    return train.run(cfg, callbacks=callbacks)
 
 
 def run_trial(spec: SweepSpec, study: optuna.Study, trial: optuna.Trial) -> TrialState:
@@ -219,7 +428,7 @@ def run_trial(spec: SweepSpec, study: optuna.Study, trial: optuna.Trial) -> Tria
         trial.set_user_attr("duration_s", round(time.perf_counter() - started, 2))
         if run_dir.is_dir():
             write_text_atomic(run_dir / "error.txt", traceback.format_exc())
-        _finish_wandb_quietly()
+        finish_wandb(exit_code=1)
         study.tell(trial, state=TrialState.FAIL)
         return TrialState.FAIL
     trial.set_user_attr("duration_s", round(time.perf_counter() - started, 2))
@@ -227,20 +436,8 @@ def run_trial(spec: SweepSpec, study: optuna.Study, trial: optuna.Trial) -> Tria
     return TrialState.COMPLETE
 
 
-def _finish_wandb_quietly() -> None:
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        try:
-            wandb.finish(exit_code=1)
-        except Exception:
-            pass
-
-
 def worker(spec: SweepSpec, worker_id: int = 0) -> int:
     """Run trials until the study has used its budget; returns how many this worker ran."""
-    os.environ.pop("EIDETIC_RUN_DIR", None)
     study = make_study(spec, worker_id)
     ran = 0
     while True:
@@ -252,7 +449,6 @@ def worker(spec: SweepSpec, worker_id: int = 0) -> int:
             trial.set_user_attr("pid", os.getpid())
             trial.set_user_attr("worker", worker_id)
         run_trial(spec, study, trial)
-        os.environ.pop("EIDETIC_RUN_DIR", None)
         ran += 1
         try:
             write_report(study, spec)
@@ -298,116 +494,18 @@ def run_sweep(spec: SweepSpec, workers: int = 1) -> optuna.Study:
     return study
 
 
-# ---- report --------------------------------------------------------------------------------
-def _objective_columns(spec: SweepSpec) -> list[str]:
-    return [o.metric for o in spec.objectives]
+def run(spec: SweepSpec) -> Path:
+    """Run (or resume) the sweep, or with ``export_wandb`` write the W&B sweep file; returns its path."""
+    if spec.export_wandb:
+        import yaml
+
+        write_text_atomic(spec.export_wandb, yaml.safe_dump(to_wandb_sweep(spec), sort_keys=False))
+        return Path(spec.export_wandb)
+    run_sweep(spec, workers=spec.workers)
+    return spec.sweep_dir
 
 
-def trial_rows(study: optuna.Study, spec: SweepSpec) -> list[dict[str, Any]]:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
-        values = t.values or [None] * len(spec.objectives)
-        for name, v in zip(_objective_columns(spec), values):
-            row[name] = v
-        for p in spec.params:
-            row[p.name] = t.params.get(p.name)
-        row["duration_s"] = t.user_attrs.get("duration_s")
-        row["run_dir"] = t.user_attrs.get("run_dir")
-        row["error"] = t.user_attrs.get("error")
-        rows.append(row)
-    return rows
-
-
-def _trial_json(t, spec: SweepSpec) -> dict:
-    return {
-        "number": t.number,
-        "values": dict(zip(_objective_columns(spec), t.values)),
-        "params": t.params,
-        "run_dir": t.user_attrs.get("run_dir"),
-    }
-
-
-def write_report(study: optuna.Study, spec: SweepSpec) -> None:
-    """``trials.csv``, ``best.json`` and ``objective.png`` (one objective) or ``pareto.png`` (several)."""
-    out = spec.sweep_dir
-    rows = trial_rows(study, spec)
-    buf = io.StringIO()
-    columns = ["number", "state", *_objective_columns(spec), *[p.name for p in spec.params], "duration_s", "run_dir", "error"]
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out / "trials.csv", buf.getvalue())
-
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    best = [_trial_json(t, spec) for t in (study.best_trials if complete else [])]
-    counts = {s.name: sum(r["state"] == s.name for r in rows) for s in TrialState}
-    write_json_atomic(
-        out / "best.json",
-        {
-            "sweep": spec.name,
-            "study": spec.study,
-            "storage": spec.storage_url,
-            "objectives": [{"metric": o.metric, "direction": o.direction} for o in spec.objectives],
-            "n_trials": spec.n_trials,
-            "counts": {k: v for k, v in counts.items() if v},
-            "best": best[0] if len(spec.objectives) == 1 and best else None,
-            "pareto_front": best if len(spec.objectives) > 1 else None,
-        },
-    )
-    _plot(spec, rows, {b["number"] for b in best}, out / ("pareto.png" if len(spec.objectives) > 1 else "objective.png"))
-
-
-def _plot(spec: SweepSpec, rows: list[dict], best: set[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = _objective_columns(spec)
-    done = [r for r in rows if r["state"] == "COMPLETE"]
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    if len(names) == 1:
-        name, sign = names[0], (1 if spec.objectives[0].direction == "minimize" else -1)
-        ax.scatter([r["number"] for r in done], [r[name] for r in done], label="complete", color="tab:blue")
-        running, xs, ys = math.inf, [], []
-        for r in sorted(done, key=lambda r: r["number"]):
-            running = min(running, sign * r[name])
-            xs.append(r["number"])
-            ys.append(sign * running)
-        if xs:
-            ax.step(xs, ys, where="post", color="tab:orange", label="best so far")
-        failed = [r["number"] for r in rows if r["state"] in ("FAIL", "PRUNED")]
-        for n in failed:
-            ax.axvline(n, color="tab:red", alpha=0.25, lw=1)
-        ax.set_xlabel("trial")
-        ax.set_ylabel(f"{name} ({spec.objectives[0].direction})")
-    else:
-        x, y = names[0], names[1]
-        others = [r for r in done if r["number"] not in best]
-        front = sorted((r for r in done if r["number"] in best), key=lambda r: r[x])
-        ax.scatter([r[x] for r in others], [r[y] for r in others], color="tab:blue", alpha=0.6, label="dominated")
-        ax.plot([r[x] for r in front], [r[y] for r in front], "o-", color="tab:red", label="Pareto front")
-        for r in front:
-            ax.annotate(str(r["number"]), (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(f"{x} ({spec.objectives[0].direction})")
-        ax.set_ylabel(f"{y} ({spec.objectives[1].direction})")
-    ax.set_title(f"sweep {spec.name}: {len(done)} complete of {len(rows)} trials")
-    if done:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png")
-    plt.close(fig)
-
-
-def load_study(spec: SweepSpec) -> optuna.Study:
-    return optuna.load_study(study_name=spec.study, storage=_storage(spec))
-
-
-def summary_text(study: optuna.Study, spec: SweepSpec) -> str:
-    data = json.loads((spec.sweep_dir / "best.json").read_text())
-    lines = [f"sweep {spec.name}: {data['counts']} in {spec.sweep_dir}"]
-    for b in ([data["best"]] if data["best"] else data["pareto_front"] or []):
-        lines.append(f"  trial {b['number']}: {b['values']} {b['params']}")
-    return "\n".join(lines)
+def done_message(path: Path) -> str:
+    if path.suffix in (".yaml", ".yml"):
+        return f"W&B sweep config: {path}  (wandb sweep {path}; wandb agent ENTITY/PROJECT/ID)"
+    return f"sweep directory: {path} (trials.csv, best.json)"

@@ -7,7 +7,7 @@ framework's own training:
 
 1. stage the clean and the protected copies of the same images, with the same captions
    and file names, in two folders of their own (only PNGs and ``metadata.jsonl``);
-2. fine-tune the model twice with :func:`lightning_modules.run.run`, identical configs
+2. fine-tune the model twice with :func:`workflows.train.run`, identical configs
    except ``data.folder`` and ``run.dir``: same seed, steps, learning rate, batches;
 3. sample every caption ``samples_per_image`` times from the untuned model, the
    clean-tuned and the protected-tuned model with identical seeded noise, crop the
@@ -19,7 +19,7 @@ clean-tuned model is no closer to the images than it, the fine-tune was too shor
 anything about protection.
 
 The training config starts from the run that exported the model (``<model>/../config.yaml``:
-resolution, border, optimiser) or ``configs/default.yaml``. Monitors, controls, mitigations
+resolution, border, optimiser) or the training defaults. Monitors, controls, mitigations
 and data-set edits (held-out split, dedup, duplication) are switched off, so both
 fine-tunes train on exactly the staged images; ``train_overrides`` can change anything
 except the folder, run directory, model, seed and steps.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -39,9 +38,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from eidetic.config import DEFAULT_CONFIG, OPEN_SECTIONS, ConfigError, load_config, parse_overrides, validate
-from eidetic.imagefolder import METADATA, load_rgb
+from eidetic.config import check_layer, key_paths, load, parse_overrides
+from eidetic.errors import ConfigError
+from eidetic.images import METADATA, decode_image, fit_to_resolution, image_files, to_tensor
 from eidetic.io import atomic_write, read_summary, write_json_atomic, write_jsonl_atomic
+from eidetic.pipelines import load_diffusion_model
+from eidetic.schema.train import TrainConfig
 
 __all__ = ["ARMS", "MODELS", "base_config", "training_config", "check_geometry", "default_work_dir", "mimicry_after_finetuning"]
 
@@ -62,16 +64,16 @@ def default_work_dir(output: str | Path) -> Path:
 
 
 # ---- configs ------------------------------------------------------------------------
-def _prune(user: dict, schema: dict, prefix: str, dropped: list[str]) -> dict:
+def _prune(user: dict, prefix: str, valid: set[str], sections: set[str], dropped: list[str]) -> dict:
     kept = {}
     for key, value in user.items():
         path = f"{prefix}{key}"
-        if key not in schema:
-            dropped.append(path)
-        elif isinstance(schema[key], dict) and isinstance(value, dict) and path not in OPEN_SECTIONS:
-            kept[key] = _prune(value, schema[key], path + ".", dropped)
-        else:
+        if path in sections and isinstance(value, dict):
+            kept[key] = _prune(value, path + ".", valid, sections, dropped)
+        elif path in valid:
             kept[key] = value
+        else:
+            dropped.append(path)
     return kept
 
 
@@ -83,17 +85,20 @@ def base_config(model_dir: str | Path) -> tuple[DictConfig, str, list[str]]:
     """
     path = Path(model_dir).resolve().parent / "config.yaml"
     if not path.is_file():
-        return OmegaConf.create({}), str(DEFAULT_CONFIG), []
+        return OmegaConf.create({}), "the training defaults", []
     try:
         raw = OmegaConf.load(path)
     except Exception as exc:  # yaml errors carry line numbers
         raise ConfigError(f"cannot parse {path}, the training config of the model's run: {exc}") from exc
     if not isinstance(raw, DictConfig) or "data" not in raw or "model" not in raw:
-        return OmegaConf.create({}), str(DEFAULT_CONFIG), []  # some other file, not a run's config
-    schema = OmegaConf.load(DEFAULT_CONFIG)
+        return OmegaConf.create({}), "the training defaults", []  # some other file, not a run's config
+    leaves = key_paths(TrainConfig)
+    sections = {p.rsplit(".", i)[0] for p in leaves for i in range(1, p.count(".") + 1)}
     dropped: list[str] = []
-    pruned = OmegaConf.create(_prune(OmegaConf.to_container(raw), OmegaConf.to_container(schema), "", dropped))
-    validate(pruned, schema, source=f"training config of the model's run ({path})")
+    pruned = OmegaConf.create(_prune(OmegaConf.to_container(raw), "", set(leaves), sections, dropped))
+    errors = check_layer(TrainConfig, OmegaConf.to_container(pruned))
+    if errors:
+        raise ConfigError(f"invalid training config of the model's run ({path}):\n  " + "\n  ".join(errors))
     return pruned, str(path), dropped
 
 
@@ -119,11 +124,12 @@ def training_config(model_dir: str | Path, data_dir: str | Path, run_dir: str | 
     overrides = [str(o) for o in section.train_overrides]
     # validated here first so an error names mimicry.train_overrides, not the command line
     try:
-        layer = parse_overrides(overrides)
+        errors = check_layer(TrainConfig, OmegaConf.to_container(parse_overrides(overrides)))
     except ConfigError as exc:
         raise ConfigError(f"mimicry.train_overrides: {exc}") from exc
-    validate(layer, OmegaConf.load(DEFAULT_CONFIG), source="mimicry.train_overrides (training config keys)")
-    cfg = load_config([], overrides, base=merged)
+    if errors:
+        raise ConfigError("invalid mimicry.train_overrides (training config keys):\n  " + "\n  ".join(errors))
+    cfg = load(TrainConfig, [], overrides, base=merged, base_source="the mimicry fine-tuning config")
     # what makes the two arms comparable, and what the evaluation is about: never overridable
     cfg.run.dir = str(Path(run_dir).resolve())
     cfg.run.name = f"mimicry-{Path(run_dir).name}"
@@ -161,7 +167,7 @@ def check_geometry(cfg: DictConfig, model_dir: str | Path, source: str = "") -> 
         want = size * factor - 2 * border
         raise ConfigError(
             f"mimicry: the model {model_dir} works on {size * factor}px canvases, but its fine-tuning config "
-            f"({source or 'configs/default.yaml'}) gives {canvas}px (data.resolution={res} + 2 * data.border={border}). "
+            f"({source or 'the training defaults'}) gives {canvas}px (data.resolution={res} + 2 * data.border={border}). "
             f"Set mimicry.train_overrides=[data.resolution={want}] (or another resolution/border pair with "
             f"resolution + 2 * border = {size * factor}), and use images of that interior size."
         )
@@ -174,7 +180,7 @@ def _prepare_work_dir(work: Path) -> None:
     if work.is_dir() and any(work.iterdir()) and not (work / MARKER).exists():
         raise ConfigError(f"mimicry work dir {work} is not empty and was not made by a mimicry evaluation; set mimicry.work_dir to a new folder")
     work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).write_text("written by lightning_modules/mimicry.py; data/, clean/ and protected/ are replaced on every evaluation\n")
+    (work / MARKER).write_text("written by the mimicry evaluation; data/, clean/ and protected/ are replaced on every evaluation\n")
     # a stale staged image from an earlier evaluation would be trained on: start clean
     for sub in ("data", *ARMS):
         shutil.rmtree(work / sub, ignore_errors=True)
@@ -188,25 +194,28 @@ def _write_png(arr: np.ndarray, path: Path) -> None:
 
 
 def _pairs(clean_dir: Path, protected_dir: Path, files: Sequence[str] | None) -> list[tuple[str, Path, Path]]:
-    """(clean file name, clean path, protected path); protect.py writes ``a.jpg`` as ``a.png``."""
-    from .data import IMAGE_EXTENSIONS
-
+    """(clean file name, clean path, protected path); protection writes ``sub/a.jpg`` as ``sub/a.png``."""
     if files is None:
-        by_stem: dict[str, list[Path]] = {}
-        for p in sorted(clean_dir.iterdir()):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
-                by_stem.setdefault(p.stem, []).append(p)
-        files = [v[0].name for k, v in by_stem.items() if len(v) == 1 and (protected_dir / f"{k}.png").is_file()]
+        images, _ = image_files(clean_dir)
+        names = [p.relative_to(clean_dir).as_posix() for p in images]
+        by_output: dict[str, list[str]] = {}
+        for n in names:
+            by_output.setdefault(_protected_name(n), []).append(n)
+        files = [v[0] for k, v in by_output.items() if len(v) == 1 and (protected_dir / k).is_file()]
     pairs = []
     for name in files:
-        clean, protected = clean_dir / name, protected_dir / f"{Path(name).stem}.png"
+        clean, protected = clean_dir / name, protected_dir / _protected_name(name)
         for p in (clean, protected):
             if not p.is_file():
                 raise ConfigError(f"mimicry: image not found: {p}")
         pairs.append((name, clean, protected))
     if not pairs:
-        raise ConfigError(f"mimicry: no image in {clean_dir} has a protected copy (same stem, .png) in {protected_dir}")
+        raise ConfigError(f"mimicry: no image in {clean_dir} has a protected copy (same path, .png) in {protected_dir}")
     return pairs
+
+
+def _protected_name(name: str) -> str:
+    return Path(name).with_suffix(".png").as_posix()
 
 
 # ---- measuring ----------------------------------------------------------------------
@@ -250,18 +259,10 @@ def _loss_tail(metrics_csv: Path, fraction: float = 0.25) -> float | None:
 
 
 def _finetune(cfg: DictConfig) -> dict:
-    from .run import RUN_DIR_ENV, run
+    from . import train
 
-    previous = os.environ.get(RUN_DIR_ENV)
     started = time.perf_counter()
-    try:
-        run_dir = run(cfg)
-    finally:
-        # run() publishes its directory for DDP workers; do not leave ours to a later run
-        if previous is None:
-            os.environ.pop(RUN_DIR_ENV, None)
-        else:
-            os.environ[RUN_DIR_ENV] = previous
+    run_dir = train.run(cfg)
     total = time.perf_counter() - started
     train = read_summary(run_dir).get("train", {})
     return {
@@ -300,16 +301,13 @@ def mimicry_after_finetuning(
         captions: clean file name -> caption (``default_caption`` for the others); both
             fine-tunes and every generation use the same caption per image.
         section: ``steps``, ``lr`` (None: the base config's), ``seed``, ``samples_per_image``,
-            ``sampler``, ``sample_steps``, ``guidance``, ``train_overrides`` (protect.yaml's
-            ``mimicry`` section).
+            ``sampler``, ``sample_steps``, ``guidance``, ``train_overrides`` (the protection
+            config's ``mimicry`` section).
         work_dir: staged folders (``data/clean``, ``data/protected``) and the two run
             directories (``clean/``, ``protected/``), kept for inspection.
 
     Returns the summary (also written to ``work_dir/mimicry.json``), with ``per_image`` rows.
     """
-    from .data import fit_to_resolution
-    from .models import load_diffusion_model
-
     say = progress or (lambda message: None)
     model_dir, clean_dir, protected_dir, work = Path(model_dir), Path(clean_dir), Path(protected_dir), Path(work_dir).resolve()
     base = base_config(model_dir)
@@ -325,9 +323,9 @@ def mimicry_after_finetuning(
         warnings_.append(f"keys of {base[1]} unknown to the current schema were ignored: {', '.join(base[2])}")
     rows, targets, off_size = [], [], []
     for name, clean_path, protected_path in pairs:
-        staged = f"{Path(name).stem}.png"
-        clean = load_rgb(clean_path)
-        protected = load_rgb(protected_path)
+        staged = _protected_name(name)
+        clean = decode_image(clean_path)
+        protected = decode_image(protected_path)
         if protected.shape != clean.shape:
             raise ConfigError(f"mimicry: {protected_path} is {protected.shape[1]}x{protected.shape[0]} but its clean image {clean_path} is {clean.shape[1]}x{clean.shape[0]}")
         if clean.shape[:2] != (res, res):
@@ -337,7 +335,7 @@ def mimicry_after_finetuning(
         with atomic_write(work / "data" / "protected" / staged, "wb") as fh:
             fh.write(protected_path.read_bytes())  # the published file, byte for byte
         # the data module trains on fit_to_resolution(image); the clean target must match it
-        targets.append(torch.from_numpy(fit_to_resolution(clean, res).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        targets.append(to_tensor(fit_to_resolution(clean, res)))
         rows.append({"file_name": staged, "text": captions.get(name, default_caption), "_clean": name})
     if off_size:
         warnings_.append(

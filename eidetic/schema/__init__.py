@@ -1,0 +1,1 @@
+"""One typed schema per tool: its keys, defaults, types and allowed values (see eidetic.config)."""

@@ -1,0 +1,35 @@
+"""Sections several tools share: the run directory and logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from eidetic.config import Section, choice_problem
+
+__all__ = ["RunSettings", "WandbSettings", "LoggingSettings"]
+
+
+@dataclass
+class RunSettings(Section):
+    dir: Optional[str] = None  # default: runs/<date>-<time>-<name>
+    name: str = "default"
+
+
+@dataclass
+class WandbSettings(Section):
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "eidetic"
+    group: Optional[str] = None
+    id: Optional[str] = None  # set on the first run; resume reuses it
+    log_keymap: bool = True
+
+    def problems(self) -> list[str]:
+        return choice_problem("mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class LoggingSettings(Section):
+    csv: bool = True  # metrics.csv in the run directory
+    wandb: WandbSettings = field(default_factory=WandbSettings)

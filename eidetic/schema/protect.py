@@ -1,0 +1,109 @@
+"""The protection tool's schema (``protect.py``): protective perturbations against diffusion
+mimicry (Xue et al., ICLR 2024)::
+
+    python protect.py input=photos/ model=runs/x/model output=protected/ objective=sds-
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from eidetic.config import Section, choice_problem
+
+__all__ = ["ProtectConfig", "EvaluateSettings", "MimicrySettings", "DTYPES"]
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class EvaluateSettings(Section):
+    enabled: bool = True
+    max_images: int = 16  # SDEdit is costly: evaluate the first N protected images
+    strengths: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6])
+    steps: int = 20  # DDIM steps of a full-strength edit (strength s runs round(s * steps))
+    guidance: float = 3.0
+    semantic_samples: int = 8  # (t, noise) draws for the before/after semantic loss
+
+    def problems(self) -> list[str]:
+        out = []
+        if any(not 0 < s <= 1 for s in self.strengths):
+            out.append(f"strengths must be numbers in (0, 1], got {list(self.strengths)}")
+        if self.max_images < 0 or self.steps < 1 or self.semantic_samples < 1:
+            out.append("max_images must be >= 0, steps and semantic_samples >= 1")
+        return out
+
+
+@dataclass
+class MimicrySettings(Section):
+    """Mimicry after fine-tuning (workflows/mimicry.py): fine-tune the model on the clean and on the
+    protected copies with the framework's own training, then compare how well each fine-tuned model
+    reproduces the clean images from their captions (SSIM/PSNR of the interior inside the SolidMark
+    border). The training config is the model's run config (<model>/../config.yaml) or the training
+    defaults; monitors, controls, mitigations and the held-out split are off."""
+
+    enabled: bool = False  # trains two models (minutes on CPU for a few small images)
+    work_dir: str = ""  # staged images + both run dirs; "" = <output>.mimicry beside output (never inside input/output)
+    steps: int = 1500  # optimizer steps of each fine-tune (200 barely moves the default model: README, mimicry)
+    lr: float | None = None  # fine-tuning learning rate; null = train.lr of the base training config
+    seed: int = 0  # training seed of both fine-tunes and the seed of the sampling noise
+    samples_per_image: int = 4  # generations per caption and model; mean and best-of reported
+    sampler: str = "ddim"  # ddim | ddpm
+    sample_steps: int = 25  # sampler steps per generation
+    guidance: float = 3.0  # classifier-free guidance of the generations
+    train_overrides: list[str] = field(default_factory=list)  # extra training key=value overrides for both fine-tunes
+
+    def problems(self) -> list[str]:
+        out = [f"{k} must be an integer >= 1, got {getattr(self, k)!r}" for k in ("steps", "samples_per_image", "sample_steps") if getattr(self, k) < 1]
+        if self.lr is not None and not self.lr > 0:
+            out.append(f"lr must be a number > 0, or null for the base training config's train.lr; got {self.lr!r}")
+        out += choice_problem("sampler", self.sampler, ("ddim", "ddpm"))
+        bad = [o for o in self.train_overrides if "=" not in o]
+        if bad:
+            out.append(f"train_overrides must be key=value strings for the training config, got {bad}")
+        return out
+
+
+@dataclass
+class ProtectConfig(Section):
+    seed: int = 0
+    input: str = ""  # folder of images (read recursively); optional metadata.jsonl (file_name, text)
+    model: str = ""  # local diffusers Stable Diffusion-style directory (vae/ unet/ text_encoder/ tokenizer/ scheduler/)
+    output: str = ""  # folder for the protected PNGs (same relative paths, .png), metadata.jsonl, report.md, summary.json
+    objective: str = "sds-"  # advdm+ | advdm- | photoguard | mist | sds+ | sds- | sdst
+    eps: float = 0.06274509803921569  # L_inf budget as a fraction of the pixel range (16/255)
+    step_size: float = 0.00392156862745098  # PGD step (1/255)
+    steps: int = 100
+    t_range: list[int] = field(default_factory=lambda: [0, 999])  # inclusive timestep range sampled per image and step
+    textural_weight: float = 1.0  # weight of the textural term in mist and sdst
+    target: str = ""  # target image for photoguard/mist/sdst; "" = built-in stripe pattern
+    caption: str = "a photo"  # caption for images without one in metadata.jsonl
+    batch_size: int = 4  # images protected together (images of different sizes go in different batches)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    mimicry: MimicrySettings = field(default_factory=MimicrySettings)
+
+    def problems(self) -> list[str]:
+        from eidetic.protection import OBJECTIVES, TEXTURAL_OBJECTIVES, eps_in_levels
+
+        out = [f"'{key}' is required (e.g. {key}=path/to/dir)" for key in ("input", "model", "output") if not getattr(self, key)]
+        out += choice_problem("objective", self.objective, OBJECTIVES)
+        out += choice_problem("dtype", self.dtype, DTYPES)
+        try:
+            eps_in_levels(self.eps)
+        except ValueError as exc:
+            out.append(str(exc))
+        if not self.step_size > 0:
+            out.append(f"step_size must be > 0 (1/255 = {1 / 255:.5f}), got {self.step_size}")
+        if self.steps < 1:
+            out.append(f"steps must be >= 1, got {self.steps}")
+        tr = list(self.t_range)
+        if len(tr) != 2 or not 0 <= tr[0] <= tr[1]:
+            out.append(f"t_range must be [min, max] integers with 0 <= min <= max, got {tr}")
+        if self.target and self.objective not in TEXTURAL_OBJECTIVES:
+            out.append(f"target is only used by {', '.join(TEXTURAL_OBJECTIVES)}; objective {self.objective!r} ignores it (drop target=...)")
+        if self.batch_size < 1:
+            out.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.device in ("auto", "cpu") or str(self.device).startswith("cuda")):
+            out.append(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        return out

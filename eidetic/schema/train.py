@@ -1,0 +1,521 @@
+"""The training tool's schema (``train.py``): every key a training config may set.
+
+The embedded default job is these defaults: the built-in photographs, a tiny latent diffusion
+model trained from scratch on the CPU, W&B offline. Print the resolved config of any command
+with ``--print-config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from eidetic.config import Section, choice_problem
+
+from .common import LoggingSettings, RunSettings
+
+__all__ = [
+    "TrainConfig", "DataSettings", "DuplicateSettings", "ModelSettings", "SchedulerSettings", "VAESettings",
+    "UNetSettings", "TextSettings", "TrainSettings", "EMASettings", "CheckpointSettings", "TrainerSettings",
+    "ValidationSettings", "ExtractionSettings", "EdgeSettings", "WenProbeSettings", "CliqueSettings",
+    "VerifySettings", "RealismSettings", "RealismLossSettings", "SolidMarkSettings", "MitigationSettings",
+    "CaptionMitigation", "NearDedupSettings", "AugmentSettings", "WenFilterSettings", "ControlsSettings",
+    "StopSettings", "FlaggedSettings", "SAMPLERS",
+]
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def _positive(section: object, *names: str) -> list[str]:
+    return [f"{n} must be >= 1, got {getattr(section, n)}" for n in names if getattr(section, n) < 1]
+
+
+def _non_negative(section: object, *names: str) -> list[str]:
+    return [f"{n} must be >= 0, got {getattr(section, n)}" for n in names if getattr(section, n) < 0]
+
+
+# ---- data -------------------------------------------------------------------------------------
+@dataclass
+class DuplicateSettings(Section):
+    ids: list[str] = field(default_factory=list)  # image ids to repeat
+    fraction: float = 0.0  # or a random fraction of the training images
+    copies: int = 1  # total copies of each duplicated image (k)
+    own_keys: bool = False  # give every copy its own key (the paper's duplication study)
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "copies")
+        if not 0 <= self.fraction <= 1:
+            out.append(f"fraction must be in [0, 1], got {self.fraction}")
+        return out
+
+
+@dataclass
+class DataSettings(Section):
+    source: str = "builtin"  # builtin (photographs shipped with scikit-image) | folder
+    folder: Optional[str] = None  # image folder (optional metadata.jsonl with file_name/text)
+    resolution: int = 32  # interior size; the canvas is resolution + 2 * border
+    border: int = 4  # SolidMark border thickness in pixels (16 px at 256 px in the paper)
+    num_images: int = 64  # builtin: how many crops to cut
+    shared_caption_fraction: float = 0.25  # builtin: fraction of crops captioned with a shared phrase
+    small_images: str = "error"  # images smaller than the resolution: error | upscale | skip
+    bad_files: str = "error"  # unreadable image files: error | skip (both list them)
+    dedup: bool = True  # drop exact (pixel-identical) duplicates before keying
+    heldout_fraction: float = 0.125  # bordered and keyed, never trained on: the baseline split
+    key_seed: int = 0
+    duplicate: DuplicateSettings = field(default_factory=DuplicateSettings)
+    batch_size: int = 16
+    num_workers: int = 0
+
+    def problems(self) -> list[str]:
+        out = choice_problem("source", self.source, ("builtin", "folder"))
+        out += choice_problem("small_images", self.small_images, ("error", "upscale", "skip"))
+        out += choice_problem("bad_files", self.bad_files, ("error", "skip"))
+        if self.source == "folder" and not self.folder:
+            out.append("source=folder needs folder=PATH (data.folder)")
+        if self.resolution < 8:
+            out.append(f"resolution must be >= 8, got {self.resolution}")
+        out += _positive(self, "border", "num_images", "batch_size")
+        out += _non_negative(self, "num_workers")
+        if not 0 <= self.heldout_fraction < 1:
+            out.append(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0 <= self.shared_caption_fraction <= 1:
+            out.append(f"shared_caption_fraction must be in [0, 1], got {self.shared_caption_fraction}")
+        return out
+
+
+# ---- model ------------------------------------------------------------------------------------
+@dataclass
+class SchedulerSettings(Section):
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2 (diffusers' names)
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+
+    def problems(self) -> list[str]:
+        out = choice_problem("beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        out += _positive(self, "num_train_timesteps")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            out.append(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        return out
+
+
+@dataclass
+class VAESettings(Section):
+    pretrained: Optional[str] = None  # local AutoencoderKL directory (or a pipeline dir with vae/)
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    train_steps: int = 300
+    lr: float = 0.001
+    kl_weight: float = 1.0e-06
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "layers_per_block", "latent_channels")
+        out += _non_negative(self, "train_steps")
+        if not self.block_out_channels:
+            out.append("block_out_channels must list at least one width")
+        if self.lr <= 0:
+            out.append(f"lr must be > 0, got {self.lr}")
+        return out
+
+
+@dataclass
+class UNetSettings(Section):
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "layers_per_block", "attention_head_dim", "norm_num_groups")
+        if len(self.block_out_channels) < 2:
+            out.append(f"block_out_channels needs at least two widths (one down/up level), got {list(self.block_out_channels)}")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            out.append(f"every width in block_out_channels must be divisible by norm_num_groups={self.norm_num_groups}, got {bad}")
+        return out
+
+
+@dataclass
+class TextSettings(Section):
+    hidden_size: int = 32
+    layers: int = 2
+    heads: int = 2
+    max_length: int = 24
+    vocab_size: int = 1000  # 512 byte-level symbols + learned merges
+    train: bool = True  # train the text encoder with the UNet (from scratch only)
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "hidden_size", "layers", "heads", "max_length")
+        if self.hidden_size % self.heads:
+            out.append(f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})")
+        if self.vocab_size < 514:
+            out.append(f"vocab_size must be >= 514 (512 byte symbols + 2 special tokens), got {self.vocab_size}")
+        return out
+
+
+@dataclass
+class ModelSettings(Section):
+    pretrained: Optional[str] = None  # local diffusers Stable Diffusion-style directory to fine-tune
+    space: str = "latent"  # latent | pixel
+    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    vae: VAESettings = field(default_factory=VAESettings)
+    unet: UNetSettings = field(default_factory=UNetSettings)
+    text: TextSettings = field(default_factory=TextSettings)
+
+    def problems(self) -> list[str]:
+        return choice_problem("space", self.space, ("latent", "pixel")) + choice_problem(
+            "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample")
+        )
+
+
+# ---- training ---------------------------------------------------------------------------------
+@dataclass
+class EMASettings(Section):
+    enabled: bool = True
+    decay: float = 0.999
+    warmup: bool = True  # decay ramps as min(decay, (1 + n) / (10 + n))
+
+    def problems(self) -> list[str]:
+        return [] if 0 <= self.decay < 1 else [f"decay must be in [0, 1), got {self.decay}"]
+
+
+@dataclass
+class CheckpointSettings(Section):
+    every_n_steps: int = 500
+    keep: int = 2  # newest step checkpoints kept (last.ckpt always kept)
+
+    def problems(self) -> list[str]:
+        return _non_negative(self, "every_n_steps") + _positive(self, "keep")
+
+
+@dataclass
+class TrainSettings(Section):
+    max_steps: int = 800
+    max_epochs: Optional[int] = None
+    lr: float = 0.001
+    weight_decay: float = 0.01
+    lr_warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant | cosine
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0: no clipping
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    caption_dropout: float = 0.1  # for classifier-free guidance
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023)
+    noise_offset: float = 0.0  # e.g. 0.05
+    resume: Optional[str] = None  # "last" or a checkpoint path (needs run.dir of the run)
+    ema: EMASettings = field(default_factory=EMASettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+
+    def problems(self) -> list[str]:
+        out = choice_problem("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        out += choice_problem("precision", self.precision, ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"))
+        out += _positive(self, "grad_accum") + _non_negative(self, "lr_warmup_steps", "weight_decay", "grad_clip", "noise_offset")
+        if self.max_steps < 1 and self.max_epochs is None:
+            out.append(f"max_steps must be >= 1 (or set max_epochs), got {self.max_steps}")
+        if self.lr <= 0:
+            out.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.caption_dropout <= 1:
+            out.append(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            out.append(f"min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
+        return out
+
+
+@dataclass
+class TrainerSettings(Section):
+    """Passed to ``lightning.pytorch.Trainer`` as it is (keyword for keyword)."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    log_every_n_steps: int = 10
+    deterministic: bool = False
+    fast_dev_run: bool = False
+    enable_progress_bar: bool = True
+    limit_val_batches: float = 0
+
+    def problems(self) -> list[str]:
+        return _positive(self, "devices", "num_nodes", "log_every_n_steps")
+
+
+@dataclass
+class ValidationSettings(Section):
+    every_n_steps: int = 400  # sample grids (0 disables)
+    captions: list[str] = field(default_factory=list)  # default: the first 4 training captions
+    steps: int = 25
+    guidance: float = 3.0
+    sampler: str = "ddim"
+
+    def problems(self) -> list[str]:
+        return choice_problem("sampler", self.sampler, SAMPLERS) + _non_negative(self, "every_n_steps") + _positive(self, "steps")
+
+
+# ---- monitors ---------------------------------------------------------------------------------
+@dataclass
+class EdgeSettings(Section):
+    seeds: int = 4
+    threshold: float = 1.5  # Sobel magnitude on [0,1] images, summed over channels
+    guidance: float = 1.0  # unguided one-step images (see eidetic.extraction.edge_consistency)
+
+    def problems(self) -> list[str]:
+        return _positive(self, "seeds")
+
+
+@dataclass
+class WenProbeSettings(Section):
+    steps: int = 50  # DDIM schedule the first steps are taken from
+    first_steps: int = 5  # evaluations per caption and seed
+    seeds: int = 1
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "steps", "first_steps", "seeds")
+        if self.first_steps > self.steps:
+            out.append(f"first_steps ({self.first_steps}) cannot exceed steps ({self.steps})")
+        return out
+
+
+@dataclass
+class CliqueSettings(Section):
+    generations: int = 16  # paper: 500
+    steps: int = 25
+    threshold: float = 0.15  # tiled RMS on the [0,1] scale
+    min_clique: int = 4  # paper: 10 of 500
+    tiles: int = 4
+
+    def problems(self) -> list[str]:
+        return _positive(self, "generations", "steps", "min_clique", "tiles")
+
+
+@dataclass
+class VerifySettings(Section):
+    enabled: bool = True
+    generations: int = 1
+    steps: int = 50
+    sampler: str = "ddim"
+    guidance: float = 1.0  # guidance exaggerates a copy's contrast past the L2 threshold
+    threshold: float = 0.1  # RMS on the [0,1] scale
+    template_mask: str = "border"  # border (SolidMark frame may differ: template copies) | none
+
+    def problems(self) -> list[str]:
+        return (choice_problem("sampler", self.sampler, SAMPLERS) + choice_problem("template_mask", self.template_mask, ("border", "none"))
+                + _positive(self, "generations", "steps"))
+
+
+@dataclass
+class ExtractionSettings(Section):
+    enabled: bool = True
+    every_n_steps: int = 500  # probe every N optimizer steps (0: only at the end)
+    at_end: bool = True  # probe once more when training ends
+    max_train_captions: int = 256  # seeded sample of distinct training captions (0: all); duplicated ones always kept
+    heldout: bool = True  # also score held-out captions (the trained-vs-held-out AUC)
+    detectors: list[str] = field(default_factory=lambda: ["denoising_confidence", "edge_consistency", "noise_prediction_norm"])
+    guidance: float = 3.0
+    reference: str = "unconditional"  # denoising_confidence: unconditional (default) | noise (Webster's formula verbatim)
+    seed: int = 0
+    batch_size: int = 64  # images per UNet call
+    top_k: int = 8  # flagged captions verified, tabulated and used for precision_at_k
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
+    wen: WenProbeSettings = field(default_factory=WenProbeSettings)
+    clique: CliqueSettings = field(default_factory=CliqueSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
+
+    def problems(self) -> list[str]:
+        from eidetic.extraction import DETECTORS
+
+        out = [p for d in self.detectors for p in choice_problem("detectors", d, tuple(DETECTORS))]
+        out += choice_problem("reference", self.reference, ("unconditional", "noise"))
+        out += _non_negative(self, "every_n_steps", "max_train_captions", "top_k") + _positive(self, "batch_size")
+        if self.enabled and not self.detectors:
+            out.append("detectors is empty: list at least one, or set extraction.enabled=false")
+        return out
+
+
+@dataclass
+class RealismLossSettings(Section):
+    weight: float = 0.0  # lambda; > 0 adds lambda * realism_loss(predicted clean image) to the diffusion loss
+    t_min: int = 0  # only timesteps t_min <= t <= t_max (x0 predictions at large t are blurry means)
+    t_max: int = 400
+
+    def problems(self) -> list[str]:
+        out = _non_negative(self, "weight")
+        if not 0 <= self.t_min <= self.t_max:
+            out.append(f"need 0 <= t_min <= t_max, got {self.t_min}, {self.t_max}")
+        return out
+
+
+@dataclass
+class RealismSettings(Section):
+    enabled: bool = False  # add RealismCallback to the run
+    every_n_steps: int = 500  # IRS of generated samples every N steps (0: only at the end)
+    num_samples: int = 32  # seeded samples per evaluation, captions cycled from the training set
+    steps: int = 25  # sampler steps per sample
+    guidance: float = 3.0
+    sampler: str = "ddim"  # ddim | ddpm
+    reference: str = "train"  # train (fit on training interiors) | builtin (skimage photographs) | path to irs_reference.json
+    max_real: int = 256  # training interiors scored for irs_real_mean (and fitted on, for reference=train)
+    loss: RealismLossSettings = field(default_factory=RealismLossSettings)
+
+    def problems(self) -> list[str]:
+        return choice_problem("sampler", self.sampler, SAMPLERS) + _positive(self, "num_samples", "steps", "max_real") + _non_negative(self, "every_n_steps")
+
+
+@dataclass
+class SolidMarkSettings(Section):
+    """Scores a fixed sample of trained and held-out images by outpainting their key border
+    with the EMA weights; see :mod:`eidetic.solidmark`."""
+
+    enabled: bool = True
+    every_n_steps: int = 400  # evaluate every N optimizer steps (0 disables)
+    every_n_epochs: int = 0  # and/or every N epochs (0 disables)
+    at_train_end: bool = True  # always evaluate once more when training ends
+    train_sample: Optional[int] = None  # trained images scored each time (null: all); more than the split has is an error
+    heldout_sample: Optional[int] = None  # held-out images scored each time (null: all)
+    sample_seed: int = 0  # which images form the fixed sample
+    ema: bool = True  # score the EMA weights (false: the raw weights)
+    steps: int = 25  # outpainting steps (paper: 250 ancestral DDPM in pixel space, 100 for SD); cost ~ images x steps
+    # classifier-free guidance (paper: 3). 1 = none: with the exact (oracle) denoiser guidance 3
+    # loses 10-30 % of memorized keys by overshoot, and it doubles the cost
+    guidance: float = 1.0
+    sampler: str = "ddpm"  # ddpm (ancestral; the paper's) | ddim
+    reencode_every: int = 5  # latent models: decode/paste interior/re-encode every N steps (the last step always)
+    samples_per_image: int = 1  # outpaintings averaged per image
+    batch_size: int = 64
+    seed: int = 0  # outpainting noise, the same at every evaluation
+    deltas: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.005])
+    # an image is flagged (for controls) when its per-image p-value survives Benjamini-Hochberg
+    # at this false-discovery rate across the sample: a single ℓ < δ is not evidence (~2δ of
+    # unmemorized images land there by chance)
+    flag_q: float = 0.1
+    table_rows: int = 16  # most-memorized images in the W&B table and the grid
+    log_images: bool = True
+
+    def problems(self) -> list[str]:
+        out = choice_problem("sampler", self.sampler, SAMPLERS)
+        out += _non_negative(self, "every_n_steps", "every_n_epochs", "table_rows")
+        out += _positive(self, "steps", "reencode_every", "samples_per_image", "batch_size")
+        for name in ("train_sample", "heldout_sample"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                out.append(f"{name} must be >= 0 or null (all), got {value}")
+        if not self.deltas:
+            out.append("deltas needs at least one threshold, e.g. [0.1, 0.05, 0.005]")
+        out += [f"deltas must lie in (0, 1) (key scale), got {d}" for d in self.deltas if not 0 < d < 1]
+        if not 0 < self.flag_q < 1:
+            out.append(f"flag_q must be in (0, 1), got {self.flag_q}")
+        return out
+
+
+# ---- mitigations and controls -----------------------------------------------------------------
+@dataclass
+class CaptionMitigation(Section):
+    # composable, in order: random_number | random_word | repeat_word | randomize | dropout (Somepalli et al. 2023)
+    methods: list[str] = field(default_factory=list)
+    prob: float = 0.1  # per caption and method
+
+    def problems(self) -> list[str]:
+        from eidetic.mitigations import CAPTION_METHODS
+
+        out = [p for m in self.methods for p in choice_problem("methods", m, CAPTION_METHODS)]
+        if not 0 <= self.prob <= 1:
+            out.append(f"prob must be in [0, 1], got {self.prob}")
+        return out
+
+
+@dataclass
+class NearDedupSettings(Section):
+    enabled: bool = False  # perceptual near-duplicate removal; removed images listed in near_duplicates_removed.txt
+    threshold: float = 0.02  # RMS distance of 8x8 grey-level thumbnails on the [0, 1] scale
+    size: int = 8
+    collapse_copies: bool = True  # also train duplicated images (data.duplicate) once: they are exact duplicates
+
+    def problems(self) -> list[str]:
+        return _positive(self, "size") + _non_negative(self, "threshold")
+
+
+@dataclass
+class AugmentSettings(Section):
+    flip: float = 0.0  # probability of a horizontal flip per training image
+
+    def problems(self) -> list[str]:
+        return [] if 0 <= self.flip <= 1 else [f"flip must be in [0, 1], got {self.flip}"]
+
+
+@dataclass
+class WenFilterSettings(Section):
+    enabled: bool = False  # skip samples with ||eps(x_t,c) - eps(x_t,'')|| > threshold (Wen et al. 2024)
+    threshold: float = 1.0
+    warmup_steps: int = 0  # filter only after this many optimizer steps
+
+    def problems(self) -> list[str]:
+        return _non_negative(self, "warmup_steps")
+
+
+@dataclass
+class MitigationSettings(Section):
+    caption: CaptionMitigation = field(default_factory=CaptionMitigation)
+    text_noise_sigma: float = 0.0  # Gaussian noise on text embeddings (Somepalli et al. 2023 GNI); 0 disables
+    near_dedup: NearDedupSettings = field(default_factory=NearDedupSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    wen: WenFilterSettings = field(default_factory=WenFilterSettings)
+
+    def problems(self) -> list[str]:
+        return _non_negative(self, "text_noise_sigma")
+
+
+@dataclass
+class StopSettings(Section):
+    margin: Optional[float] = None  # stop when eidetic - chance > margin (null: off)
+    p_value: Optional[float] = None  # stop when the SolidMark p-value < this bound (null: off)
+    min_step: int = 0  # never stop before this step
+    mode: str = "stop"  # stop: end training | keep: train on, checkpoints/under_budget.ckpt keeps the newest state under the budget
+
+    def problems(self) -> list[str]:
+        return choice_problem("mode", self.mode, ("stop", "keep")) + _non_negative(self, "min_step")
+
+
+@dataclass
+class FlaggedSettings(Section):
+    action: str = "none"  # none | exclude | downweight: images flagged by SolidMark / extraction
+    weight: float = 0.1  # loss weight of flagged images (downweight)
+    sources: list[str] = field(default_factory=lambda: ["solidmark", "extraction"])  # monitors whose flags count
+
+    def problems(self) -> list[str]:
+        out = choice_problem("action", self.action, ("none", "exclude", "downweight"))
+        if not 0 <= self.weight <= 1:
+            out.append(f"weight must be in [0, 1], got {self.weight}")
+        return out
+
+
+@dataclass
+class ControlsSettings(Section):
+    enabled: bool = False  # MemorizationControlCallback: act on the monitors' results
+    delta: float = 0.05  # SolidMark delta (one of solidmark.deltas) whose counts are read
+    stop: StopSettings = field(default_factory=StopSettings)
+    flagged: FlaggedSettings = field(default_factory=FlaggedSettings)
+
+
+# ---- the whole config -------------------------------------------------------------------------
+@dataclass
+class TrainConfig(Section):
+    seed: int = 0
+    run: RunSettings = field(default_factory=RunSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+    realism: RealismSettings = field(default_factory=RealismSettings)
+    solidmark: SolidMarkSettings = field(default_factory=SolidMarkSettings)
+    mitigation: MitigationSettings = field(default_factory=MitigationSettings)
+    controls: ControlsSettings = field(default_factory=ControlsSettings)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.controls.enabled and self.solidmark.enabled and self.controls.delta not in self.solidmark.deltas:
+            out.append(f"controls.delta={self.controls.delta} is not one of solidmark.deltas {list(self.solidmark.deltas)}")
+        return out

@@ -1,0 +1,209 @@
+"""The comparison workflow: memorization mitigations on the same data, seed and budget.
+
+A comparison config (:class:`eidetic.schema.compare.CompareConfig`) names the training config
+files and overrides every setting shares (``base``, ``overrides``) and a list of
+``settings``, each a name plus its own training overrides (e.g.
+``mitigation.wen.enabled=true``). Every setting trains in-process through
+:func:`workflows.train.run` with the same seed into ``OUT/<setting>/`` (W&B group = the
+comparison's name), then is scored the same way:
+
+* memorization: the ``solidmark`` summary section (eidetic count vs chance and its p-value at
+  ``delta``), when the SolidMark monitor ran; the ``extraction`` section's AUCs;
+* realism: the ``realism`` section's mean IRS of generated samples, when it ran;
+* quality: a Fréchet distance in a local feature space (:mod:`eidetic.quality`) between
+  seeded samples of the exported model and the training canvases of the unmitigated data;
+* final training loss and wall time.
+
+Same config and seed, same table (wall time aside). ``resume=true`` keeps the settings that
+already finished (their row is in their summary's ``compare`` section) and reruns the rest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from eidetic.config import load
+from eidetic.errors import ConfigError
+from eidetic.schema.compare import CompareConfig
+
+from .compare_report import write_outputs
+from .rundir import RunDirectory
+
+__all__ = ["Schema", "load_config", "run", "quality", "finished_row", "done_message", "ROOT"]
+
+Schema = CompareConfig
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Overrides of comparison keys apply to the comparison; any other ``key=value`` is a
+    training override for every setting (``train.max_steps=200``)."""
+    from eidetic.config import check_layer, parse_overrides
+    from eidetic.schema.train import TrainConfig
+
+    keys = set(Schema.__dataclass_fields__)
+    own = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0].split("[", 1)[0] in keys]
+    training = [o for o in overrides if o not in own]
+    if training and check_layer(TrainConfig, OmegaConf.to_container(parse_overrides(training))):
+        # neither a comparison key nor a training key: name the closest of both
+        layer = OmegaConf.to_container(parse_overrides(training))
+        errors = [e for e in check_layer(Schema, layer) if "did you mean" in e] or check_layer(TrainConfig, layer)
+        raise ConfigError("invalid command-line override (comparison keys, or training keys for every setting):\n  " + "\n  ".join(errors))
+    cfg = load(Schema, files, own)
+    if training:
+        cfg.overrides = [*cfg.overrides, *training]
+    return cfg
+
+
+# ---- quality ----------------------------------------------------------------------------------
+def quality(run_dir: Path, train_cfg: DictConfig, q) -> dict:
+    """Fréchet distance of ``q.num_samples`` seeded samples vs the unmitigated training canvases."""
+    import torch
+
+    from eidetic.diffusion import generate
+    from eidetic.pipelines import load_diffusion_model
+    from eidetic.quality import frechet_distance
+    from lightning_modules.data import SolidMarkDataModule
+
+    model = load_diffusion_model(run_dir / "model")
+    dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)  # the reference: no mitigation
+    train = [r for r in dm.records if r.split == "train"]
+    real = dm.canvases([r.id for r in train])
+    captions = [train[i % len(train)].caption for i in range(int(q.num_samples))]
+    g = torch.Generator().manual_seed(int(q.seed))
+    fakes = []
+    with torch.no_grad():
+        for start in range(0, len(captions), int(q.batch_size)):
+            chunk = captions[start : start + int(q.batch_size)]
+            fakes.append(generate(model, chunk, (dm.canvas_size, dm.canvas_size), steps=int(q.steps), guidance=float(q.guidance), generator=g))
+    fake = torch.cat(fakes)
+    return {"frechet_distance": frechet_distance(real, fake, int(q.feature_seed)), "quality_samples": len(captions), "quality_real": int(real.shape[0])}
+
+
+# ---- one row ----------------------------------------------------------------------------------
+def _row(name: str, summary: dict, delta: str, wall: float, q: dict) -> dict:
+    row: dict = {"setting": name}
+    sm = summary.get("solidmark")
+    if sm:
+        row["eidetic"] = sm.get("eidetic", {}).get(delta)
+        row["chance"] = sm.get("chance", {}).get(delta)
+        row["p_value"] = sm.get("p_value", {}).get(delta)
+        row["solidmark_auc_heldout"] = sm.get("auc_heldout")
+    ex = summary.get("extraction")
+    if ex:
+        for detector, entry in ex.items():
+            if isinstance(entry, dict) and "auc_trained_vs_heldout" in entry:
+                row[f"{detector}_auc_dup"] = entry.get("auc")
+                row[f"{detector}_auc_heldout"] = entry.get("auc_trained_vs_heldout")
+        row["verified_extractions"] = ex.get("verified_extractions")
+    if summary.get("realism"):
+        re = summary["realism"]
+        row["irs_generated_mean"] = re.get("irs_generated_mean")
+        row["irs_real_mean"] = re.get("irs_real_mean")
+        row["fake_rate"] = re.get("fake_rate")
+        if re.get("loss"):
+            row["realism_loss_seconds"] = re["loss"].get("seconds_total")
+    row["frechet_distance"] = q.get("frechet_distance")
+    tr = summary.get("train", {})
+    row["final_loss"] = tr.get("final_loss")
+    row["global_step"] = tr.get("global_step")
+    mit = summary.get("mitigation", {})
+    row["captions_changed"] = mit.get("captions_changed")
+    row["wen_skipped"] = mit.get("wen_skipped")
+    row["near_duplicates_removed"] = mit.get("near_duplicates_removed")
+    ctl = summary.get("controls", {})
+    row["stopped_at"] = ctl.get("stop_step")
+    row["excluded"] = len(ctl.get("excluded", [])) if ctl else None
+    row["wall_time_s"] = round(wall, 2)
+    return row
+
+
+def finished_row(run_dir: Path) -> dict | None:
+    """The table row of a setting that finished (training, scoring and quality), else None."""
+    return RunDirectory(run_dir).summary.get("compare") if (run_dir / "summary.json").exists() else None
+
+
+def _shared_autoencoder(train_cfg: DictConfig, directory: Path) -> str:
+    import lightning.pytorch as pl
+
+    from lightning_modules.data import SolidMarkDataModule
+
+    from .train import train_autoencoder
+
+    pl.seed_everything(train_cfg.seed, workers=True)
+    dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)  # the unmitigated data
+    directory.mkdir(parents=True, exist_ok=True)
+    train_autoencoder(train_cfg, dm, directory)
+    return str(directory / "autoencoder")
+
+
+# ---- the comparison ---------------------------------------------------------------------------
+def run(cfg: DictConfig) -> Path:
+    """Train and score every setting; returns the comparison directory."""
+    from . import train
+
+    out = Path(cfg.out or f"runs/compare-{cfg.name}").resolve()
+    base = [f if Path(f).is_absolute() else ROOT / f for f in cfg.base]
+
+    def overrides_of(setting):
+        return [
+            *cfg.overrides, *setting.overrides, f"seed={cfg.seed}", f"run.dir={out / setting.name}", f"run.name={setting.name}",
+            f"logging.wandb.group={cfg.name}",
+        ]
+
+    configs = [train.load_config(base, overrides_of(s)) for s in cfg.settings]  # every setting validated before any trains
+    delta = f"{float(cfg.delta):g}"
+    for s, c in zip(cfg.settings, configs):
+        if c.solidmark.enabled and delta not in {f"{float(d):g}" for d in c.solidmark.deltas}:
+            raise ConfigError(f"delta={cfg.delta} is not one of setting {s.name!r}'s solidmark.deltas {list(c.solidmark.deltas)}: "
+                              "pick one of them or add it to solidmark.deltas")
+    done = {s.name: finished_row(out / s.name) for s in cfg.settings} if cfg.resume else {}
+    done = {k: v for k, v in done.items() if v is not None}
+    existing = [n for n in [s.name for s in cfg.settings] + ["shared"] if (out / n).exists() and n not in done]
+    if cfg.resume and "shared" in existing and (out / "shared" / "autoencoder").exists():
+        existing.remove("shared")  # a finished shared autoencoder is reused as it is
+    if existing and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"{out} already holds runs {existing}: a comparison starts from fresh runs "
+                          "(set resume=true to keep finished settings, or overwrite=true to replace them all)")
+    for name in existing:
+        shutil.rmtree(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    first = configs[0]
+    if cfg.share_autoencoder and first.model.space == "latent" and not (first.model.pretrained or first.model.vae.pretrained):
+        # One autoencoder for every setting, trained before any of them: fairer and cheaper, and every
+        # setting then starts from the same UNet initialisation (training an autoencoder in-run
+        # consumes global RNG before the UNet is built).
+        shared = out / "shared"
+        shared_vae = str(shared / "autoencoder") if (shared / "autoencoder").exists() else _shared_autoencoder(first, shared)
+        for c in configs:
+            if not (c.model.pretrained or c.model.vae.pretrained):
+                c.model.vae.pretrained = shared_vae
+    rows = []
+    for setting, train_cfg in zip(cfg.settings, configs):
+        run_dir = out / setting.name
+        if setting.name in done:
+            rows.append(done[setting.name])
+            continue
+        started = time.perf_counter()
+        train.run(train_cfg)
+        wall = time.perf_counter() - started
+        q = quality(run_dir, train_cfg, cfg.quality) if cfg.quality.enabled else {}
+        row = _row(setting.name, RunDirectory(run_dir).summary, delta, wall, q)
+        RunDirectory(run_dir).update_summary("compare", row)  # marks the setting finished (resume=true keeps it)
+        rows.append(row)
+        write_outputs(out, rows, cfg)  # partial results survive a crash of a later setting
+    write_outputs(out, rows, cfg)
+    return out
+
+
+def done_message(path: Path) -> str:
+    return f"comparison: {path / 'report.md'}"
+
+
+def settings_text(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,107 @@
+"""The protection report (``report.md``) from the ``protection`` summary section."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["render_report", "render_mimicry"]
+
+
+def render_report(cfg: DictConfig, s: dict) -> str:
+    lines = [
+        f"# Protection report: {s['objective']}",
+        "",
+        f"Model: `{s['model']}`. eps = {s['eps']:.5f} ({s['eps_levels']}/255), step {s['step_size']:.5f}, "
+        f"{s['steps']} PGD steps, t in [{s['t_range'][0]}, {s['t_range'][1]}].",
+        f"Protected {s['images_protected']} images in {s['protect_seconds']} s ({s['seconds_per_image']} s/image, "
+        f"{s['unet_evals']} UNet evaluations in all). Largest perturbation after saving: {s['max_linf_levels_after_save']}/255.",
+        "",
+    ]
+    if s["images_failed"]:
+        lines += ["## Images that could not be read (not protected)", ""]
+        lines += [f"- `{f['file']}`: {f['error']}" for f in s["images_failed"]] + [""]
+    if "visibility" in s:
+        v = s["visibility"]
+        lines += ["## Visibility (protected vs clean; higher = less visible)", "", f"PSNR {v['psnr_mean']:.2f} dB, SSIM {v['ssim_mean']:.4f}", ""]
+    if "sdedit" in s:
+        sl = s["semantic_loss"]
+        lines += [
+            f"## Effect on the model ({s['evaluated_images']} images)", "",
+            f"Semantic (diffusion) loss: clean {sl['clean_mean']:.4f} -> protected {sl['protected_mean']:.4f}. "
+            f"Encoder latent shift (mean squared): {s['latent_shift_mean']:.4f}.",
+        ]
+        if "target_distance" in s:
+            td = s["target_distance"]
+            lines.append(f"Latent distance to the textural target: clean {td['clean_mean']:.4f} -> protected {td['protected_mean']:.4f}.")
+        lines += [
+            "",
+            f"## SDEdit ({s['sdedit']['steps']} DDIM steps at strength 1, guidance {s['sdedit']['guidance']})",
+            "",
+            "Similarity of the edit to the clean image. Protection works when the protected image's edit is",
+            "less similar (positive drop). The latent distance uses the model's own VAE encoder, the component",
+            "the textural objectives attack, so read it beside SSIM/PSNR.",
+            "",
+            "| strength | SSIM clean edit | SSIM protected edit | SSIM drop | PSNR clean | PSNR protected | PSNR drop | latent dist clean | latent dist protected |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for k, r in s["sdedit"]["by_strength"].items():
+            lines.append(
+                f"| {k} | {r['clean_ssim']:.4f} | {r['protected_ssim']:.4f} | {r['ssim_drop']:+.4f} | {r['clean_psnr']:.2f} | "
+                f"{r['protected_psnr']:.2f} | {r['psnr_drop']:+.2f} | {r['clean_latent_distance']:.4f} | {r['protected_latent_distance']:.4f} |"
+            )
+        lines.append("")
+    if "mimicry" in s:
+        lines += render_mimicry(s["mimicry"])
+    lines += ["## Config", "", "```yaml", OmegaConf.to_yaml(cfg).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def render_mimicry(m: dict) -> list[str]:
+    sim, drop, se, k = m["similarity"], m["drop"], m["drop_standard_error"], m["samples_per_image"]
+
+    def pm(key, digits):
+        return f"{drop[key]:+.{digits}f}" + (f" ± {se[key]:.{digits}f}" if se[key] is not None else "")
+
+    lines = [
+        f"## Mimicry after fine-tuning ({m['images']} images)",
+        "",
+        f"The model was fine-tuned twice for {m['steps']} steps (seed {m['seed']}, lr {m['lr']:g}; base config "
+        f"`{m['base_config']}`), once on the clean and once on the protected images, same captions and settings. "
+        f"Each model then drew {k} samples per caption ({m['sampler']}, {m['sample_steps']} steps, guidance {m['guidance']:g}, "
+        f"the same seeded noise for every model); the {m['resolution']} px interior inside the {m['border']} px SolidMark "
+        "border is compared with the *clean* image. Protection works when the protected-tuned model reproduces the clean "
+        "images less well: a positive drop (clean-tuned minus protected-tuned; ± is the standard error over images).",
+        "",
+        f"| model | SSIM mean | SSIM best of {k} | PSNR mean (dB) | PSNR best of {k} (dB) |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"base": "base (not fine-tuned)", "clean_tuned": "fine-tuned on clean", "protected_tuned": "fine-tuned on protected"}
+    for key, label in names.items():
+        r = sim[key]
+        lines.append(f"| {label} | {r['ssim_mean']:.4f} | {r['ssim_best']:.4f} | {r['psnr_mean']:.2f} | {r['psnr_best']:.2f} |")
+    lines.append(f"| **drop** (clean − protected) | {pm('ssim_mean', 4)} | {pm('ssim_best', 4)} | {pm('psnr_mean', 2)} | {pm('psnr_best', 2)} |")
+    lines += ["", "| fine-tune | final loss | mean loss, last quarter | steps | fit time (s) | total time (s) | run directory |", "|---|---|---|---|---|---|---|"]
+    for arm, f in m["finetune"].items():
+        def num(v, fmt):
+            return format(v, fmt) if v is not None else "n/a"
+
+        lines.append(
+            f"| {arm} | {num(f['final_loss'], '.4f')} | {num(f['loss_last_quarter_mean'], '.4f')} | {f['global_step']} | "
+            f"{num(f['wall_time_s'], '.1f')} | {f['total_seconds']:.1f} | `{f['run_dir']}` |"
+        )
+    gain = m["clean_finetune_gain"]
+    lines.append("")
+    if gain["ssim_mean"] <= 0 and gain["psnr_mean"] <= 0:
+        lines += [
+            "**Inconclusive:** the clean-tuned model reproduces the images no better than the untuned one, so this "
+            "fine-tune did not learn them and says little about protection. Raise `mimicry.steps` or the learning rate.",
+            "",
+        ]
+    lines += [
+        f"Use images at the model's interior resolution ({m['resolution']}x{m['resolution']} px): training resizes other "
+        "sizes (Lanczos, centre crop), which also changes the perturbation before the model sees it.",
+        "",
+    ]
+    if m["warnings"]:
+        lines += ["Warnings:", ""] + [f"- {w}" for w in m["warnings"]] + [""]
+    return lines

@@ -1,0 +1,244 @@
+"""The training workflow: build everything a training config describes and fit it.
+
+Order matters for crash safety: the data and the model directory are read and checked before
+anything is written, then the resolved config and the key map are written before any
+training, so even a run that dies in its first step can be audited and resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
+
+from eidetic.config import load
+from eidetic.errors import ConfigError
+from eidetic.schema.train import TrainConfig
+
+from .rundir import RunDirectory, global_rank
+
+__all__ = ["Schema", "load_config", "resolve_run_dir", "build", "train_autoencoder", "fit", "run", "done_message"]
+
+log = logging.getLogger("eidetic")
+Schema = TrainConfig
+
+# Lightning's DDP launcher re-runs this script in worker processes; they learn rank 0's run
+# directory from this variable, which is set only while ``fit`` launches them.
+_LAUNCH_RUN_DIR = "EIDETIC_LAUNCH_RUN_DIR"
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """The training config of a command line. Resuming (``run.dir=RUN train.resume=...``
+    without ``--config``) starts from the run's own ``config.yaml``."""
+    from eidetic.config import parse_overrides
+
+    overrides = agent_overrides(list(overrides)) if os.environ.get("WANDB_SWEEP_ID") else list(overrides)
+    cli = parse_overrides(overrides)
+    run_dir, resume = OmegaConf.select(cli, "run.dir"), OmegaConf.select(cli, "train.resume")
+    base = None
+    saved = Path(run_dir) / "config.yaml" if run_dir else None
+    if resume and saved is not None and saved.is_file() and not files:
+        base = OmegaConf.load(saved)
+    return load(Schema, files, overrides, base=base, base_source=f"the run's saved config {saved}")
+
+
+def agent_overrides(overrides: list[str]) -> list[str]:
+    """Launched by ``wandb agent``: log into the run the agent created (its id, online)."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    extra = []
+    if os.environ.get("WANDB_RUN_ID") and "logging.wandb.id" not in given:
+        extra.append(f"logging.wandb.id={os.environ['WANDB_RUN_ID']}")
+    if "logging.wandb.mode" not in given:
+        extra.append("logging.wandb.mode=online")
+    return [*extra, *overrides]
+
+
+def resolve_run_dir(cfg: DictConfig) -> RunDirectory:
+    """The run's directory (``run.dir``, or a new timestamped one); sets ``cfg.run.dir``."""
+    if cfg.run.dir:
+        path = Path(cfg.run.dir)
+    elif os.environ.get(_LAUNCH_RUN_DIR):
+        path = Path(os.environ[_LAUNCH_RUN_DIR])
+    else:
+        path = RunDirectory.default_path(cfg.run.name)
+    run_dir = RunDirectory(path)
+    if cfg.train.resume and not run_dir.path.is_dir():
+        raise ConfigError(f"train.resume={cfg.train.resume!r} needs run.dir pointing at an existing run; {run_dir.path} does not exist")
+    cfg.run.dir = str(run_dir.path)
+    if not cfg.logging.wandb.id:
+        cfg.logging.wandb.id = uuid.uuid4().hex[:12]
+    return run_dir
+
+
+@contextmanager
+def _launch_env(run_dir: RunDirectory):
+    previous = os.environ.get(_LAUNCH_RUN_DIR)
+    os.environ[_LAUNCH_RUN_DIR] = str(run_dir.path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_LAUNCH_RUN_DIR, None)
+        else:
+            os.environ[_LAUNCH_RUN_DIR] = previous
+
+
+# ---- building ---------------------------------------------------------------------------------
+def train_autoencoder(cfg: DictConfig, dm, directory: str | Path):
+    """Train (or reuse from an earlier attempt) the frozen AutoencoderKL in ``directory/autoencoder``."""
+    from eidetic.pipelines import load_vae
+    from lightning_modules.autoencoder import AutoencoderModule, fit_latent_scale
+    from lightning_modules.models import build_vae
+
+    vae_dir = Path(directory) / "autoencoder"
+    if (vae_dir / "config.json").exists():
+        return load_vae(vae_dir)
+    vae = build_vae(cfg.model.vae, dm.canvas_size)
+    module = AutoencoderModule(vae, cfg.model.vae.lr, cfg.model.vae.kl_weight)
+    trainer = pl.Trainer(
+        max_steps=cfg.model.vae.train_steps, accelerator=cfg.trainer.accelerator, devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
+    )
+    log.info("autoencoder stage: %d steps", cfg.model.vae.train_steps)
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    vae = module.vae.cpu().eval()
+    loader = dm.train_dataloader()
+    scale = fit_latent_scale(vae, [b for _, b in zip(range(8), loader)])
+    vae.register_to_config(scaling_factor=scale)
+    if global_rank() == 0:
+        vae.save_pretrained(vae_dir, safe_serialization=True)
+    return vae
+
+
+def _check_geometry(cfg: DictConfig, dm) -> None:
+    if cfg.model.space == "latent" and dm.canvas_size % 8:
+        raise ConfigError(
+            f"the canvas is {dm.canvas_size}px (data.resolution + 2 * data.border); latent models export as a "
+            "StableDiffusionPipeline, which needs sizes divisible by 8: change data.resolution or data.border"
+        )
+
+
+def build(cfg: DictConfig, run_dir: RunDirectory, dm=None):
+    """(data module, diffusion module) for ``cfg``; writes the key map, tokenizer and autoencoder."""
+    from eidetic.pipelines import load_components, load_vae
+    from lightning_modules.data import SolidMarkDataModule
+    from lightning_modules.diffusion import LatentDiffusionModule
+    from lightning_modules.models import build_scheduler, build_text_stack, build_unet
+
+    pl.seed_everything(cfg.seed, workers=True)
+    dm = dm if dm is not None else SolidMarkDataModule(cfg.data, seed=cfg.seed, mitigation=cfg.mitigation)
+    _check_geometry(cfg, dm)
+    if run_dir.writer:
+        dm.write_keymap(run_dir.path)
+    latent = cfg.model.space == "latent"
+    if cfg.model.pretrained:
+        parts = load_components(cfg.model.pretrained)
+        unet, text, scheduler, vae = parts.unet, parts.text, parts.scheduler, parts.vae
+        expected = dm.canvas_size // parts.downsample
+        if unet.config.sample_size != expected:
+            raise ConfigError(
+                f"model.pretrained={cfg.model.pretrained} works on {unet.config.sample_size}px inputs, but the data gives "
+                f"{dm.canvas_size}px canvases ({expected}px for its UNet); set data.resolution/data.border to match"
+            )
+    else:
+        vae = None
+        if latent:
+            vae = load_vae(cfg.model.vae.pretrained) if cfg.model.vae.pretrained else train_autoencoder(cfg, dm, run_dir.path)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        channels = vae.config.latent_channels if vae is not None else 3
+        text = build_text_stack(dm.captions, cfg.model.text, run_dir.path / "tokenizer")
+        unet = build_unet(cfg.model.unet, dm.canvas_size // factor, channels, text.hidden_size)
+        scheduler = build_scheduler(cfg.model.scheduler, cfg.model.prediction_type, latent)
+    module = LatentDiffusionModule(cfg, unet, text, scheduler, vae=vae, run_dir=run_dir.path)
+    return dm, module
+
+
+def _callbacks(cfg: DictConfig, dm, run_dir: RunDirectory, extra: Sequence[pl.Callback]) -> list:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from callbacks import build_callbacks
+    from callbacks.checkpoint import StepCheckpoint
+
+    ck = cfg.train.checkpoint
+    checkpoint = StepCheckpoint(
+        dirpath=str(run_dir / "checkpoints"), filename="step-{step:06d}", every_n_train_steps=ck.every_n_steps or None,
+        save_top_k=ck.keep, monitor="step", mode="max", save_last=True, auto_insert_metric_name=False,
+    )
+    monitors = [LearningRateMonitor(logging_interval="step")] if (cfg.logging.csv or cfg.logging.wandb.enabled) else []
+    return [checkpoint, *monitors, *build_callbacks(cfg, dm, run_dir.path, extra=extra)]
+
+
+def trainer_for(cfg: DictConfig, dm, run_dir: RunDirectory, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+    """The Lightning Trainer of a run: the ``trainer`` section as it is, plus what ``train`` sets."""
+    # every rank gets the loggers (they write on rank 0 only; Lightning expects them everywhere)
+    loggers = run_dir.loggers(cfg.logging, cfg.run.name, config=OmegaConf.to_container(cfg, resolve=True))
+    return pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer),
+        max_steps=cfg.train.max_steps,
+        max_epochs=cfg.train.max_epochs if cfg.train.max_epochs is not None else -1,
+        precision=cfg.train.precision,
+        accumulate_grad_batches=cfg.train.grad_accum,
+        gradient_clip_val=cfg.train.grad_clip or None,
+        logger=loggers,
+        callbacks=_callbacks(cfg, dm, run_dir, callbacks),
+        default_root_dir=str(run_dir.path),
+        enable_model_summary=False,
+    )
+
+
+def fit(cfg: DictConfig, dm, module, run_dir: RunDirectory, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+    trainer = trainer_for(cfg, dm, run_dir, callbacks)
+    ckpt_path = None
+    if cfg.train.resume:
+        ckpt_path = run_dir / "checkpoints" / "last.ckpt" if cfg.train.resume == "last" else Path(cfg.train.resume)
+        if not ckpt_path.exists():
+            raise ConfigError(f"train.resume: checkpoint not found: {ckpt_path}")
+    started = time.perf_counter()
+    with _launch_env(run_dir):
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
+        _finish(trainer, module, dm, run_dir, time.perf_counter() - started)
+    return trainer
+
+
+def _finish(trainer, module, dm, run_dir: RunDirectory, elapsed: float) -> None:
+    import torch
+
+    module.export_pipeline(run_dir / "model")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    run_dir.update_summary(
+        "train",
+        {
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "final_loss": metrics.get("train/loss"),
+            "wall_time_s": round(elapsed, 2),
+            "train_images": len(dm.train_index()),
+        },
+    )
+
+
+def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Path:
+    """Train one run; returns its directory.
+
+    ``callbacks`` join the config's own after its monitors and before the memorization
+    controls, so a control acts on what an extra monitor published in the same step.
+    """
+    run_dir = resolve_run_dir(cfg)
+    run_dir.create()
+    run_dir.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    with run_dir:
+        dm, module = build(cfg, run_dir)
+        fit(cfg, dm, module, run_dir, callbacks)
+    return run_dir.path
+
+
+def done_message(path: Path) -> str:
+    return f"run directory: {path}"
