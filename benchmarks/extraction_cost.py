@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 
-from eidetic import extraction as ex  # noqa: E402
+from eidetic import extraction  # noqa: E402
 from eidetic.borders import add_border, make_keys  # noqa: E402
 from eidetic.diffusion import DiffusionModel  # noqa: E402
 from eidetic.oracle import EmpiricalDenoiser  # noqa: E402
@@ -106,13 +106,13 @@ def main(argv=None) -> dict:
     g = args.guidance
 
     detectors = {
-        "denoising_confidence": lambda: ex.denoising_confidence(model, captions, shape, guidance=g),
-        "denoising_confidence_literal": lambda: ex.denoising_confidence(model, captions, shape, guidance=g, reference="noise"),
-        "edge_consistency": lambda: ex.edge_consistency(model, captions, shape),
-        "noise_prediction_norm": lambda: ex.noise_prediction_norm(
+        "denoising_confidence": lambda: extraction.denoising_confidence(model, captions, shape, guidance=g),
+        "denoising_confidence_literal": lambda: extraction.denoising_confidence(model, captions, shape, guidance=g, reference="noise"),
+        "edge_consistency": lambda: extraction.edge_consistency(model, captions, shape),
+        "noise_prediction_norm": lambda: extraction.noise_prediction_norm(
             model, captions, shape, steps=args.wen_steps, first_steps=args.wen_first_steps, guidance=g
         ),
-        "clique": lambda: ex.clique_detector(
+        "clique": lambda: extraction.clique_detector(
             model, captions, shape, generations=args.clique_generations, steps=args.clique_steps,
             guidance=g, min_clique=args.clique_min, tiles=4,
         ),
@@ -124,11 +124,11 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         r = run()
         seconds = time.perf_counter() - start
-        results[name] = {"auc": ex.auc(r.scores, memorized), "evals": r.unet_evals_per_caption, "seconds": seconds}
+        results[name] = {"auc": extraction.auc(r.scores, memorized), "evals": r.unet_evals_per_caption, "seconds": seconds}
         print(f"{name:32s} {results[name]['auc']:6.3f} {r.unet_evals_per_caption:14.2f} {seconds:8.2f}")
         if name == "clique":
             flagged = [c for c, f in zip(captions, r.flagged.tolist()) if f]
-    verified = ex.verify_extractions(model, flagged, canvases, train_captions, steps=args.clique_steps, guidance=args.verify_guidance) if flagged else None
+    verified = extraction.verify_extractions(model, flagged, canvases, train_captions, steps=args.clique_steps, guidance=args.verify_guidance) if flagged else None
     n_verified = verified.count if verified else 0
     print(f"clique flagged {len(flagged)} captions; {n_verified} verified as copies of a training image")
 

@@ -80,7 +80,7 @@ def build_model(args, device):
 def worker(args) -> dict:
     import torch
 
-    from eidetic import protection as P
+    from eidetic import protection
 
     device = torch.device(args.device)
     model = build_model(args, device)
@@ -97,7 +97,7 @@ def worker(args) -> dict:
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     start = time.perf_counter()
-    P.protect_images(model, images, cond, args.worker, steps=args.steps, generator=torch.Generator().manual_seed(2))
+    protection.protect_images(model, images, cond, args.worker, steps=args.steps, generator=torch.Generator().manual_seed(2))
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -114,7 +114,7 @@ def worker(args) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        P.protect_images(model, images, cond, args.worker, steps=1, generator=torch.Generator().manual_seed(2))
+        protection.protect_images(model, images, cond, args.worker, steps=1, generator=torch.Generator().manual_seed(2))
     return {"objective": args.worker, "seconds": seconds, "peak_bytes": peak - base, "base_bytes": base, "saved_for_backward_bytes": sum(storages.values())}
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from eidetic import extraction as ex
+from eidetic import extraction
 from eidetic.stats import rank_auc
 from eidetic.borders import add_border, border_mask
 from eidetic.diffusion import DiffusionModel
@@ -91,7 +91,7 @@ def setup():
     return Setup()
 
 
-def assert_separates(result: ex.ProbeResult, memorized: torch.Tensor):
+def assert_separates(result: extraction.ProbeResult, memorized: torch.Tensor):
     single, group = result.scores[memorized.bool()], result.scores[~memorized.bool()]
     assert rank_auc(result.scores, memorized) == pytest.approx(1.0)
     assert single.min() > group.max(), f"{result.name}: single {single.tolist()} vs group {group.tolist()}"
@@ -101,14 +101,14 @@ def assert_separates(result: ex.ProbeResult, memorized: torch.Tensor):
 
 
 def test_denoising_confidence_flags_single_image_captions(setup):
-    result = ex.denoising_confidence(setup.model, setup.captions, (SIZE, SIZE), guidance=3.0, batch_size=5)
+    result = extraction.denoising_confidence(setup.model, setup.captions, (SIZE, SIZE), guidance=3.0, batch_size=5)
     assert_separates(result, setup.memorized)
 
 
 def test_literal_webster_score_is_the_squared_guided_noise_prediction(setup):
     """reference='noise' is mean((sigma_max z - x0)^2) = sigma_max^2 mean(eps^2)."""
     model = setup.model
-    result = ex.denoising_confidence(model, setup.captions[:3], (SIZE, SIZE), reference="noise", seed=5)
+    result = extraction.denoising_confidence(model, setup.captions[:3], (SIZE, SIZE), reference="noise", seed=5)
     t = model.num_train_timesteps - 1
     z = torch.randn((1, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(5)).expand(3, -1, -1, -1)
     eps = model.predict_noise(z, t, setup.encode(setup.captions[:3]), setup.encode([""]), 3.0)
@@ -119,21 +119,21 @@ def test_literal_webster_score_is_the_squared_guided_noise_prediction(setup):
 
 
 def test_edge_consistency_flags_single_image_captions(setup):
-    result = ex.edge_consistency(setup.model, setup.captions, (SIZE, SIZE), seeds=4, batch_size=16, return_images=True)
+    result = extraction.edge_consistency(setup.model, setup.captions, (SIZE, SIZE), seeds=4, batch_size=16, return_images=True)
     assert_separates(result, setup.memorized)
     # the one-step image of a single-image caption is its training image
     torch.testing.assert_close(result.images[0], setup.images[0], atol=2e-2, rtol=0)
 
 
 def test_noise_prediction_norm_flags_single_image_captions(setup):
-    result = ex.noise_prediction_norm(setup.model, setup.captions, (SIZE, SIZE), steps=20, first_steps=3, batch_size=7)
+    result = extraction.noise_prediction_norm(setup.model, setup.captions, (SIZE, SIZE), steps=20, first_steps=3, batch_size=7)
     assert_separates(result, setup.memorized)
 
 
 def test_clique_detector_flags_exactly_the_single_image_captions(setup):
     # unguided: guidance > 1 extrapolates past the oracle's posterior mean, and some noise draws
     # of a copied caption then end on another training image
-    result = ex.clique_detector(
+    result = extraction.clique_detector(
         setup.model, setup.captions, (SIZE, SIZE), generations=8, steps=6, guidance=1.0, min_clique=5, threshold=0.05, batch_size=32
     )
     assert_separates(result, setup.memorized)
@@ -149,36 +149,36 @@ def test_evaluation_counts_are_exact(setup):
     m = setup.model
 
     setup.reset_counts()
-    r = ex.denoising_confidence(m, setup.captions, (SIZE, SIZE), guidance=3.0, batch_size=5)
+    r = extraction.denoising_confidence(m, setup.captions, (SIZE, SIZE), guidance=3.0, batch_size=5)
     # one unconditional reference image, then ceil(n / 5) guided calls of cond+uncond pairs
     assert setup.unet.batches == [1] + [2 * min(5, n - s) for s in range(0, n, 5)]
     assert r.unet_evals == m.unet_evals == n + 1
 
     setup.reset_counts()
-    r = ex.denoising_confidence(m, setup.captions, (SIZE, SIZE), reference="noise", batch_size=64)
+    r = extraction.denoising_confidence(m, setup.captions, (SIZE, SIZE), reference="noise", batch_size=64)
     assert setup.unet.batches == [2 * n] and r.unet_evals == m.unet_evals == n
 
     setup.reset_counts()
-    r = ex.edge_consistency(m, setup.captions, (SIZE, SIZE), seeds=4, guidance=1.0, batch_size=16)
+    r = extraction.edge_consistency(m, setup.captions, (SIZE, SIZE), seeds=4, guidance=1.0, batch_size=16)
     assert sum(setup.unet.batches) == 4 * n and max(setup.unet.batches) <= 16
     assert r.unet_evals == m.unet_evals == 4 * n and r.unet_evals_per_caption == 4
 
     setup.reset_counts()
-    r = ex.edge_consistency(m, setup.captions, (SIZE, SIZE), seeds=4, guidance=3.0, batch_size=16)
+    r = extraction.edge_consistency(m, setup.captions, (SIZE, SIZE), seeds=4, guidance=3.0, batch_size=16)
     assert sum(setup.unet.batches) == 2 * 4 * n and r.unet_evals == m.unet_evals == 4 * n
 
     setup.reset_counts()
-    r = ex.noise_prediction_norm(m, setup.captions, (SIZE, SIZE), steps=20, first_steps=3, seeds=2, batch_size=8)
+    r = extraction.noise_prediction_norm(m, setup.captions, (SIZE, SIZE), steps=20, first_steps=3, seeds=2, batch_size=8)
     assert len(setup.unet.batches) == 3 * math.ceil(n / 4)  # 8 // 2 seeds = 4 captions per batch
     assert sum(setup.unet.batches) == 2 * 3 * 2 * n and r.unet_evals == m.unet_evals == 3 * 2 * n
 
     setup.reset_counts()
-    r = ex.clique_detector(m, setup.captions[:3], (SIZE, SIZE), generations=4, steps=5, batch_size=8)
+    r = extraction.clique_detector(m, setup.captions[:3], (SIZE, SIZE), generations=4, steps=5, batch_size=8)
     assert sum(setup.unet.batches) == 2 * 4 * 5 * 3 and r.unet_evals == m.unet_evals == 4 * 5 * 3
     assert r.unet_evals_per_caption == 20
 
     setup.reset_counts()
-    v = ex.verify_extractions(m, setup.captions[:2], setup.images, generations=2, steps=5)
+    v = extraction.verify_extractions(m, setup.captions[:2], setup.images, generations=2, steps=5)
     assert sum(setup.unet.batches) == 2 * 2 * 5 * 2 and v.unet_evals == m.unet_evals == 2 * 5 * 2
 
 
@@ -196,13 +196,13 @@ def test_edge_consistency_high_for_identical_sharp_images_low_otherwise():
     blurry = F.conv2d(F.pad(sharp, (3, 3, 3, 3), mode="replicate"), kernel, groups=3)
     blurry = blurry.expand(4, -1, -1, -1).unsqueeze(1)
 
-    high = float(ex.edge_consistency_of_images(identical))
+    high = float(extraction.edge_consistency_of_images(identical))
     assert high > 0.3
     for name, images in [("noise", noise), ("blurry", blurry), ("independent sharp", independent_sharp)]:
-        low = float(ex.edge_consistency_of_images(images))
+        low = float(extraction.edge_consistency_of_images(images))
         assert low < 0.5 * high, f"{name}: {low} vs identical sharp {high}"
     # a flat image has no edges at all, including at the image border
-    assert float(ex.edge_consistency_of_images(torch.zeros(4, 1, 3, 8, 8))) == 0.0
+    assert float(extraction.edge_consistency_of_images(torch.zeros(4, 1, 3, 8, 8))) == 0.0
 
 
 def test_edge_consistency_needs_a_strict_majority_of_seeds():
@@ -211,8 +211,8 @@ def test_edge_consistency_needs_a_strict_majority_of_seeds():
     flat = torch.full_like(img, -1.0)
     two_of_four = torch.stack([img, img, flat, flat])
     three_of_four = torch.stack([img, img, img, flat])
-    assert float(ex.edge_consistency_of_images(two_of_four)) == 0.0
-    assert float(ex.edge_consistency_of_images(three_of_four)) == pytest.approx(2 / 8)  # columns 3 and 4
+    assert float(extraction.edge_consistency_of_images(two_of_four)) == 0.0
+    assert float(extraction.edge_consistency_of_images(three_of_four)) == pytest.approx(2 / 8)  # columns 3 and 4
 
 
 # ---- clique helpers ------------------------------------------------------------------------
@@ -225,21 +225,21 @@ def test_largest_clique_size():
             adj[i, j] = True
     adj[4, 5] = adj[5, 4] = adj[5, 6] = adj[6, 5] = True  # a path: cliques of 2
     adj[3, 4] = adj[4, 3] = True
-    assert ex.largest_clique_size(adj) == 4
-    assert ex.largest_clique_size(torch.eye(5, dtype=torch.bool)) == 1
-    assert ex.largest_clique_size(torch.ones(30, 30, dtype=torch.bool)) == 30
+    assert extraction.largest_clique_size(adj) == 4
+    assert extraction.largest_clique_size(torch.eye(5, dtype=torch.bool)) == 1
+    assert extraction.largest_clique_size(torch.ones(30, 30, dtype=torch.bool)) == 30
 
 
 def test_tiled_distance_sees_a_local_difference_that_global_l2_dilutes():
     a = torch.zeros(1, 3, 16, 16)
     b = a.clone()
     b[..., :4, :4] = 1.0  # one tile differs by 0.5 on the [0, 1] scale
-    d = ex.tiled_rms_distance(torch.cat([a, b]), torch.cat([a, b]), tiles=4)
+    d = extraction.tiled_rms_distance(torch.cat([a, b]), torch.cat([a, b]), tiles=4)
     assert d[0, 0] == 0 and d[0, 1] == pytest.approx(0.5)
     global_rms = ((a - b) / 2).pow(2).mean().sqrt()
     assert global_rms < 0.2
     with pytest.raises(ValueError, match="tiles"):
-        ex.tiled_rms_distance(torch.zeros(1, 3, 10, 10), torch.zeros(1, 3, 10, 10), tiles=4)
+        extraction.tiled_rms_distance(torch.zeros(1, 3, 10, 10), torch.zeros(1, 3, 10, 10), tiles=4)
 
 
 # ---- verification --------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_verification_labels_matching_template_and_none():
     reference[1] = add_border(interiors[1:2], torch.tensor([0.2]), thickness=2)[0]
     reference[2] = add_border(rectangles(1, 8, gen), torch.tensor([0.9]), thickness=2)[0]
     mask = border_mask(12, 12, 2)
-    v = ex.verify_extractions(
+    v = extraction.verify_extractions(
         model, captions, reference, captions, steps=10, threshold=0.05, mask=mask
     )
     assert v.labels == ["matching", "template", "none"]
@@ -275,19 +275,19 @@ def test_verification_labels_matching_template_and_none():
 
 def test_bad_inputs_are_explained(setup):
     with pytest.raises(TypeError, match="single string"):
-        ex.denoising_confidence(setup.model, "single 0", (SIZE, SIZE))
+        extraction.denoising_confidence(setup.model, "single 0", (SIZE, SIZE))
     with pytest.raises(ValueError, match="empty"):
-        ex.edge_consistency(setup.model, [], (SIZE, SIZE))
+        extraction.edge_consistency(setup.model, [], (SIZE, SIZE))
     with pytest.raises(ValueError, match="reference"):
-        ex.denoising_confidence(setup.model, ["single 0"], (SIZE, SIZE), reference="zero")
+        extraction.denoising_confidence(setup.model, ["single 0"], (SIZE, SIZE), reference="zero")
     with pytest.raises(ValueError, match="first_steps"):
-        ex.noise_prediction_norm(setup.model, ["single 0"], (SIZE, SIZE), steps=3, first_steps=5)
+        extraction.noise_prediction_norm(setup.model, ["single 0"], (SIZE, SIZE), steps=3, first_steps=5)
     with pytest.raises(ValueError, match="mask"):
-        ex.verify_extractions(setup.model, ["single 0"], setup.images, mask=torch.zeros(4, 4, dtype=torch.bool))
+        extraction.verify_extractions(setup.model, ["single 0"], setup.images, mask=torch.zeros(4, 4, dtype=torch.bool))
 
 
 def test_precision_at_k():
     scores = torch.tensor([0.9, 0.8, 0.1, 0.7, 0.2])
     labels = torch.tensor([1, 1, 0, 0, 0])
-    assert ex.precision_at_k(scores, labels, 2) == 1.0
-    assert ex.precision_at_k(scores, labels, 3) == pytest.approx(2 / 3)
+    assert extraction.precision_at_k(scores, labels, 2) == 1.0
+    assert extraction.precision_at_k(scores, labels, 3) == pytest.approx(2 / 3)

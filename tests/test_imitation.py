@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from eidetic import imitation as im
+from eidetic import imitation
 
 NON_BLIND = ["gaussian_blur", "unsharp_mask", "tv_denoise", "bicubic_sr"]
 BLIND = ["blind_blur", "blind_noise"]
@@ -19,13 +19,13 @@ BLIND = ["blind_blur", "blind_noise"]
 
 @pytest.fixture(scope="module")
 def patch():
-    return im.center_crop(im.load_image("astronaut"), 64)
+    return imitation.center_crop(imitation.load_image("astronaut"), 64)
 
 
 # ---- teachers -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NON_BLIND)
 def test_non_blind_teacher_is_a_fixed_operator(name, patch):
-    teacher = im.build_teacher(name)
+    teacher = imitation.build_teacher(name)
     assert teacher.blind is False
     a, b = teacher(patch), teacher(patch)
     assert np.array_equal(a, b), "a non-blind teacher must give the same output twice"
@@ -41,8 +41,8 @@ def test_non_blind_teacher_is_a_fixed_operator(name, patch):
 def test_local_teachers_commute_with_cropping(name):
     # The property single-example imitation relies on: away from the borders, the output on
     # a crop is the crop of the output (one image = many examples of the same local map).
-    teacher = im.build_teacher(name)
-    full = im.center_crop(im.load_image("camera"), 96)
+    teacher = imitation.build_teacher(name)
+    full = imitation.center_crop(imitation.load_image("camera"), 96)
     s = 2 if name == "bicubic_sr" else 1
     on_crop = teacher(full[16:80, 16:80])
     of_full = teacher(full)[16 * s : 80 * s, 16 * s : 80 * s]
@@ -52,48 +52,48 @@ def test_local_teachers_commute_with_cropping(name):
 
 @pytest.mark.parametrize("name", BLIND)
 def test_blind_teacher_draws_per_image(name, patch):
-    teacher = im.build_teacher(name, seed=3)
+    teacher = imitation.build_teacher(name, seed=3)
     assert teacher.blind is True
     assert not np.array_equal(teacher(patch), teacher(patch))
     # but a run is reproducible from its seed
-    assert np.array_equal(im.build_teacher(name, seed=3)(patch), im.build_teacher(name, seed=3)(patch))
+    assert np.array_equal(imitation.build_teacher(name, seed=3)(patch), imitation.build_teacher(name, seed=3)(patch))
 
 
 def test_teacher_parameters_and_callable_path(patch):
-    weak = im.build_teacher("gaussian_blur", {"sigma": 0.5})(patch)
-    strong = im.build_teacher("gaussian_blur", {"sigma": 3.0})(patch)
+    weak = imitation.build_teacher("gaussian_blur", {"sigma": 0.5})(patch)
+    strong = imitation.build_teacher("gaussian_blur", {"sigma": 3.0})(patch)
     assert np.abs(strong - patch).mean() > np.abs(weak - patch).mean()
-    t = im.build_teacher("skimage.filters:sobel")
-    assert t.blind is None and im.is_deterministic(t, patch)
+    t = imitation.build_teacher("skimage.filters:sobel")
+    assert t.blind is None and imitation.is_deterministic(t, patch)
     assert t(patch).shape == patch.shape
-    with pytest.raises(im.ImitationError, match="module:function"):
-        im.build_teacher("gaussian-blur")
-    with pytest.raises(im.ImitationError, match="cannot import"):
-        im.build_teacher("no_such_module_xyz:fn")
-    with pytest.raises(im.ImitationError, match="no parameter"):
-        im.build_teacher("gaussian_blur", {"radius": 2})
+    with pytest.raises(imitation.ImitationError, match="module:function"):
+        imitation.build_teacher("gaussian-blur")
+    with pytest.raises(imitation.ImitationError, match="cannot import"):
+        imitation.build_teacher("no_such_module_xyz:fn")
+    with pytest.raises(imitation.ImitationError, match="no parameter"):
+        imitation.build_teacher("gaussian_blur", {"radius": 2})
 
 
 def test_teacher_that_changes_size_is_a_clear_error(patch):
-    cropping = im.Teacher("crops", lambda x: x[2:-2, 2:-2], blind=False, description="crops the border")
-    with pytest.raises(im.ImitationError, match=r"teacher 'crops'.*64x64.*60x60"):
+    cropping = imitation.Teacher("crops", lambda x: x[2:-2, 2:-2], blind=False, description="crops the border")
+    with pytest.raises(imitation.ImitationError, match=r"teacher 'crops'.*64x64.*60x60"):
         cropping(patch)
-    odd_scale = im.Teacher("x1.5", lambda x: np.zeros((96, 96, 3)), blind=False, description="1.5x")
-    with pytest.raises(im.ImitationError, match="integer multiple"):
+    odd_scale = imitation.Teacher("x1.5", lambda x: np.zeros((96, 96, 3)), blind=False, description="1.5x")
+    with pytest.raises(imitation.ImitationError, match="integer multiple"):
         odd_scale(patch)
 
 
 def test_images_load_as_rgb():
-    gray = im.load_image("camera")
+    gray = imitation.load_image("camera")
     assert gray.shape == (512, 512, 3) and np.array_equal(gray[..., 0], gray[..., 2])
-    assert np.array_equal(im.load_image("cat"), im.load_image("chelsea"))
-    with pytest.raises(im.ImitationError, match="photographs"):
-        im.load_image("not_a_picture")
+    assert np.array_equal(imitation.load_image("cat"), imitation.load_image("chelsea"))
+    with pytest.raises(imitation.ImitationError, match="photographs"):
+        imitation.load_image("not_a_picture")
 
 
 def test_heldout_excludes_the_example_even_under_an_alias():
-    teacher = im.build_teacher("gaussian_blur")
-    pairs = im.heldout_pairs(teacher, ["cat", "chelsea", "coins"], exclude=[im.load_image("chelsea")], crop=32)
+    teacher = imitation.build_teacher("gaussian_blur")
+    pairs = imitation.heldout_pairs(teacher, ["cat", "chelsea", "coins"], exclude=[imitation.load_image("chelsea")], crop=32)
     assert [p.name for p in pairs] == ["coins"]
     assert pairs[0].x.shape == (3, 32, 32)
 
@@ -101,22 +101,22 @@ def test_heldout_excludes_the_example_even_under_an_alias():
 # ---- sizes and crops ------------------------------------------------------------------------
 def test_pair_size_errors():
     x = torch.rand(3, 64, 64)
-    assert im.check_pair(x, torch.rand(3, 128, 128), 32) == 2
-    with pytest.raises(im.ImitationError, match="same size"):
-        im.check_pair(x, torch.rand(3, 64, 80), 32)
-    with pytest.raises(im.ImitationError, match="integer multiple"):
-        im.check_pair(x, torch.rand(3, 96, 96), 32)
-    with pytest.raises(im.ImitationError, match="same size"):
-        im.check_pair(x, torch.rand(3, 32, 32), 16)  # output smaller than input
-    with pytest.raises(im.ImitationError, match="smaller than the training crop size 96"):
-        im.check_pair(x, x.clone(), 96)
+    assert imitation.check_pair(x, torch.rand(3, 128, 128), 32) == 2
+    with pytest.raises(imitation.ImitationError, match="same size"):
+        imitation.check_pair(x, torch.rand(3, 64, 80), 32)
+    with pytest.raises(imitation.ImitationError, match="integer multiple"):
+        imitation.check_pair(x, torch.rand(3, 96, 96), 32)
+    with pytest.raises(imitation.ImitationError, match="same size"):
+        imitation.check_pair(x, torch.rand(3, 32, 32), 16)  # output smaller than input
+    with pytest.raises(imitation.ImitationError, match="smaller than the training crop size 96"):
+        imitation.check_pair(x, x.clone(), 96)
 
 
 def test_crop_sampler_aligns_pairs_and_masks_interior_borders():
     h, w, s, c, m = 40, 50, 2, 16, 3
     x = torch.rand(3, h, w)
     y = torch.nn.functional.interpolate(x[None], scale_factor=s, mode="nearest")[0]
-    sampler = im.RandomCropSampler(x, y, c, 8, margin=m, generator=torch.Generator().manual_seed(1))
+    sampler = imitation.RandomCropSampler(x, y, c, 8, margin=m, generator=torch.Generator().manual_seed(1))
     pos = torch.tensor([[0, 0], [10, 20], [h - c, w - c]])
     xb, yb, mb = sampler.crop(pos)
     assert xb.shape == (3, 3, c, c) and yb.shape == (3, 3, s * c, s * c) and mb.shape == (3, 1, s * c, s * c)
@@ -128,18 +128,18 @@ def test_crop_sampler_aligns_pairs_and_masks_interior_borders():
     assert mb[0, 0, 0, 0] == 1 and mb[0, 0, -1, -1] == 0
     assert mb[2, 0, -1, -1] == 1 and mb[2, 0, 0, 0] == 0
     # random positions stay inside and repeat with the seed
-    a = im.RandomCropSampler(x, y, c, 64, margin=m, generator=torch.Generator().manual_seed(5)).positions(64)
-    b = im.RandomCropSampler(x, y, c, 64, margin=m, generator=torch.Generator().manual_seed(5)).positions(64)
+    a = imitation.RandomCropSampler(x, y, c, 64, margin=m, generator=torch.Generator().manual_seed(5)).positions(64)
+    b = imitation.RandomCropSampler(x, y, c, 64, margin=m, generator=torch.Generator().manual_seed(5)).positions(64)
     assert torch.equal(a, b) and a[:, 0].max() <= h - c and a[:, 1].max() <= w - c and a.min() >= 0
-    with pytest.raises(im.ImitationError, match="margin"):
-        im.RandomCropSampler(x, y, c, 8, margin=8)
+    with pytest.raises(imitation.ImitationError, match="margin"):
+        imitation.RandomCropSampler(x, y, c, 8, margin=8)
 
 
 # ---- students -------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,depth", [("cnn", 4), ("unet", 2)])
 @pytest.mark.parametrize("scale", [1, 2])
 def test_students_start_at_identity_and_keep_sizes(arch, depth, scale):
-    net = im.build_student(arch, 8, depth, 3, scale)
+    net = imitation.build_student(arch, 8, depth, 3, scale)
     x = torch.rand(2, 3, 21, 30)  # odd sizes: the UNet pads and crops back
     y = net(x)
     assert y.shape == (2, 3, 21 * scale, 30 * scale)
@@ -147,11 +147,11 @@ def test_students_start_at_identity_and_keep_sizes(arch, depth, scale):
 
 
 def test_receptive_field_matches_cnn_depth_and_kernel():
-    assert im.receptive_field(im.build_student("cnn", 8, 6, 3)) == 13
-    assert im.receptive_field(im.build_student("cnn", 8, 3, 5)) == 13
-    assert im.receptive_field(im.build_student("unet", 8, 2, 3)) > im.receptive_field(im.build_student("cnn", 8, 2, 3))
-    with pytest.raises(im.ImitationError, match="arch"):
-        im.build_student("transformer", 8, 2)
+    assert imitation.receptive_field(imitation.build_student("cnn", 8, 6, 3)) == 13
+    assert imitation.receptive_field(imitation.build_student("cnn", 8, 3, 5)) == 13
+    assert imitation.receptive_field(imitation.build_student("unet", 8, 2, 3)) > imitation.receptive_field(imitation.build_student("cnn", 8, 2, 3))
+    with pytest.raises(imitation.ImitationError, match="arch"):
+        imitation.build_student("transformer", 8, 2)
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -159,21 +159,21 @@ def test_short_training_run_clearly_beats_identity(tmp_path):
     from lightning_modules.imitation import ImitationModule, fit_student
 
     torch.manual_seed(0)
-    teacher = im.build_teacher("gaussian_blur", {"sigma": 1.0})
-    example = im.center_crop(im.load_image("astronaut"), 96)
-    x, y = im.to_tensor(example), im.to_tensor(teacher(example))
-    student = im.build_student("cnn", 16, 4, 3)
-    sampler = im.RandomCropSampler(x, y, 24, 16, margin=4, generator=torch.Generator().manual_seed(0))
-    heldout = im.heldout_pairs(teacher, ["camera", "coffee"], exclude=[im.load_image("astronaut")], crop=64)
+    teacher = imitation.build_teacher("gaussian_blur", {"sigma": 1.0})
+    example = imitation.center_crop(imitation.load_image("astronaut"), 96)
+    x, y = imitation.to_tensor(example), imitation.to_tensor(teacher(example))
+    student = imitation.build_student("cnn", 16, 4, 3)
+    sampler = imitation.RandomCropSampler(x, y, 24, 16, margin=4, generator=torch.Generator().manual_seed(0))
+    heldout = imitation.heldout_pairs(teacher, ["camera", "coffee"], exclude=[imitation.load_image("astronaut")], crop=64)
     module = ImitationModule(student, sampler, heldout[:1], lr=3e-3, max_steps=150, warmup_steps=10)
     fit_student(module, 150, eval_every_n_steps=75)
-    result = im.evaluate_student(module.student, heldout, scale=1)
+    result = imitation.evaluate_student(module.student, heldout, scale=1)
     assert result["psnr"] > result["identity_psnr"] + 4.0, result
     assert result["ssim"] > result["identity_ssim"]
     # the checkpoint round-trips
     path = tmp_path / "s.safetensors"
-    im.save_student(module.student, path)
-    torch.testing.assert_close(im.apply_student(im.load_student(path), heldout[0].x), im.apply_student(module.student, heldout[0].x))
+    imitation.save_student(module.student, path)
+    torch.testing.assert_close(imitation.apply_student(imitation.load_student(path), heldout[0].x), imitation.apply_student(module.student, heldout[0].x))
 
 
 # ---- entry point ----------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_imitate_writes_run_directory_with_size_sweep(tmp_path):
                  "logs/gaussian_blur_24/metrics.csv"):
         assert (tmp_path / name).is_file(), name
     assert "| bicubic_sr | no | 40x40 |" in (tmp_path / "report.md").read_text()
-    assert im.load_student(tmp_path / "students/bicubic_sr_40.safetensors").config["scale"] == 2
+    assert imitation.load_student(tmp_path / "students/bicubic_sr_40.safetensors").config["scale"] == 2
 
 
 def test_imitate_from_a_pair_of_files_and_its_errors(tmp_path, capsys):
@@ -205,8 +205,8 @@ def test_imitate_from_a_pair_of_files_and_its_errors(tmp_path, capsys):
 
     import imitate
 
-    example = im.center_crop(im.load_image("coffee"), 48)
-    out = im.build_teacher("unsharp_mask")(example)
+    example = imitation.center_crop(imitation.load_image("coffee"), 48)
+    out = imitation.build_teacher("unsharp_mask")(example)
     for name, arr in [("in.png", example), ("out.png", out), ("wide.png", np.zeros((48, 60, 3)))]:
         Image.fromarray((arr * 255).round().astype(np.uint8)).save(tmp_path / name)
     run = tmp_path / "run"
@@ -241,11 +241,11 @@ def test_non_blind_classical_teachers_are_imitated_above_30db(name, tmp_path):
 
 
 def test_blind_teacher_records_its_draws(patch):
-    teacher = im.build_teacher("blind_blur", {"sigma_min": 1.0, "sigma_max": 2.0})
-    pairs = im.heldout_pairs(teacher, ["camera", "coins"], crop=32)
+    teacher = imitation.build_teacher("blind_blur", {"sigma_min": 1.0, "sigma_max": 2.0})
+    pairs = imitation.heldout_pairs(teacher, ["camera", "coins"], crop=32)
     sigmas = [p.draw["sigma"] for p in pairs]
     assert len(teacher.draws) == 2 and all(1.0 <= s <= 2.0 for s in sigmas) and sigmas[0] != sigmas[1]
-    assert im.heldout_pairs(im.build_teacher("gaussian_blur"), ["camera"], crop=32)[0].draw is None
+    assert imitation.heldout_pairs(imitation.build_teacher("gaussian_blur"), ["camera"], crop=32)[0].draw is None
 
 
 # ---- the project's diffusion model as a teacher --------------------------------------------
@@ -275,14 +275,14 @@ def test_diffusion_model_teacher(tiny_model_dir, patch, tmp_path):
     from eidetic.pipelines import load_diffusion_model
 
     model = load_diffusion_model(tiny_model_dir)
-    fixed = im.diffusion_teacher(model, timestep=200)
+    fixed = imitation.diffusion_teacher(model, timestep=200)
     image = patch[:30, :30]  # not a multiple of the model's downsampling: padded and cropped back
     out = fixed(image)
     assert fixed.blind is False and out.shape == image.shape and np.array_equal(out, fixed(image))
-    noisy = im.diffusion_teacher(model, timestep=200, noise=True)
+    noisy = imitation.diffusion_teacher(model, timestep=200, noise=True)
     assert noisy.blind is True and not np.array_equal(noisy(image), noisy(image))
-    with pytest.raises(im.ImitationError, match="timestep"):
-        im.diffusion_teacher(model, timestep=5000)
+    with pytest.raises(imitation.ImitationError, match="timestep"):
+        imitation.diffusion_teacher(model, timestep=5000)
 
     rc = imitate.main(["teacher=diffusion", f"teachers.diffusion.model_dir={tiny_model_dir}", "example_size=32",
                        f"run.dir={tmp_path}", *FAST])

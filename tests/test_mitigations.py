@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from eidetic import mitigations as mit
+from eidetic import mitigations
 
 CAPTION = "a photo of a tabby cat"
 VOCAB = ["zebra", "violin", "orange", "kettle"]
@@ -15,18 +15,18 @@ VOCAB = ["zebra", "violin", "orange", "kettle"]
 
 def test_random_number_addition_inserts_one_number():
     rng = random.Random(0)
-    out = mit.random_number_addition(CAPTION, rng)
+    out = mitigations.random_number_addition(CAPTION, rng)
     words, base = out.split(), CAPTION.split()
     assert len(words) == len(base) + 1
     numbers = [w for w in words if w.isdigit()]
     assert len(numbers) == 1
     words.remove(numbers[0])
     assert words == base
-    assert out == mit.random_number_addition(CAPTION, random.Random(0))  # seeded
+    assert out == mitigations.random_number_addition(CAPTION, random.Random(0))  # seeded
 
 
 def test_random_word_addition_inserts_a_vocabulary_word():
-    out = mit.random_word_addition(CAPTION, random.Random(1), VOCAB).split()
+    out = mitigations.random_word_addition(CAPTION, random.Random(1), VOCAB).split()
     extra = [w for w in out if w in VOCAB]
     assert len(out) == len(CAPTION.split()) + 1 and len(extra) == 1
     out.remove(extra[0])
@@ -35,48 +35,48 @@ def test_random_word_addition_inserts_a_vocabulary_word():
 
 def test_repeat_word_repeats_a_caption_word():
     for seed in range(20):
-        out = mit.repeat_word(CAPTION, random.Random(seed)).split()
+        out = mitigations.repeat_word(CAPTION, random.Random(seed)).split()
         assert len(out) == len(CAPTION.split()) + 1
         assert set(out) == set(CAPTION.split())  # no new words, one repeated
-    assert mit.repeat_word("", random.Random(0)) == ""
+    assert mitigations.repeat_word("", random.Random(0)) == ""
 
 
 def test_randomize_replaces_the_caption_with_vocabulary_words_of_same_length():
-    out = mit.randomize_caption(CAPTION, random.Random(2), VOCAB).split()
+    out = mitigations.randomize_caption(CAPTION, random.Random(2), VOCAB).split()
     assert len(out) == len(CAPTION.split()) and set(out) <= set(VOCAB)
 
 
 def test_perturb_captions_probability_and_composition():
     captions = [f"{CAPTION} {i}" for i in range(2000)]
-    new, changed = mit.perturb_captions(captions, ["random_number"], 0.3, random.Random(0))
+    new, changed = mitigations.perturb_captions(captions, ["random_number"], 0.3, random.Random(0))
     rate = sum(changed) / len(captions)
     assert 0.26 < rate < 0.34
     assert all((a != b) == c for a, b, c in zip(captions, new, changed))
-    none, changed0 = mit.perturb_captions(captions[:50], ["repeat_word", "random_word"], 0.0, random.Random(0), VOCAB)
+    none, changed0 = mitigations.perturb_captions(captions[:50], ["repeat_word", "random_word"], 0.0, random.Random(0), VOCAB)
     assert none == captions[:50] and not any(changed0)
-    both, _ = mit.perturb_captions([CAPTION], ["repeat_word", "random_word"], 1.0, random.Random(0), VOCAB)
+    both, _ = mitigations.perturb_captions([CAPTION], ["repeat_word", "random_word"], 1.0, random.Random(0), VOCAB)
     assert len(both[0].split()) == len(CAPTION.split()) + 2
-    dropped, _ = mit.perturb_captions([CAPTION] * 3, ["dropout"], 1.0, random.Random(0))
+    dropped, _ = mitigations.perturb_captions([CAPTION] * 3, ["dropout"], 1.0, random.Random(0))
     assert dropped == ["", "", ""]
     with pytest.raises(ValueError, match="unknown caption mitigation"):
-        mit.perturb_captions([CAPTION], ["shuffle"], 0.5, random.Random(0))
+        mitigations.perturb_captions([CAPTION], ["shuffle"], 0.5, random.Random(0))
 
 
 def test_embedding_noise_has_the_configured_scale():
     hidden = torch.zeros(64, 16, 32)
     for sigma in (0.05, 0.5):
-        noisy = mit.embedding_noise(hidden, sigma, torch.Generator().manual_seed(0))
+        noisy = mitigations.embedding_noise(hidden, sigma, torch.Generator().manual_seed(0))
         assert abs(float(noisy.std()) - sigma) < 0.02 * sigma + 1e-3
         assert abs(float(noisy.mean())) < 0.02 * sigma + 1e-3
-    assert mit.embedding_noise(hidden, 0.0, torch.Generator()) is hidden
-    a = mit.embedding_noise(hidden, 0.1, torch.Generator().manual_seed(3))
-    b = mit.embedding_noise(hidden, 0.1, torch.Generator().manual_seed(3))
+    assert mitigations.embedding_noise(hidden, 0.0, torch.Generator()) is hidden
+    a = mitigations.embedding_noise(hidden, 0.1, torch.Generator().manual_seed(3))
+    b = mitigations.embedding_noise(hidden, 0.1, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
 
 def test_random_flip_flips_exactly_the_drawn_images():
     x = torch.randn(200, 3, 8, 8)
-    out, flipped = mit.random_flip(x, 0.5, torch.Generator().manual_seed(0))
+    out, flipped = mitigations.random_flip(x, 0.5, torch.Generator().manual_seed(0))
     assert 70 < int(flipped.sum()) < 130
     assert torch.equal(out[flipped], x[flipped].flip(-1)) and torch.equal(out[~flipped], x[~flipped])
 
@@ -90,15 +90,15 @@ def test_near_duplicates_found_and_distinct_images_kept():
     near = (base[1] + 0.05 * torch.randn(3, 32, 32, generator=g)).clamp(-1, 1)  # noisy re-encoding of 1
     shifted = torch.roll(base[4], 1, dims=-1)  # one-pixel shift of 4
     images = torch.cat([base, near[None], base[2:3], shifted[None]])  # 6: near 1, 7: exact 2, 8: shifted 4
-    found = mit.near_duplicates(mit.perceptual_features(images), threshold=0.05)
+    found = mitigations.near_duplicates(mitigations.perceptual_features(images), threshold=0.05)
     assert {(d.removed, d.kept) for d in found} == {(6, 1), (7, 2), (8, 4)}
     assert [d.distance for d in found if d.removed == 7] == [0.0]
     # uint8 input gives the same features as [-1, 1] input
     as_uint8 = ((images + 1) * 127.5).round().to(torch.uint8)
-    torch.testing.assert_close(mit.perceptual_features(as_uint8), mit.perceptual_features(images), atol=3e-3, rtol=0)
+    torch.testing.assert_close(mitigations.perceptual_features(as_uint8), mitigations.perceptual_features(images), atol=3e-3, rtol=0)
     # a tight threshold keeps everything but the exact copy... and 0 keeps everything (strict <)
-    assert [(d.removed, d.kept) for d in mit.near_duplicates(mit.perceptual_features(images), 1e-6)] == [(7, 2)]
-    assert mit.near_duplicates(mit.perceptual_features(images), 0.0) == []
+    assert [(d.removed, d.kept) for d in mitigations.near_duplicates(mitigations.perceptual_features(images), 1e-6)] == [(7, 2)]
+    assert mitigations.near_duplicates(mitigations.perceptual_features(images), 0.0) == []
 
 
 def test_wen_filter_skips_high_norm_samples_only():
@@ -112,7 +112,7 @@ def test_wen_filter_skips_high_norm_samples_only():
     cond = torch.zeros(b, 3, 8)
     cond[:, 0, 0] = torch.tensor([0.0, 0.1, 0.2, 1.0, 2.0, 0.05])
     uncond = torch.zeros(1, 3, 8)
-    keep, norms = mit.wen_keep_mask(predict, x_t, t, cond, uncond, threshold=0.5 * 8)
+    keep, norms = mitigations.wen_keep_mask(predict, x_t, t, cond, uncond, threshold=0.5 * 8)
     # ||eps_c - eps_u|| = |c| * sqrt(4*4*4) = 8|c|
     torch.testing.assert_close(norms, 8 * cond[:, 0, 0])
     assert keep.tolist() == [True, True, True, False, False, True]

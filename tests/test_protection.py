@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import protect  # noqa: E402
-from eidetic import protection as P  # noqa: E402
+from eidetic import protection  # noqa: E402
 from eidetic.errors import ConfigError  # noqa: E402
 from workflows import protect as protect_workflow  # noqa: E402
 from eidetic.diffusion import DiffusionModel  # noqa: E402
@@ -81,7 +81,7 @@ def oracle_model():
 
 def clean_images(n=4, size=16, seed=3):
     x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    return P.from_levels(P.to_levels(x))
+    return protection.from_levels(protection.to_levels(x))
 
 
 def write_tiny_pipeline(path: Path) -> Path:
@@ -210,12 +210,12 @@ def test_pgd_projection_quantisation_and_valid_pixels(oracle_model):
     x = clean_images()
     x[:, :, :4] = 1.0  # saturated rows must stay in range
     x[:, :, 4:8] = -1.0
-    out = P.protect_images(oracle_model, x, oracle_model.encode_prompt(["a"] * 4), "sds+", eps=0.05, step_size=0.7 / 255, steps=6,
+    out = protection.protect_images(oracle_model, x, oracle_model.encode_prompt(["a"] * 4), "sds+", eps=0.05, step_size=0.7 / 255, steps=6,
                            generator=torch.Generator().manual_seed(0))
     levels = (out + 1) * 127.5
     assert torch.allclose(levels, levels.round(), atol=1e-4)  # exactly on 8-bit levels
     assert levels.min() >= 0 and levels.max() <= 255
-    delta = (P.to_levels(out) - P.to_levels(x)).abs()
+    delta = (protection.to_levels(out) - protection.to_levels(x)).abs()
     assert delta.max() <= 12 and delta.max() >= 1
 
 
@@ -228,8 +228,8 @@ def test_sds_gradient_correlates_with_full_gradient(oracle_model):
     for t in (100, 300, 500, 700, 900):
         timesteps = torch.full((4,), t)
         noise = torch.randn(4, 4, 8, 8, generator=g)
-        full = P.semantic_gradient(oracle_model, x, cond, timesteps, noise, "full")
-        sds = P.semantic_gradient(oracle_model, x, cond, timesteps, noise, "sds")
+        full = protection.semantic_gradient(oracle_model, x, cond, timesteps, noise, "full")
+        sds = protection.semantic_gradient(oracle_model, x, cond, timesteps, noise, "sds")
         cosines.append(F.cosine_similarity(full.flatten(1), sds.flatten(1)))
     cosines = torch.stack(cosines)
     assert cosines.mean() > 0.9, cosines
@@ -264,8 +264,8 @@ def test_sds_gradient_correlates_on_a_briefly_trained_unet():
     cosines = []
     for t in (100, 300, 500, 700, 900):
         timesteps, noise = torch.full((4,), t), torch.randn(4, 4, 8, 8, generator=g)
-        full = P.semantic_gradient(model, x[:4], cond[:4], timesteps, noise, "full")
-        sds = P.semantic_gradient(model, x[:4], cond[:4], timesteps, noise, "sds")
+        full = protection.semantic_gradient(model, x[:4], cond[:4], timesteps, noise, "full")
+        sds = protection.semantic_gradient(model, x[:4], cond[:4], timesteps, noise, "sds")
         cosines.append(F.cosine_similarity(full.flatten(1), sds.flatten(1)))
     cosines = torch.stack(cosines)
     assert cosines.mean() > 0.7 and cosines.min() > 0.3, cosines
@@ -279,24 +279,24 @@ def test_sds_does_not_build_a_unet_graph(oracle_model):
         x = clean_images(2)
         cond = oracle_model.encode_prompt(["a"] * 2)
         t, noise = torch.full((2,), 500), torch.randn(2, 4, 8, 8)
-        P.semantic_gradient(oracle_model, x, cond, t, noise, "sds")
-        P.semantic_gradient(oracle_model, x, cond, t, noise, "full")
+        protection.semantic_gradient(oracle_model, x, cond, t, noise, "sds")
+        protection.semantic_gradient(oracle_model, x, cond, t, noise, "full")
     finally:
         handle.remove()
     assert calls == [False, True]
 
 
-@pytest.mark.parametrize("objective", P.OBJECTIVES)
+@pytest.mark.parametrize("objective", protection.OBJECTIVES)
 def test_objective_moves_latents_in_intended_direction(oracle_model, objective):
     x = clean_images()
     cond = oracle_model.encode_prompt(["a"] * 4)
-    out = P.protect_images(oracle_model, x, cond, objective, steps=10, step_size=4 / 255, generator=torch.Generator().manual_seed(0))
+    out = protection.protect_images(oracle_model, x, cond, objective, steps=10, step_size=4 / 255, generator=torch.Generator().manual_seed(0))
 
     def semantic(images):  # common random numbers: same (t, noise) draws for both
-        return P.evaluate_semantic_loss(oracle_model, images, cond, 16, generator=torch.Generator().manual_seed(5))
+        return protection.evaluate_semantic_loss(oracle_model, images, cond, 16, generator=torch.Generator().manual_seed(5))
 
     with torch.no_grad():
-        target = oracle_model.encode_images(P.default_target_pattern(16, 16)[None])
+        target = oracle_model.encode_images(protection.default_target_pattern(16, 16)[None])
 
         def textural(images):
             return ((oracle_model.encode_images(images) - target) ** 2).flatten(1).mean(1)
@@ -310,17 +310,17 @@ def test_objective_moves_latents_in_intended_direction(oracle_model, objective):
     if objective in ("photoguard", "mist", "sdst"):
         assert (lt1 < 0.7 * lt0).all(), (lt0, lt1)
     if objective == "mist":  # its semantic term pushes L_S up relative to the textural term alone
-        pg = P.protect_images(oracle_model, x, cond, "photoguard", steps=10, step_size=4 / 255, generator=torch.Generator().manual_seed(0))
+        pg = protection.protect_images(oracle_model, x, cond, "photoguard", steps=10, step_size=4 / 255, generator=torch.Generator().manual_seed(0))
         assert (ls1 > semantic(pg)).all()
 
 
 def test_sdedit_is_seeded_and_keeps_size(oracle_model):
     x = clean_images(2, size=16)
-    a = P.sdedit(oracle_model, x, ["a", "b"], 0.5, steps=4, generator=torch.Generator().manual_seed(1))
-    b = P.sdedit(oracle_model, x, ["a", "b"], 0.5, steps=4, generator=torch.Generator().manual_seed(1))
+    a = protection.sdedit(oracle_model, x, ["a", "b"], 0.5, steps=4, generator=torch.Generator().manual_seed(1))
+    b = protection.sdedit(oracle_model, x, ["a", "b"], 0.5, steps=4, generator=torch.Generator().manual_seed(1))
     assert a.shape == x.shape and torch.equal(a, b)
     with pytest.raises(ValueError, match="strength"):
-        P.sdedit(oracle_model, x, ["a", "b"], 1.5)
+        protection.sdedit(oracle_model, x, ["a", "b"], 1.5)
 
 
 # ---- errors ----------------------------------------------------------------------------
@@ -361,8 +361,8 @@ def test_objective_and_eps_validation(oracle_model):
     x = clean_images(1)
     cond = oracle_model.encode_prompt(["a"])
     with pytest.raises(ValueError, match="unknown protection objective"):
-        P.protect_images(oracle_model, x, cond, "advdm")
+        protection.protect_images(oracle_model, x, cond, "advdm")
     with pytest.raises(ValueError, match="t_range"):
-        P.protect_images(oracle_model, x, cond, "sds-", t_range=(0, 1000))
+        protection.protect_images(oracle_model, x, cond, "sds-", t_range=(0, 1000))
     with pytest.raises(ValueError, match="one caption embedding per image"):
-        P.protect_images(oracle_model, clean_images(2), cond, "sds-")
+        protection.protect_images(oracle_model, clean_images(2), cond, "sds-")

@@ -99,7 +99,7 @@ def main(tool: str, argv: Sequence[str] | None = None) -> int:
     try:
         cfg = workflow.load_config(files, overrides)
         if print_config:
-            print(to_yaml(cfg) if hasattr(cfg, "_metadata") else cfg, end="")
+            print(to_yaml(getattr(cfg, "config", None) or cfg), end="")
             return 0
         result = workflow.run(cfg)
     except InputError as exc:

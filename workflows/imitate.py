@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from eidetic import imitation as im
+from eidetic import imitation
 from eidetic.config import load, to_yaml
 from eidetic.errors import ConfigError, ModelLoadError
 from eidetic.pipelines import load_diffusion_model
@@ -67,7 +67,7 @@ def _slug(text: str) -> str:
 def _check_cfg(cfg: DictConfig) -> None:
     for key in ("input", "output"):
         if cfg[key] is not None and not Path(cfg[key]).is_file():
-            raise im.ImitationError(f"{key}={cfg[key]}: file not found (give the model's before/after image files)")
+            raise imitation.ImitationError(f"{key}={cfg[key]}: file not found (give the model's before/after image files)")
 
 
 def _center_pair(x: np.ndarray, y: np.ndarray, size: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,24 +76,24 @@ def _center_pair(x: np.ndarray, y: np.ndarray, size: int, scale: int) -> tuple[n
         return x, y
     h, w = x.shape[:2]
     if size > min(h, w):
-        raise im.ImitationError(f"example size {size} exceeds the example input ({h}x{w})")
+        raise imitation.ImitationError(f"example size {size} exceeds the example input ({h}x{w})")
     top, left = (h - size) // 2, (w - size) // 2
     return (np.ascontiguousarray(x[top : top + size, left : left + size]),
             np.ascontiguousarray(y[scale * top : scale * (top + size), scale * left : scale * (left + size)]))
 
 
-def _diffusion_teacher(cfg: DictConfig) -> im.Teacher:
+def _diffusion_teacher(cfg: DictConfig) -> imitation.Teacher:
     d = cfg.teachers.diffusion
     if not isinstance(d.model_dir, str):
         raise ConfigError("teacher=diffusion needs teachers.diffusion.model_dir=<a run's model/ directory>")
     try:
         model = load_diffusion_model(d.model_dir, device="cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
     except ModelLoadError as exc:
-        raise im.ImitationError(str(exc)) from exc
-    return im.diffusion_teacher(model, d.timestep, d.caption, d.guidance, d.noise, seed=cfg.seed)
+        raise imitation.ImitationError(str(exc)) from exc
+    return imitation.diffusion_teacher(model, d.timestep, d.caption, d.guidance, d.noise, seed=cfg.seed)
 
 
-def train_one(cfg: DictConfig, x_img: np.ndarray, y_img: np.ndarray, heldout: list[im.HeldoutPair] | None,
+def train_one(cfg: DictConfig, x_img: np.ndarray, y_img: np.ndarray, heldout: list[imitation.HeldoutPair] | None,
               run_dir: RunDirectory, tag: str) -> dict:
     """Train one student on one pair; evaluate on the held-out pairs. Returns its result row."""
     import lightning.pytorch as pl
@@ -101,14 +101,14 @@ def train_one(cfg: DictConfig, x_img: np.ndarray, y_img: np.ndarray, heldout: li
 
     from lightning_modules.imitation import ImitationModule, fit_student
 
-    x, y = im.to_tensor(x_img), im.to_tensor(y_img)
-    scale = im.check_pair(x, y, cfg.train.crop_size)
+    x, y = imitation.to_tensor(x_img), imitation.to_tensor(y_img)
+    scale = imitation.check_pair(x, y, cfg.train.crop_size)
     pl.seed_everything(cfg.seed, verbose=False)
     s = cfg.student
-    student = im.build_student(s.arch, s.width, s.depth, s.kernel_size, scale, s.blocks_per_level)
-    rf = im.receptive_field(student)
+    student = imitation.build_student(s.arch, s.width, s.depth, s.kernel_size, scale, s.blocks_per_level)
+    rf = imitation.receptive_field(student)
     margin = cfg.train.loss_margin if cfg.train.loss_margin >= 0 else min(rf // 2, cfg.train.crop_size // 4)
-    sampler = im.RandomCropSampler(x, y, cfg.train.crop_size, cfg.train.batch_size, margin,
+    sampler = imitation.RandomCropSampler(x, y, cfg.train.crop_size, cfg.train.batch_size, margin,
                                    generator=torch.Generator().manual_seed(cfg.seed))
     monitor = (heldout or [])[: cfg.eval.monitor_images]
     module = ImitationModule(student, sampler, monitor, lr=cfg.train.lr, max_steps=cfg.train.steps,
@@ -124,7 +124,7 @@ def train_one(cfg: DictConfig, x_img: np.ndarray, y_img: np.ndarray, heldout: li
     run_dir.finish()  # one W&B run per student
     student = module.student.cpu().float()
     ckpt = run_dir / "students" / f"{tag}.safetensors"
-    im.save_student(student, ckpt, tag=tag, example_size=str(x.shape[-1]))
+    imitation.save_student(student, ckpt, tag=tag, example_size=str(x.shape[-1]))
     row = {
         "example_size": [int(x.shape[-2]), int(x.shape[-1])],
         "example_pixels": int(x.shape[-2] * x.shape[-1]),
@@ -134,9 +134,9 @@ def train_one(cfg: DictConfig, x_img: np.ndarray, y_img: np.ndarray, heldout: li
         "parameters": sum(p.numel() for p in student.parameters()),
         "steps": cfg.train.steps,
         "train_seconds": round(seconds, 2),
-        "example_fit_psnr": im.image_metrics(im.apply_student(student, x), y)["psnr"],
+        "example_fit_psnr": imitation.image_metrics(imitation.apply_student(student, x), y)["psnr"],
         "checkpoint": str(ckpt.relative_to(run_dir.path)),
-        "heldout": im.evaluate_student(student, heldout, scale) if heldout else None,
+        "heldout": imitation.evaluate_student(student, heldout, scale) if heldout else None,
     }
     return row
 
@@ -149,35 +149,35 @@ def run(cfg: DictConfig) -> Path:
     sizes = list(cfg.example_sizes) or [int(cfg.example_size)]
     tparams = OmegaConf.to_container(cfg.teachers, resolve=True)
     # teachers first: a bad name fails before any run directory is created
-    teachers = [_diffusion_teacher(cfg) if n == "diffusion" else im.build_teacher(n, tparams.get(n), seed=cfg.seed)
+    teachers = [_diffusion_teacher(cfg) if n == "diffusion" else imitation.build_teacher(n, tparams.get(n), seed=cfg.seed)
                 for n in teacher_names]
     run_dir = RunDirectory(cfg.run.dir or RunDirectory.default_path(cfg.run.name)).create()
     cfg.run.dir = str(run_dir.path)
     run_dir.write_text("config.yaml", to_yaml(cfg))
 
     if has_pair:
-        source = im.load_image(cfg.input)
-        pair_out = im.load_image(cfg.output)
-        pair_scale = im.output_scale(source.shape[:2], pair_out.shape[:2], what=f"pair {cfg.input} -> {cfg.output}")
+        source = imitation.load_image(cfg.input)
+        pair_out = imitation.load_image(cfg.output)
+        pair_scale = imitation.output_scale(source.shape[:2], pair_out.shape[:2], what=f"pair {cfg.input} -> {cfg.output}")
         studies = [(teachers[0] if teachers else None, "pair")]
     else:
-        source = im.load_image(cfg.example)
+        source = imitation.load_image(cfg.example)
         studies = [(t, t.name) for t in teachers]
 
     results = {}
     for teacher, label in studies:
         heldout = None
         if teacher is not None:
-            heldout = im.heldout_pairs(teacher, list(cfg.eval.images), exclude=[source], crop=cfg.eval.crop)
+            heldout = imitation.heldout_pairs(teacher, list(cfg.eval.images), exclude=[source], crop=cfg.eval.crop)
         deterministic = None
         if teacher is not None and teacher.blind is None:  # user callable: probe it
-            deterministic = im.is_deterministic(teacher, im.center_crop(source, min(64, *source.shape[:2])))
+            deterministic = imitation.is_deterministic(teacher, imitation.center_crop(source, min(64, *source.shape[:2])))
         rows = []
         for size in sizes:
             if has_pair:
                 x_img, y_img = _center_pair(source, pair_out, size, pair_scale)
             else:
-                x_img = im.center_crop(source, size)
+                x_img = imitation.center_crop(source, size)
                 n_draws = len(teacher.draws)
                 y_img = teacher(x_img)
             example_draw = teacher.draws[-1] if teacher is not None and not has_pair and len(teacher.draws) > n_draws else None

@@ -96,6 +96,7 @@ class SweepSpec:
     pruning: PruningSettings = field(default_factory=PruningSettings)
     workers: int = 1
     export_wandb: str | None = None
+    config: DictConfig | None = field(default=None, repr=False)  # the resolved sweep config it came from
     storage: str | None = None
     study_name: str | None = None
     dir: Path | None = None
@@ -222,6 +223,7 @@ def spec_from_config(cfg: DictConfig, source: Path | None = None) -> SweepSpec:
         group=data["group"],
         workers=int(data["workers"]),
         export_wandb=data["export_wandb"],
+        config=cfg,
     )
     # every parameter must be a valid config key of the right type: fail before any trial runs
     spec.trial_config({p.name: p.example() for p in spec.params})
