@@ -90,11 +90,17 @@ def caption_truth(records) -> dict[str, CaptionTruth]:
 def detector_options(name: str, s: ExtractionSettings) -> dict:
     """The keyword options of detector ``name`` from the ``extraction`` section."""
     if name == "denoising_confidence":
-        return {"guidance": float(s.guidance), "reference": str(s.reference)}
+        return {"guidance": float(s.guidance), "seeds": int(s.confidence.seeds), "reference": str(s.confidence.reference), "sigma": s.sigma}
     if name == "edge_consistency":
-        return {"seeds": int(s.edge.seeds), "guidance": float(s.edge.guidance), "threshold": float(s.edge.threshold)}
+        e = s.edge
+        return {"seeds": int(e.seeds), "guidance": float(e.guidance), "threshold": float(e.threshold), "sigma": s.sigma,
+                "channel_smoothing": bool(e.channel_smoothing), "resize": e.resize}
     if name == "noise_prediction_norm":
         return {"steps": int(s.wen.steps), "first_steps": int(s.wen.first_steps), "seeds": int(s.wen.seeds), "guidance": float(s.guidance)}
+    if name == "anisotropy":
+        a = s.anisotropy
+        return {"steps": int(a.steps), "low_step": int(a.low_step), "gamma_norm": float(a.gamma_norm),
+                "gamma_cosine": float(a.gamma_cosine), "norm_scale": str(a.norm_scale)}
     if name == "clique":
         c = s.clique
         return {"generations": int(c.generations), "steps": int(c.steps), "guidance": float(s.guidance), "threshold": float(c.threshold),

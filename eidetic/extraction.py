@@ -1,13 +1,13 @@
 """Extraction probes: which captions make a diffusion model reproduce a training image?
 
-Four detectors, cheapest first, all over :class:`eidetic.diffusion.DiffusionModel` and all
+Five detectors, all over :class:`eidetic.diffusion.DiffusionModel` and all
 batched over captions. Every score is "higher = more likely memorized", and every probe
 reports the UNet evaluations it spent (``DiffusionModel.unet_evals`` convention: one image
 through the network is one evaluation; a classifier-free-guided cond+uncond pair is one).
 
 * :func:`denoising_confidence` — Webster (2023) white-box "denoising confidence": one
-  guided denoising step from pure noise at the largest training timestep. ~1 evaluation
-  per caption.
+  guided denoising step from pure noise at the probe timestep, averaged over a few noise
+  draws. ``seeds`` evaluations per caption.
 * :func:`edge_consistency` — Webster (2023) black-box score: the one-step image for a few
   seeds, Sobel edges per seed, the fraction of pixels where a majority of seeds agree on
   an edge. Verbatim copies come out sharp and identical across seeds; other captions come
@@ -15,6 +15,9 @@ through the network is one evaluation; a classifier-free-guided cond+uncond pair
 * :func:`noise_prediction_norm` — Wen et al. (2024): the text-conditional noise
   prediction magnitude ``||eps(x_t, c) - eps(x_t, empty)||_2`` averaged over the first
   few DDIM steps. ``first_steps`` evaluations per caption.
+* :func:`anisotropy` — Asthana & Belagiannis (ICLR 2026): the norm of the guidance direction
+  at the noisiest step plus its alignment with the unconditional prediction at a low-noise
+  step, both on one pure-noise latent. 2 evaluations per caption.
 * :func:`clique_detector` — Carlini et al. (2023): many full generations per caption;
   the score is the size of the largest group of generations that are pairwise within a
   tiled-L2 threshold; a caption is flagged when it reaches ``min_clique``. The expensive
@@ -49,10 +52,17 @@ __all__ = [
     "edge_consistency_of_images",
     "edge_consistency",
     "noise_prediction_norm",
+    "anisotropy",
+    "noise_sigma",
+    "probe_timestep",
     "tiled_rms_distance",
     "largest_clique_size",
     "clique_detector",
     "verify_extractions",
+    "CopyTest",
+    "copy_test",
+    "GenerationTruth",
+    "generation_ground_truth",
     "precision_at_k",
     "DETECTORS",
 ]
@@ -134,6 +144,32 @@ def _largest_timestep(model: DiffusionModel) -> int:
     return model.num_train_timesteps - 1
 
 
+def noise_sigma(model: DiffusionModel, timestep: int) -> float:
+    """The variance-exploding noise level sigma_t = sqrt((1 - abar_t) / abar_t) of a timestep."""
+    a = float(model.alphas_cumprod[int(timestep)])
+    return ((1 - a) / a) ** 0.5
+
+
+def probe_timestep(model: DiffusionModel, sigma: float | None = None) -> int:
+    """The timestep a one-step probe starts from: the largest training timestep (``sigma=None``:
+    Webster's sigma_max), or the largest one whose sigma_t does not exceed ``sigma``.
+
+    A one-step x0 estimate multiplies any error in the noise prediction by sigma_t, so on a
+    schedule whose sigma_max is large (the linear 1e-4..0.02 schedule: ~157, against ~14.6 for
+    Stable Diffusion's scaled_linear) the one-step image at T is noise for every caption.
+    """
+    if sigma is None:
+        return _largest_timestep(model)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0 (Stable Diffusion's sigma_max is ~14.6), got {sigma}")
+    a = model.alphas_cumprod.double()
+    sigmas = ((1 - a) / a).sqrt()
+    below = torch.nonzero(sigmas <= float(sigma)).flatten()
+    if below.numel() == 0:
+        raise ValueError(f"no training timestep has sigma <= {sigma} (the smallest is {float(sigmas.min()):.3g})")
+    return int(below.max())
+
+
 def conditional_and_unconditional_eps(
     model: DiffusionModel, x_t: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +191,28 @@ def conditional_and_unconditional_eps(
     return eps_cond, eps_uncond
 
 
+def _pure_noise_input(model: DiffusionModel, z: torch.Tensor, t: int) -> torch.Tensor:
+    """Pure noise at level t in the UNet's (variance-preserving) units: sqrt(1 - abar_t) z.
+
+    This is Webster's variance-exploding input sigma_t z (what k-diffusion's Heun sampler
+    starts from), rescaled by sqrt(abar_t); at the largest timestep it is z to within 1e-5.
+    """
+    return (1 - model.alphas_cumprod[t].to(z.device).float()).sqrt() * z
+
+
+def _one_step(model, captions, z, t, guidance, uncond):
+    """(x_t, guided one-step x0 estimate) for every caption under every noise draw in ``z``.
+
+    Rows are seed-major: row ``j * len(captions) + i`` is caption i under draw j.
+    """
+    seeds, b = z.shape[0], len(captions)
+    cond = model.encode_prompt(captions).repeat(seeds, 1, 1)
+    x_t = _pure_noise_input(model, z, t).repeat_interleave(b, dim=0)
+    eps = model.predict_noise(x_t, t, cond, uncond, guidance)
+    x0 = model.predict_x0(x_t, torch.full((x_t.shape[0],), t, device=x_t.device), eps)
+    return x_t, x0
+
+
 # ---- white box: denoising confidence --------------------------------------------------
 
 
@@ -163,73 +221,66 @@ def denoising_confidence(
     model: DiffusionModel,
     captions: Sequence[str],
     shape: tuple[int, int],
-    guidance: float = 3.0,
+    guidance: float = 7.5,
+    seeds: int = 8,
+    sigma: float | None = None,
+    reference: str = "noise",
     seed: int = 0,
     batch_size: int = 64,
-    reference: str = "unconditional",
     return_images: bool = False,
 ) -> ProbeResult:
-    """Webster's white-box score: one guided denoising step from pure noise.
+    """Webster's white-box score: one guided denoising step from pure noise, averaged over seeds.
 
-    Every caption gets the same pure-noise input ``z_T`` (drawn from ``seed``) at the
-    largest training timestep T; one batched cond+uncond call gives the guided epsilon
-    and the one-step estimate ``x0 = (z_T - sqrt(1 - abar_T) eps) / sqrt(abar_T)``. In the
-    variance-exploding units of Webster's code the noisy input is
-    ``sigma_max z_T`` with ``sigma_max = sqrt((1 - abar_T) / abar_T)``; here that is
-    ``z_T / sqrt(abar_T)`` (equal to within abar_T ~ 4e-5), and
-    ``z_T / sqrt(abar_T) - x0 = sigma_max * eps`` exactly.
+    Each caption gets the same ``seeds`` pure-noise inputs; one guided step from the probe
+    timestep (:func:`probe_timestep`) gives the one-step estimate x0. In Webster's
+    variance-exploding units the input is ``sigma z`` and his score (reference code
+    ``custom_ksampler_wb_attack.py``: ``((z0 - latents) ** 2).mean()``) is
 
-    ``reference`` says what the one-step image is compared with:
+    * ``reference="noise"`` (faithful, default): ``mean((sigma z - x0)^2)``, averaged over
+      ``seeds`` noise draws. It is dominated by ``sigma^2 |z|^2`` and a cross term whose
+      spread across captions shrinks with more seeds; a single seed (his released
+      configuration) separates memorized captions only where x0 is large against
+      ``sigma |z| / sqrt(D)``.
+    * ``reference="unconditional"``: ``mean((x0_guided - x0_empty)^2)``, the one-step image
+      compared with the empty caption's at the same noise. It equals
+      ``guidance^2 sigma^2 ||eps_c - eps_empty||^2 / D``: Wen et al.'s first-step norm,
+      squared, times constants — not an independent detector, kept for comparison.
 
-    * ``"noise"`` — Webster's formula verbatim: ``mean((sigma_max z_T - x0)^2)``
-      = ``sigma_max^2 * mean(eps^2)``, the squared guided noise prediction. It is
-      dominated by ``sigma_max^2 |z_T|^2`` and by the cross term
-      ``2 sigma_max z_T . x0``, whose spread across captions is ~``2 sigma_max |x0| / D``.
-      That is small against the signal ``|x0|^2 / D`` in Stable Diffusion (D = 16384,
-      sigma_max ~ 14.6) but swamps it in small models (D ~ 10^3, sigma_max ~ 157 for the
-      linear schedule): on the empirical oracle, memorized and non-memorized captions
-      overlap completely.
-    * ``"unconditional"`` (default) — ``mean((x0_guided - x0_empty)^2)`` where
-      ``x0_empty`` is the one-step image of the empty caption at the same ``z_T``. This is
-      Webster's score with the caption-independent part ``sigma_max * eps_empty`` removed:
-      ``sigma_max^2 * mean((eps_guided - eps_empty)^2)``. It costs one extra evaluation
-      for the whole probe (N + 1 in total) and separates the oracle's memorized captions
-      perfectly. It equals ``guidance^2 * sigma_max^2 * ||eps_c - eps_empty||^2 / D``, i.e.
-      Wen's detector squared at the first step with the same noise.
-
-    Scores are in the UNet's space (scaled latents for latent models).
+    ``seeds`` evaluations per caption (plus one per seed for the empty caption with
+    ``reference="unconditional"``). Scores are in the UNet's space (scaled latents for
+    latent models).
     """
     captions = _check_captions(captions)
     batch_size = _check_positive("batch_size", batch_size)
+    seeds = _check_positive("seeds", seeds)
     if reference not in ("noise", "unconditional"):
         raise ValueError(f"reference must be 'noise' or 'unconditional', got {reference!r}")
     start = model.unet_evals
-    t = _largest_timestep(model)
-    alpha_bar = model.alphas_cumprod[t].to(model.device).float()
-    z = _noise(model, 1, shape, seed)
+    t = probe_timestep(model, sigma)
+    sig = noise_sigma(model, t)
+    z = _noise(model, seeds, shape, seed)  # (S, C, h, w), shared by all captions
     uncond = model.encode_prompt([""])
-    t_batch = torch.tensor([t], device=model.device)
     if reference == "unconditional":
-        eps_empty = model.predict_noise(z, t, uncond)
-        baseline = model.predict_x0(z, t_batch, eps_empty)
+        x_empty = _pure_noise_input(model, z, t)
+        baseline = model.predict_x0(x_empty, torch.full((seeds,), t, device=z.device), model.predict_noise(x_empty, t, uncond))
     else:
-        baseline = z / alpha_bar.sqrt()
+        baseline = sig * z
+    per_batch = max(1, batch_size // seeds)
     scores, images = [], []
-    for part in _chunks(len(captions), batch_size):
+    for part in _chunks(len(captions), per_batch):
         chunk = captions[part]
-        x_t = z.expand(len(chunk), *z.shape[1:])
-        eps = model.predict_noise(x_t, t, model.encode_prompt(chunk), uncond, guidance)
-        x0 = model.predict_x0(x_t, t_batch.expand(len(chunk)), eps)
-        scores.append(((baseline - x0) ** 2).flatten(1).mean(1).float().cpu())
+        _, x0 = _one_step(model, chunk, z, t, guidance, uncond)
+        x0 = x0.view(seeds, len(chunk), *x0.shape[1:])
+        scores.append(((baseline[:, None] - x0) ** 2).flatten(2).mean(2).mean(0).float().cpu())
         if return_images:
-            images.append(model.decode_latents(x0).clamp(-1, 1).float().cpu())
+            images.append(model.decode_latents(x0[0]).clamp(-1, 1).float().cpu())
     return ProbeResult(
         name="denoising_confidence",
         captions=captions,
         scores=torch.cat(scores),
         unet_evals=model.unet_evals - start,
         images=torch.cat(images) if return_images else None,
-        details={"reference": reference, "timestep": t, "guidance": guidance},
+        details={"reference": reference, "timestep": t, "sigma": sig, "guidance": guidance, "seeds": seeds},
     )
 
 
@@ -238,11 +289,15 @@ def denoising_confidence(
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
-def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
-    """Sobel gradient magnitude of (B, C, H, W) images, per channel, summed over channels.
+def sobel_magnitude(images: torch.Tensor, channel_smoothing: bool = True) -> torch.Tensor:
+    """Sobel gradient magnitude of (B, C, H, W) images, summed over channels -> (B, H, W).
 
-    Images are expected on the [0, 1] scale; borders are handled by edge replication so a
-    constant image has zero magnitude everywhere. Returns (B, H, W).
+    Images on the [0, 1] scale; borders by edge replication (scipy's ``reflect``: a constant
+    image has zero magnitude everywhere). With ``channel_smoothing`` (Webster's reference
+    code: ``scipy.ndimage.sobel`` on (H, W, 3) arrays smooths every axis it does not
+    differentiate with [1, 2, 1], the channel axis included) each channel's gradient is the
+    [1, 2, 1]-weighted sum of its own and its neighbours' — 4x a per-channel Sobel on grey
+    images. ``channel_smoothing=False`` is the per-channel Sobel.
     """
     if images.ndim != 4:
         raise ValueError(f"sobel_magnitude expects (B, C, H, W) images, got shape {tuple(images.shape)}")
@@ -250,30 +305,31 @@ def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
     kx = _SOBEL_X.to(images.device, images.dtype)
     kernels = torch.stack([kx, kx.T]).unsqueeze(1)  # (2, 1, 3, 3): d/dx, d/dy
     x = F.pad(images.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
-    grad = F.conv2d(x, kernels)  # (B*C, 2, H, W)
-    magnitude = grad.pow(2).sum(1).sqrt()
-    return magnitude.view(b, c, h, w).sum(1)
+    grad = F.conv2d(x, kernels).view(b, c, 2, h, w)
+    if channel_smoothing and c > 1:
+        padded = torch.cat([grad[:, :1], grad, grad[:, -1:]], dim=1)  # reflect along channels
+        grad = padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]
+    return grad.pow(2).sum(2).sqrt().sum(1)
 
 
-def edge_consistency_of_images(images: torch.Tensor, threshold: float = 1.5) -> torch.Tensor:
+def edge_consistency_of_images(images: torch.Tensor, threshold: float = 1.5, channel_smoothing: bool = True,
+                               resize: int | None = None) -> torch.Tensor:
     """Webster's edge-agreement score for (S, B, 3, H, W) images in [-1, 1] (S seeds).
 
-    Per seed, a pixel is an edge when the Sobel magnitude of the [0, 1]-scaled image,
-    summed over channels, exceeds ``threshold``. The score of a caption is the fraction of
-    pixels that are edges for a strict majority of its seeds (at least 3 of 4). RESEARCH
-    describes this as "at least half the seeds agree"; the public reference code
-    thresholds the mean edge map with ``> 0.5``, a strict majority, which is what this
-    implements (with 4 seeds, 2 of 4 would count pixels the seeds split on evenly).
-
-    The score is an edge density: identical sharp images across seeds score their edge
-    density, blurry images score ~0 and independent images score only where their edges
-    happen to coincide.
+    Per seed (after an optional antialiased resize to ``resize`` px: his images are resized
+    to 256 px first), a pixel is an edge when the Sobel magnitude of the [0, 1]-scaled image,
+    summed over channels, exceeds ``threshold``; the score is the fraction of pixels that are
+    edges for a strict majority of the seeds (his code thresholds the mean edge map with
+    ``> 0.5``). Identical sharp images across seeds score their edge density, blurry images
+    ~0, independent images only where their edges happen to coincide.
     """
     if images.ndim != 5:
         raise ValueError(f"expected (seeds, batch, C, H, W) images, got shape {tuple(images.shape)}")
     s, b = images.shape[:2]
     scaled = (images.float().flatten(0, 1) + 1) / 2
-    edges = sobel_magnitude(scaled) > threshold  # (S*B, H, W)
+    if resize is not None and tuple(scaled.shape[-2:]) != (resize, resize):
+        scaled = F.interpolate(scaled, size=(resize, resize), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    edges = sobel_magnitude(scaled, channel_smoothing) > threshold  # (S*B, H, W)
     votes = edges.view(s, b, *edges.shape[1:]).float().mean(0)
     return (votes > 0.5).float().flatten(1).mean(1)
 
@@ -284,49 +340,41 @@ def edge_consistency(
     captions: Sequence[str],
     shape: tuple[int, int],
     seeds: int = 4,
-    guidance: float = 1.0,
+    guidance: float = 7.5,
     threshold: float = 1.5,
+    sigma: float | None = None,
+    channel_smoothing: bool = True,
+    resize: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
     return_images: bool = False,
 ) -> ProbeResult:
     """Webster's black-box score: one-step images for ``seeds`` noise draws, edge agreement.
 
-    The one-step image is the guided x0 estimate from pure noise at the largest timestep,
-    decoded to pixels. Noise draw ``j`` is shared by all captions (so differences between
-    captions are not differences between noise draws). ``seeds`` evaluations per caption.
-
-    ``guidance`` defaults to 1 (the model's own conditional mean, one UNet pass per image).
-    Guidance multiplies the caption-specific part of the one-step image, which for a
-    caption shared by many images is a mixture whose faint edges it lifts over the
-    threshold as readily as a copy's sharp ones: on the empirical oracle the AUC drops
-    from 1.0 unguided to ~0.6 at guidance 3 (threshold 3). Webster's Stable Diffusion
-    runs used the pipeline default 7.5, where the mixture is smooth rather than a
-    patchwork; set ``guidance`` to compare. ``threshold`` 1.5 is the reference code's value
-    (there applied to 256-px images); it is resolution dependent — a full-range grey step
-    scores 12 per pixel here, a 1/8-range step 1.5.
+    The one-step image is the guided x0 estimate from pure noise at the probe timestep
+    (:func:`probe_timestep`), decoded to pixels; noise draw ``j`` is shared by all captions.
+    The defaults are his reference code's (``run_bb_attack.py``: 4 seeds, the pipeline's
+    guidance 7.5, ``scipy.ndimage.sobel`` on (H, W, 3) arrays, threshold 1.5); see
+    :func:`edge_consistency_of_images`. His code also resizes every image to 256 px, a
+    downscale of Stable Diffusion's 512 px images; ``resize=256`` reproduces it, but the default
+    analyses images at their own size, since upscaling a small image divides its gradients by
+    the scale factor and no edge would pass the threshold. ``seeds`` evaluations per caption.
     """
     captions = _check_captions(captions)
     seeds = _check_positive("seeds", seeds)
     batch_size = _check_positive("batch_size", batch_size)
     start = model.unet_evals
-    t = _largest_timestep(model)
+    t = probe_timestep(model, sigma)
     z = _noise(model, seeds, shape, seed)  # (S, C, h, w)
     uncond = model.encode_prompt([""])
     per_batch = max(1, batch_size // seeds)
     scores, images = [], []
     for part in _chunks(len(captions), per_batch):
         chunk = captions[part]
-        b = len(chunk)
-        cond = model.encode_prompt(chunk)
-        # seed-major layout: row j * b + i is caption i under noise draw j
-        x_t = z.repeat_interleave(b, dim=0)
-        cond = cond.repeat(seeds, *([1] * (cond.ndim - 1)))
-        eps = model.predict_noise(x_t, t, cond, uncond, guidance)
-        x0 = model.predict_x0(x_t, torch.full((x_t.shape[0],), t, device=x_t.device), eps)
+        _, x0 = _one_step(model, chunk, z, t, guidance, uncond)
         pixels = model.decode_latents(x0).clamp(-1, 1).float()
-        pixels = pixels.view(seeds, b, *pixels.shape[1:])
-        scores.append(edge_consistency_of_images(pixels, threshold).cpu())
+        pixels = pixels.view(seeds, len(chunk), *pixels.shape[1:])
+        scores.append(edge_consistency_of_images(pixels, threshold, channel_smoothing, resize).cpu())
         if return_images:
             images.append(pixels[0].cpu())
     return ProbeResult(
@@ -335,7 +383,8 @@ def edge_consistency(
         scores=torch.cat(scores),
         unet_evals=model.unet_evals - start,
         images=torch.cat(images) if return_images else None,
-        details={"seeds": seeds, "threshold": threshold, "guidance": guidance},
+        details={"seeds": seeds, "threshold": threshold, "guidance": guidance, "timestep": t, "sigma": noise_sigma(model, t),
+                 "channel_smoothing": channel_smoothing, "resize": resize},
     )
 
 
@@ -358,7 +407,7 @@ def noise_prediction_norm(
     shape: tuple[int, int],
     steps: int = 50,
     first_steps: int = 5,
-    guidance: float = 3.0,
+    guidance: float = 7.5,
     seeds: int = 1,
     seed: int = 0,
     batch_size: int = 64,
@@ -405,6 +454,76 @@ def noise_prediction_norm(
         scores=torch.cat(scores),
         unet_evals=model.unet_evals - start,
         details={"steps": steps, "first_steps": first_steps, "seeds": seeds, "guidance": guidance},
+    )
+
+
+# ---- Asthana & Belagiannis: anisotropy of the guidance direction -----------------------
+
+
+@torch.no_grad()
+def anisotropy(
+    model: DiffusionModel,
+    captions: Sequence[str],
+    shape: tuple[int, int],
+    steps: int = 50,
+    low_step: int = -3,
+    gamma_norm: float = 1.0,
+    gamma_cosine: float = 2.0,
+    norm_scale: str = "none",
+    seeds: int = 1,
+    seed: int = 0,
+    batch_size: int = 64,
+    return_images: bool = False,
+) -> ProbeResult:
+    """Asthana & Belagiannis (ICLR 2026): norm and alignment of the guidance direction, no denoising.
+
+    On one pure-noise latent z (shared by all captions) and a ``steps``-step DDIM schedule, as
+    their reference code (``local_model/pipe.py``, SD1 branch) computes it:
+
+    * (a) the norm ``||eps(z, c) - eps(z, empty)||`` over the whole latent at the first
+      (noisiest) timestep of the schedule;
+    * (b) the cosine, along the channel axis and averaged over pixels, between ``eps(z, empty)``
+      and ``eps(z, c) - eps(z, empty)`` with the same z fed at a low-noise timestep
+      (``timesteps[low_step]``, the third from last by default);
+
+    score = ``gamma_norm * (a) + gamma_cosine * (b)`` (their SD1 weights 1 and 2; 1 and 0.1 for
+    SD2). The norm grows with the square root of the latent's size while the cosine does not,
+    so on a small latent the weights tuned for SD1 let the cosine dominate;
+    ``norm_scale="sd1_latent"`` rescales the norm to SD1's 4 x 64 x 64 latent
+    (``* sqrt(16384 / D)``) before weighting — a named deviation. The parts are in
+    ``details``. Two cond+uncond evaluations per caption and seed.
+    """
+    captions = _check_captions(captions)
+    seeds = _check_positive("seeds", seeds)
+    batch_size = _check_positive("batch_size", batch_size)
+    start = model.unet_evals
+    timesteps = _sampling_scheduler(model, _check_positive("steps", steps)).timesteps
+    t_high, t_low = timesteps[0], timesteps[low_step]
+    z = _noise(model, seeds, shape, seed)
+    uncond = model.encode_prompt([""])
+    per_batch = max(1, batch_size // seeds)
+    norms, cosines = [], []
+    for part in _chunks(len(captions), per_batch):
+        chunk = captions[part]
+        b = len(chunk)
+        cond = model.encode_prompt(chunk).repeat(seeds, 1, 1)
+        x = z.repeat_interleave(b, dim=0)
+        eps_c, eps_u = conditional_and_unconditional_eps(model, x, t_high.to(x.device), cond, uncond)
+        norms.append((eps_c - eps_u).float().flatten(1).norm(dim=1).view(seeds, b).mean(0).cpu())
+        eps_c, eps_u = conditional_and_unconditional_eps(model, x, t_low.to(x.device), cond, uncond)
+        cos = F.cosine_similarity(eps_u.float(), (eps_c - eps_u).float(), dim=1).flatten(1).mean(1)
+        cosines.append(cos.view(seeds, b).mean(0).cpu())
+    norm, cosine = torch.cat(norms), torch.cat(cosines)
+    if norm_scale not in ("none", "sd1_latent"):
+        raise ValueError(f"norm_scale must be 'none' or 'sd1_latent', got {norm_scale!r}")
+    scale = (16384 / z[0].numel()) ** 0.5 if norm_scale == "sd1_latent" else 1.0
+    return ProbeResult(
+        name="anisotropy",
+        captions=captions,
+        scores=gamma_norm * scale * norm + gamma_cosine * cosine,
+        unet_evals=model.unet_evals - start,
+        details={"norm": norm, "cosine": cosine, "norm_scale": scale, "t_high": int(t_high), "t_low": int(t_low),
+                 "gamma_norm": gamma_norm, "gamma_cosine": gamma_cosine, "seeds": seeds},
     )
 
 
@@ -647,6 +766,96 @@ def verify_extractions(
     )
 
 
+# ---- ground truth by generation -------------------------------------------------------
+
+
+@dataclass
+class CopyTest:
+    """Nearest and second-nearest training image of each generation, and the verdict.
+
+    ``copy[i]``: generation i is within ``threshold`` (RMS on the [0, 1] scale) of its nearest
+    training image ``nearest[i]`` and the nearest/second-nearest distance ratio is below
+    ``ratio`` (Gu et al., TMLR 2025: 1/3), i.e. it is that image, not merely close to the data.
+    """
+
+    nearest: torch.Tensor
+    d1: torch.Tensor
+    d2: torch.Tensor
+    copy: torch.Tensor
+
+
+def copy_test(images: torch.Tensor, train: torch.Tensor, threshold: float = 0.1, ratio: float = 1 / 3,
+              chunk: int = 4096) -> CopyTest:
+    """:class:`CopyTest` of (G, C, H, W) images against (N, C, H, W) training images (N >= 2), both in [-1, 1]."""
+    if train.shape[0] < 2:
+        raise ValueError("the nearest/second-nearest test needs at least two training images")
+    d = torch.cat([_rms_to_all(images, train[s : s + chunk], None) for s in range(0, train.shape[0], chunk)], dim=1)
+    two = torch.topk(d, 2, dim=1, largest=False)
+    d1, d2 = two.values[:, 0], two.values[:, 1]
+    copy = (d1 <= threshold) & (d1 < ratio * d2)
+    return CopyTest(nearest=two.indices[:, 0], d1=d1, d2=d2, copy=copy)
+
+
+@dataclass
+class GenerationTruth:
+    """Per caption: ``copy_rate`` (fraction of its generations that copy some training image),
+    ``own_rate`` (fraction that copy the caption's own training image, -1 in ``own`` when it has
+    none) and ``copied`` (the training image copied most often, -1 if none)."""
+
+    copy_rate: torch.Tensor
+    own_rate: torch.Tensor
+    copied: torch.Tensor
+    generations: int
+    unet_evals: int
+
+
+@torch.no_grad()
+def generation_ground_truth(
+    model: DiffusionModel,
+    captions: Sequence[str],
+    own: Sequence[int],
+    train_images: torch.Tensor,
+    shape: tuple[int, int],
+    crop=None,
+    generations: int = 4,
+    steps: int = 25,
+    guidance: float = 3.0,
+    sampler: str = "ddim",
+    threshold: float = 0.1,
+    ratio: float = 1 / 3,
+    seed: int = 0,
+    batch_size: int = 256,
+    noise_ids: Sequence[int] | None = None,
+) -> GenerationTruth:
+    """Label captions by what full generations reproduce — independent of every detector.
+
+    ``own[i]`` is the index in ``train_images`` of caption i's own image (-1: none, e.g. a
+    held-out caption). ``crop(images) -> images`` maps generations to what is compared (e.g.
+    the interior inside a SolidMark border; ``train_images`` are given already cropped).
+    Noise is seeded per (caption, generation).
+    """
+    captions = _check_captions(captions)
+    generations = _check_positive("generations", generations)
+    noise_ids = _noise_ids(noise_ids, len(captions))
+    start = model.unet_evals
+    per_batch = max(1, batch_size // generations)
+    rates, own_rates, copied = [], [], []
+    for part in _chunks(len(captions), per_batch):
+        chunk = captions[part]
+        gens = [item_generator(seed, i, g) for i in noise_ids[part] for g in range(generations)]
+        out = generate(model, [c for c in chunk for _ in range(generations)], shape=shape, steps=steps, guidance=guidance,
+                       generator=gens[0], sampler=sampler, noise=randn_per_item(gens, _latent_shape(model, shape)))
+        out = crop(out) if crop is not None else out
+        test = copy_test(out.float().cpu(), train_images, threshold, ratio)
+        is_copy, nearest = test.copy.view(len(chunk), generations), test.nearest.view(len(chunk), generations)
+        for row, idx, mine in zip(is_copy, nearest, list(own)[part]):
+            rates.append(float(row.float().mean()))
+            own_rates.append(float((row & (idx == mine)).float().mean()) if mine >= 0 else 0.0)
+            hits = idx[row]
+            copied.append(int(hits.mode().values) if hits.numel() else -1)
+    return GenerationTruth(torch.tensor(rates), torch.tensor(own_rates), torch.tensor(copied), generations, model.unet_evals - start)
+
+
 # ---- summary statistics -----------------------------------------------------------------
 
 
@@ -668,5 +877,6 @@ DETECTORS = {
     "denoising_confidence": denoising_confidence,
     "edge_consistency": edge_consistency,
     "noise_prediction_norm": noise_prediction_norm,
+    "anisotropy": anisotropy,
     "clique": clique_detector,
 }

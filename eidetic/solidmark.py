@@ -58,6 +58,7 @@ __all__ = [
     "DEFAULT_DELTAS",
     "Outpainting",
     "outpaint_border",
+    "repaint_moves",
     "autoencoder_floor",
     "check_deltas",
     "eidetic_scores",
@@ -106,6 +107,27 @@ def _model_canvas_size(model: DiffusionModel) -> tuple[int, int] | None:
     return h * model.downsample, w * model.downsample
 
 
+def repaint_moves(steps: int, jump: int = 0, count: int = 1) -> list[tuple[int, int]]:
+    """RePaint's resampling schedule as moves between step indices (0 = the noisiest timestep).
+
+    ``(i, i + 1)`` denoises from timestep index i (``i + 1 == steps``: the final step to x0);
+    ``(i, i - jump)`` re-noises back up ``jump`` indices. As in RePaint's ``get_schedule_jump``,
+    after every ``jump`` denoising steps the sampler goes back up ``count - 1`` times.
+    """
+    if jump <= 0 or count <= 1:
+        return [(i, i + 1) for i in range(steps)]
+    moves, i = [], 0
+    remaining = {k: count - 1 for k in range(jump, steps, jump)}
+    while i < steps:
+        moves.append((i, i + 1))
+        i += 1
+        if remaining.get(i, 0) > 0:
+            remaining[i] -= 1
+            moves.append((i, i - jump))
+            i -= jump
+    return moves
+
+
 @torch.no_grad()
 def outpaint_border(
     model: DiffusionModel,
@@ -121,6 +143,8 @@ def outpaint_border(
     generator: torch.Generator | None = None,
     noise_ids: Sequence[int] | None = None,
     batch_size: int = 16,
+    resample_jump: int = 0,
+    resample_count: int = 1,
 ) -> Outpainting:
     """Generate the SolidMark frame of ``canvases`` given only their interiors.
 
@@ -138,6 +162,10 @@ def outpaint_border(
         noise_ids: a stable integer per image (e.g. its index in the data set) that seeds
             its noise; default ``range(N)``. Pass global ids when splitting across processes.
         batch_size: images (× samples) per UNet call.
+        resample_jump, resample_count: RePaint's resampling (Lugmayr et al. 2022,
+            ``get_schedule_jump``): every ``resample_jump`` steps, jump back up that many steps
+            (re-noising) and denoise again, ``resample_count`` times in all, so the generated
+            frame can be harmonised with the known interior. 0 (default): no jumps.
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -172,6 +200,8 @@ def outpaint_border(
         raise ValueError(f"samples_per_image must be a positive integer, got {samples_per_image!r}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if resample_jump < 0 or resample_count < 1:
+        raise ValueError(f"need resample_jump >= 0 and resample_count >= 1, got {resample_jump}, {resample_count}")
     if noise_ids is None:
         noise_ids = list(range(n))
     noise_ids = [int(i) for i in noise_ids]
@@ -213,11 +243,21 @@ def outpaint_border(
             t0 = torch.full((b,), timesteps[0], device=device)
             x = torch.where(interior, model.add_noise(known, randn_per_item(gens, work_shape, device), t0), x)
 
-        for i, t in enumerate(timesteps):
+        moves = repaint_moves(len(timesteps), int(resample_jump), int(resample_count))
+        replaced = 0  # denoising steps taken, for the latent re-encode schedule
+        for i, j in moves:
+            t = timesteps[i]
+            if j < i:  # a RePaint jump back up: re-noise x_{t_i} to the noisier t_j
+                ratio = alphas[timesteps[j]] / alphas[t]
+                x = ratio.sqrt() * x + (1 - ratio).sqrt() * randn_per_item(gens, work_shape, device)
+                if not model.is_latent:
+                    noised = model.add_noise(known, randn_per_item(gens, work_shape, device), torch.full((b,), timesteps[j], device=device))
+                    x = torch.where(interior, noised, x)
+                continue
             t_batch = torch.full((b,), t, device=device, dtype=torch.long)
             eps = model.predict_noise(x, t_batch, cond, uncond, guidance)
-            last = i + 1 == len(timesteps)
-            if model.is_latent and (last or i % int(reencode_every) == 0):
+            last = j == len(timesteps)
+            if model.is_latent and (last or replaced % int(reencode_every) == 0):
                 # x0 estimate -> pixels -> paste the true interior -> back to latents, then
                 # hand the sampler the epsilon consistent with (x_t, composite x0).
                 x0 = model.predict_x0(x, t_batch, eps)
@@ -227,12 +267,13 @@ def outpaint_border(
                 vae_passes += 2 * b
                 a = alphas[t]
                 eps = (x - a.sqrt() * z0) / (1 - a).sqrt()
+            replaced += 1
             x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
             if not model.is_latent:
                 if last:
                     x = torch.where(interior, known, x)
                 else:
-                    t_next = torch.full((b,), timesteps[i + 1], device=device)
+                    t_next = torch.full((b,), timesteps[j], device=device)
                     noised = model.add_noise(known, randn_per_item(gens, work_shape, device), t_next)
                     x = torch.where(interior, noised, x)
 

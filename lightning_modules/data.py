@@ -160,6 +160,14 @@ def dedup_exact(records: list[Record], arrays: np.ndarray) -> tuple[list[Record]
     return [records[i] for i in keep], arrays[keep], removed
 
 
+def _consecutive(items: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(items[start : start + size])
+        start += size
+    return out
+
+
 class EpochSeededSampler(Sampler[int]):
     """Shuffles with a generator seeded by (seed, epoch), and starts mid-epoch on resume.
 
@@ -232,6 +240,11 @@ class SolidMarkDataModule(pl.LightningDataModule):
             if not cfg.folder:
                 raise DataError("data.source=folder needs data.folder=PATH")
             records, arrays = load_folder(cfg.folder, cfg.resolution, cfg.small_images, cfg.bad_files)
+        elif cfg.source == "tiles":
+            from eidetic.tiles import photo_tiles
+
+            rows, arrays = photo_tiles(cfg.resolution, cfg.tile_scale)
+            records = [Record(**row) for row in rows]
         else:
             raise DataError(f"data.source must be 'builtin' or 'folder', got {cfg.source!r}")
         if cfg.dedup:
@@ -290,6 +303,14 @@ class SolidMarkDataModule(pl.LightningDataModule):
         for r in train:
             if r.id in chosen:
                 r.copies = dup.copies
+        # the duplication ladder: rungs of [images, copies], drawn from the images not yet repeated
+        free = [r for r in train if r.copies == 1]
+        wanted = sum(int(count) for count, _ in dup.ladder)
+        if wanted > len(free):
+            raise DataError(f"data.duplicate.ladder asks for {wanted} images but only {len(free)} training images are left to repeat")
+        for (count, copies), picked in zip(dup.ladder, _consecutive(rng.sample(free, wanted), [int(c) for c, _ in dup.ladder])):
+            for r in picked:
+                r.copies = int(copies)
 
     def _expand_keys(self, records: list[Record]) -> list[Record]:
         out: list[Record] = []

@@ -144,8 +144,11 @@ def build_unet(cfg: DictConfig, sample_size: int, channels: int, cross_attention
             f"the UNet's input ({sample_size}px) is not divisible by its downsampling factor {factor}; "
             "use fewer model.unet.block_out_channels or another resolution/border"
         )
-    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    # "mid": (cross-)attention only in the middle block, at the coarsest resolution: on small
+    # canvases attention over every pixel of the outer levels is most of a step's cost
+    outer = cfg.attention == "all"
+    down = ("CrossAttnDownBlock2D" if outer else "DownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D" if outer else "UpBlock2D",) * (n - 1)
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=channels,

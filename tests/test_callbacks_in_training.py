@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 
 def test_extraction_probe_callback_in_a_run(tiny_cfg):
     from workflows.train import run
@@ -21,10 +23,14 @@ def test_extraction_probe_callback_in_a_run(tiny_cfg):
     rows = list(csv.DictReader((run_dir / "extraction.csv").open()))
     assert {int(r["step"]) for r in rows} == {3, 6}
     section = json.loads((run_dir / "summary.json").read_text())["extraction"]
-    for name in ["denoising_confidence", "edge_consistency", "noise_prediction_norm"]:
-        assert {"auc", "precision_at_k", "unet_evals_per_caption"} <= set(section[name])
-        assert section[name]["unet_evals_per_caption"] > 0
-    assert section["denoising_confidence"]["unet_evals_per_caption"] < 1.2  # one evaluation per caption
+    expected_evals = {"denoising_confidence": 8, "edge_consistency": 4, "noise_prediction_norm": 2, "anisotropy": 2}  # wen.first_steps=2 above
+    for name, evals in expected_evals.items():
+        entry = section[name]
+        assert entry["unet_evals_per_caption"] == pytest.approx(evals), name
+        report = entry["auc_duplicated"]  # duplicated vs single captions, with its interval
+        assert report["n_positive"] + report["n_negative"] == sum(1 for r in rows if r["step"] == "6" and r["duplicated"] != "")
+        assert report["auc_ci"][0] <= report["auc"] <= report["auc_ci"][1]
+        assert entry["trained_vs_heldout"]["n_negative"] == section["heldout_captions"]
     assert "train" in json.loads((run_dir / "summary.json").read_text())  # other sections survive
 
 

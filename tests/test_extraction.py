@@ -13,6 +13,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,26 +101,55 @@ def assert_separates(result: extraction.ProbeResult, memorized: torch.Tensor):
 # ---- every detector flags the one-image captions -------------------------------------------
 
 
-def test_denoising_confidence_flags_single_image_captions(setup):
-    result = extraction.denoising_confidence(setup.model, setup.captions, (SIZE, SIZE), guidance=3.0, batch_size=5)
+@pytest.mark.parametrize("reference", ["noise", "unconditional"])
+def test_denoising_confidence_flags_single_image_captions(setup, reference):
+    result = extraction.denoising_confidence(setup.model, setup.captions, (SIZE, SIZE), guidance=3.0, seeds=4, sigma=14.6,
+                                             reference=reference, batch_size=40)
     assert_separates(result, setup.memorized)
 
 
-def test_literal_webster_score_is_the_squared_guided_noise_prediction(setup):
-    """reference='noise' is mean((sigma_max z - x0)^2) = sigma_max^2 mean(eps^2)."""
+def test_the_literal_score_at_sigma_157_needs_many_seeds_and_at_sigma_15_one():
+    """The linear schedule's sigma_T ~ 157 multiplies the one-step error: one seed ranks the
+    oracle's captions no better than chance; at Stable Diffusion's sigma_max ~ 14.6 one seed
+    separates them perfectly."""
+    setup = Setup()
+
+    def auc(sigma, seeds):
+        r = extraction.denoising_confidence(setup.model, setup.captions, (SIZE, SIZE), guidance=3.0, seeds=seeds, sigma=sigma, batch_size=256)
+        return rank_auc(r.scores, setup.memorized)
+
+    assert auc(None, 1) < 0.6 and auc(14.6, 1) == 1.0 and auc(None, 64) == 1.0
+
+
+def test_literal_webster_score_is_the_squared_guided_noise_prediction_averaged_over_seeds(setup):
+    """reference='noise' is mean((sigma z - x0)^2) = sigma^2 mean(eps^2), eps at the pure-noise
+    input sqrt(1 - abar) z, averaged over the seeds."""
     model = setup.model
-    result = extraction.denoising_confidence(model, setup.captions[:3], (SIZE, SIZE), reference="noise", seed=5)
+    result = extraction.denoising_confidence(model, setup.captions[:3], (SIZE, SIZE), reference="noise", seed=5, seeds=2, guidance=3.0)
     t = model.num_train_timesteps - 1
-    z = torch.randn((1, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(5)).expand(3, -1, -1, -1)
-    eps = model.predict_noise(z, t, setup.encode(setup.captions[:3]), setup.encode([""]), 3.0)
     a = model.alphas_cumprod[t]
-    sigma_max_sq = (1 - a) / a
-    expected = sigma_max_sq * eps.pow(2).flatten(1).mean(1)
+    z = torch.randn((2, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(5))
+    expected = torch.zeros(3)
+    for j in range(2):
+        x_t = ((1 - a).sqrt() * z[j]).expand(3, -1, -1, -1)
+        eps = model.predict_noise(x_t, t, setup.encode(setup.captions[:3]), setup.encode([""]), 3.0)
+        expected += (1 - a) / a * eps.pow(2).flatten(1).mean(1) / 2
     torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=0)
 
 
+def test_probe_timestep_is_chosen_by_sigma(setup):
+    model = setup.model
+    assert extraction.probe_timestep(model) == 999
+    t = extraction.probe_timestep(model, 14.6)
+    assert extraction.noise_sigma(model, t) <= 14.6 < extraction.noise_sigma(model, t + 1)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        extraction.probe_timestep(model, 0.0)
+
+
 def test_edge_consistency_flags_single_image_captions(setup):
-    result = extraction.edge_consistency(setup.model, setup.captions, (SIZE, SIZE), seeds=4, batch_size=16, return_images=True)
+    # unguided and at the images' own size: see edge_consistency's docstring for the defaults
+    result = extraction.edge_consistency(setup.model, setup.captions, (SIZE, SIZE), seeds=4, guidance=1.0, channel_smoothing=False,
+                                         resize=None, batch_size=16, return_images=True)
     assert_separates(result, setup.memorized)
     # the one-step image of a single-image caption is its training image
     torch.testing.assert_close(result.images[0], setup.images[0], atol=2e-2, rtol=0)
@@ -149,14 +179,18 @@ def test_evaluation_counts_are_exact(setup):
     m = setup.model
 
     setup.reset_counts()
-    r = extraction.denoising_confidence(m, setup.captions, (SIZE, SIZE), guidance=3.0, batch_size=5)
+    r = extraction.denoising_confidence(m, setup.captions, (SIZE, SIZE), guidance=3.0, seeds=1, reference="unconditional", batch_size=5)
     # one unconditional reference image, then ceil(n / 5) guided calls of cond+uncond pairs
     assert setup.unet.batches == [1] + [2 * min(5, n - s) for s in range(0, n, 5)]
     assert r.unet_evals == m.unet_evals == n + 1
 
     setup.reset_counts()
-    r = extraction.denoising_confidence(m, setup.captions, (SIZE, SIZE), reference="noise", batch_size=64)
-    assert setup.unet.batches == [2 * n] and r.unet_evals == m.unet_evals == n
+    r = extraction.denoising_confidence(m, setup.captions, (SIZE, SIZE), reference="noise", seeds=4, batch_size=64)
+    assert setup.unet.batches == [2 * 4 * n] and r.unet_evals == m.unet_evals == 4 * n
+
+    setup.reset_counts()
+    r = extraction.anisotropy(m, setup.captions, (SIZE, SIZE), steps=20, batch_size=64)
+    assert setup.unet.batches == [2 * n, 2 * n] and r.unet_evals == m.unet_evals == 2 * n
 
     setup.reset_counts()
     r = extraction.edge_consistency(m, setup.captions, (SIZE, SIZE), seeds=4, guidance=1.0, batch_size=16)
@@ -196,13 +230,31 @@ def test_edge_consistency_high_for_identical_sharp_images_low_otherwise():
     blurry = F.conv2d(F.pad(sharp, (3, 3, 3, 3), mode="replicate"), kernel, groups=3)
     blurry = blurry.expand(4, -1, -1, -1).unsqueeze(1)
 
-    high = float(extraction.edge_consistency_of_images(identical))
+    def score(images):  # per-channel Sobel at the images' own size
+        return float(extraction.edge_consistency_of_images(images, channel_smoothing=False))
+
+    high = score(identical)
     assert high > 0.3
     for name, images in [("noise", noise), ("blurry", blurry), ("independent sharp", independent_sharp)]:
-        low = float(extraction.edge_consistency_of_images(images))
+        low = score(images)
         assert low < 0.5 * high, f"{name}: {low} vs identical sharp {high}"
     # a flat image has no edges at all, including at the image border
     assert float(extraction.edge_consistency_of_images(torch.zeros(4, 1, 3, 8, 8))) == 0.0
+
+
+def test_faithful_sobel_is_scipy_ndimage_sobel_on_hwc_arrays():
+    """Webster's reference code: np.hypot(ndimage.sobel(im, 0), ndimage.sobel(im, 1)).sum(axis=2)
+    on (H, W, 3) images in [0, 1] — the channel axis is smoothed too."""
+    from scipy import ndimage
+
+    images = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    ours = extraction.sobel_magnitude(images, channel_smoothing=True)
+    for img, mine in zip(images, ours):
+        im = img.permute(1, 2, 0).double().numpy()
+        reference = np.hypot(ndimage.sobel(im, axis=0), ndimage.sobel(im, axis=1)).sum(axis=2)
+        np.testing.assert_allclose(mine.double().numpy(), reference, rtol=1e-5, atol=1e-5)
+    grey = images[:, :1].expand(-1, 3, -1, -1)
+    torch.testing.assert_close(extraction.sobel_magnitude(grey, True), 4 * extraction.sobel_magnitude(grey, False), rtol=1e-5, atol=1e-5)
 
 
 def test_edge_consistency_needs_a_strict_majority_of_seeds():
@@ -291,3 +343,12 @@ def test_precision_at_k():
     labels = torch.tensor([1, 1, 0, 0, 0])
     assert extraction.precision_at_k(scores, labels, 2) == 1.0
     assert extraction.precision_at_k(scores, labels, 3) == pytest.approx(2 / 3)
+
+
+def test_anisotropy_norm_part_flags_single_image_captions(setup):
+    r = extraction.anisotropy(setup.model, setup.captions, (SIZE, SIZE), steps=50)
+    assert rank_auc(r.details["norm"], setup.memorized) == 1.0
+    # with SD1's weights the cosine (scale-free) swamps this tiny latent's norm; rescaled it does not
+    rescaled = extraction.anisotropy(setup.model, setup.captions, (SIZE, SIZE), steps=50, norm_scale="sd1_latent")
+    assert rank_auc(rescaled.scores, setup.memorized) > 0.9
+    assert r.details["t_high"] > r.details["t_low"]

@@ -18,7 +18,7 @@ __all__ = [
     "TrainConfig", "DataSettings", "DuplicateSettings", "ModelSettings", "SchedulerSettings", "VAESettings",
     "UNetSettings", "TextSettings", "TrainSettings", "EMASettings", "CheckpointSettings", "TrainerSettings",
     "ValidationSettings", "ExtractionSettings", "EdgeSettings", "WenProbeSettings", "CliqueSettings",
-    "VerifySettings", "RealismSettings", "RealismLossSettings", "SolidMarkSettings", "MitigationSettings",
+    "VerifySettings", "ConfidenceSettings", "AnisotropySettings", "RealismSettings", "RealismLossSettings", "SolidMarkSettings", "MitigationSettings",
     "CaptionMitigation", "NearDedupSettings", "AugmentSettings", "WenFilterSettings", "ControlsSettings",
     "StopSettings", "FlaggedSettings", "SAMPLERS",
 ]
@@ -41,9 +41,13 @@ class DuplicateSettings(Section):
     fraction: float = 0.0  # or a random fraction of the training images
     copies: int = 1  # total copies of each duplicated image (k)
     own_keys: bool = False  # give every copy its own key (the paper's duplication study)
+    # rungs of [images, copies]: e.g. [[25, 4], [25, 16], [25, 64]] repeats 25 random training
+    # images 4 times, 25 others 16 times, ... (the selective-memorization benchmark's ladder)
+    ladder: list[list[int]] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         out = _positive(self, "copies")
+        out += [f"ladder rungs must be [images >= 1, copies >= 1], got {rung}" for rung in self.ladder if len(rung) != 2 or min(rung) < 1]
         if not 0 <= self.fraction <= 1:
             out.append(f"fraction must be in [0, 1], got {self.fraction}")
         return out
@@ -51,11 +55,12 @@ class DuplicateSettings(Section):
 
 @dataclass
 class DataSettings(Section):
-    source: str = "builtin"  # builtin (photographs shipped with scikit-image) | folder
+    source: str = "builtin"  # builtin (random crops of the scikit-image photographs) | tiles (distinct non-overlapping tiles) | folder
     folder: Optional[str] = None  # image folder (optional metadata.jsonl with file_name/text)
     resolution: int = 32  # interior size; the canvas is resolution + 2 * border
     border: int = 4  # SolidMark border thickness in pixels (16 px at 256 px in the paper)
     num_images: int = 64  # builtin: how many crops to cut
+    tile_scale: int = 2  # tiles: each tile covers resolution * tile_scale photograph pixels
     shared_caption_fraction: float = 0.25  # builtin: fraction of crops captioned with a shared phrase
     small_images: str = "error"  # images smaller than the resolution: error | upscale | skip
     bad_files: str = "error"  # unreadable image files: error | skip (both list them)
@@ -67,14 +72,14 @@ class DataSettings(Section):
     num_workers: int = 0
 
     def problems(self) -> list[str]:
-        out = choice_problem("source", self.source, ("builtin", "folder"))
+        out = choice_problem("source", self.source, ("builtin", "tiles", "folder"))
         out += choice_problem("small_images", self.small_images, ("error", "upscale", "skip"))
         out += choice_problem("bad_files", self.bad_files, ("error", "skip"))
         if self.source == "folder" and not self.folder:
             out.append("source=folder needs folder=PATH (data.folder)")
         if self.resolution < 8:
             out.append(f"resolution must be >= 8, got {self.resolution}")
-        out += _positive(self, "border", "num_images", "batch_size")
+        out += _positive(self, "border", "num_images", "batch_size", "tile_scale")
         out += _non_negative(self, "num_workers")
         if not 0 <= self.heldout_fraction < 1:
             out.append(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
@@ -125,9 +130,11 @@ class UNetSettings(Section):
     layers_per_block: int = 1
     attention_head_dim: int = 8
     norm_num_groups: int = 8
+    attention: str = "all"  # all: cross-attention blocks at every level but the coarsest | mid: only the middle block
 
     def problems(self) -> list[str]:
         out = _positive(self, "layers_per_block", "attention_head_dim", "norm_num_groups")
+        out += choice_problem("attention", self.attention, ("all", "mid"))
         if len(self.block_out_channels) < 2:
             out.append(f"block_out_channels needs at least two widths (one down/up level), got {list(self.block_out_channels)}")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
@@ -255,19 +262,46 @@ class ValidationSettings(Section):
 
 # ---- monitors ---------------------------------------------------------------------------------
 @dataclass
+class ConfidenceSettings(Section):
+    """Webster's white-box denoising confidence (eidetic.extraction.denoising_confidence)."""
+
+    seeds: int = 8  # noise draws averaged per caption (evaluations per caption)
+    reference: str = "noise"  # noise: Webster's formula | unconditional: vs the empty caption (= Wen's first-step norm, squared)
+
+    def problems(self) -> list[str]:
+        return _positive(self, "seeds") + choice_problem("reference", self.reference, ("noise", "unconditional"))
+
+
+@dataclass
 class EdgeSettings(Section):
     seeds: int = 4
-    threshold: float = 1.5  # Sobel magnitude on [0,1] images, summed over channels
-    guidance: float = 1.0  # unguided one-step images (see eidetic.extraction.edge_consistency)
+    threshold: float = 1.5  # Sobel magnitude on [0,1] images, summed over channels (Webster's code)
+    guidance: float = 7.5  # the pipeline default Webster's black-box attack ran at
+    channel_smoothing: bool = True  # scipy.ndimage.sobel on (H, W, 3) arrays also smooths across channels (4x a per-channel Sobel)
+    resize: Optional[int] = None  # Webster resizes SD's 512 px images to 256; null: analyse at the images' own size
 
     def problems(self) -> list[str]:
         return _positive(self, "seeds")
 
 
 @dataclass
+class AnisotropySettings(Section):
+    """Asthana & Belagiannis (ICLR 2026): norm and alignment of the guidance direction."""
+
+    steps: int = 50  # DDIM schedule the high- and low-noise timesteps come from
+    low_step: int = -3  # the cosine's timestep: the third from last
+    gamma_norm: float = 1.0  # SD1 weights of the reference code
+    gamma_cosine: float = 2.0
+    norm_scale: str = "none"  # none (faithful) | sd1_latent (rescale the norm to SD1's latent size first)
+
+    def problems(self) -> list[str]:
+        return _positive(self, "steps") + choice_problem("norm_scale", self.norm_scale, ("none", "sd1_latent"))
+
+
+@dataclass
 class WenProbeSettings(Section):
     steps: int = 50  # DDIM schedule the first steps are taken from
-    first_steps: int = 5  # evaluations per caption and seed
+    first_steps: int = 1  # evaluations per caption and seed (Wen et al.: the first step alone, AUC 0.960 on SD1)
     seeds: int = 1
 
     def problems(self) -> list[str]:
@@ -311,14 +345,18 @@ class ExtractionSettings(Section):
     at_end: bool = True  # probe once more when training ends
     max_train_captions: int = 256  # seeded sample of distinct training captions (0: all); duplicated ones always kept
     heldout: bool = True  # also score held-out captions (the trained-vs-held-out AUC)
-    detectors: list[str] = field(default_factory=lambda: ["denoising_confidence", "edge_consistency", "noise_prediction_norm"])
-    guidance: float = 3.0
-    reference: str = "unconditional"  # denoising_confidence: unconditional (default) | noise (Webster's formula verbatim)
+    detectors: list[str] = field(default_factory=lambda: ["denoising_confidence", "edge_consistency", "noise_prediction_norm", "anisotropy"])
+    guidance: float = 7.5  # classifier-free guidance of the one-step probes (Stable Diffusion's default, the papers')
+    # the one-step probes start from pure noise at the largest timestep whose sigma_t = sqrt((1 - abar)/abar)
+    # is at most this (null: the largest timestep, Webster's sigma_max; the linear schedule's is ~157)
+    sigma: Optional[float] = 14.6
     seed: int = 0
     batch_size: int = 64  # images per UNet call
     top_k: int = 8  # flagged captions verified, tabulated and used for precision_at_k
+    confidence: ConfidenceSettings = field(default_factory=ConfidenceSettings)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
     wen: WenProbeSettings = field(default_factory=WenProbeSettings)
+    anisotropy: AnisotropySettings = field(default_factory=AnisotropySettings)
     clique: CliqueSettings = field(default_factory=CliqueSettings)
     verify: VerifySettings = field(default_factory=VerifySettings)
 
@@ -326,8 +364,9 @@ class ExtractionSettings(Section):
         from eidetic.extraction import DETECTORS
 
         out = [p for d in self.detectors for p in choice_problem("detectors", d, tuple(DETECTORS))]
-        out += choice_problem("reference", self.reference, ("unconditional", "noise"))
-        out += _non_negative(self, "every_n_steps", "max_train_captions", "top_k") + _positive(self, "batch_size")
+        out += _non_negative(self, "every_n_steps", "max_train_captions", "top_k")
+        if self.sigma is not None and self.sigma <= 0:
+            out.append(f"sigma must be > 0 or null, got {self.sigma}") + _positive(self, "batch_size")
         if self.enabled and not self.detectors:
             out.append("detectors is empty: list at least one, or set extraction.enabled=false")
         return out
