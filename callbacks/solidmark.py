@@ -21,6 +21,7 @@ gathered by torchmetrics; only rank 0 writes.
 from __future__ import annotations
 
 import csv
+import logging
 import io
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ from .loggers import log_image, log_scalars, log_wandb, to_uint8
 from .monitor import BudgetSignal, Monitor, MonitorResult
 
 __all__ = ["SolidMarkCallback", "GeneratedCanvases"]
+
+log = logging.getLogger("eidetic")
 
 
 class GeneratedCanvases(Metric):
@@ -100,6 +103,12 @@ class SolidMarkCallback(Monitor):
         self.total_unet_evals = int(state.get("total_unet_evals", 0))
         self.total_seconds = float(state.get("total_seconds", 0.0))
         self.floor = state.get("floor")
+
+    def deltas_below_floor(self) -> list[float]:
+        """The δ thresholds under the autoencoder floor's mean: counts there show nothing."""
+        if not self.floor:
+            return []
+        return [d for d in self.settings.deltas if d <= self.floor["mean"]]
 
     # ---- the fixed sample ---------------------------------------------------------------
     def sample_indices(self, records) -> list[int]:
@@ -163,11 +172,19 @@ class SolidMarkCallback(Monitor):
                 model, canvases, [records[i].caption for i in mine], thickness,
                 steps=s.steps, guidance=s.guidance, sampler=s.sampler, reencode_every=s.reencode_every,
                 samples_per_image=s.samples_per_image, seed=s.seed, noise_ids=mine, batch_size=s.batch_size,
+                resample_jump=s.resample_jump, resample_count=s.resample_count,
             )
             if self.floor is None and trainer.is_global_zero:
                 train_ids = [records[i].id for i in self._sample if records[i].split == "train"]
                 floor = autoencoder_floor(model, dm.canvases(train_ids), torch.tensor([records[i].key for i in self._sample if records[i].split == "train"]), thickness)
                 self.floor = {"mean": float(floor.mean()), "p95": float(floor.quantile(0.95)), "max": float(floor.max())}
+                below = self.deltas_below_floor()
+                if below:
+                    log.warning(
+                        "solidmark: delta %s lies below the autoencoder's own round-trip error (floor: mean %.4f, p95 %.4f): "
+                        "a latent model cannot reproduce a key that precisely, so counts at that delta are uninformative",
+                        ", ".join(f"{d:g}" for d in below), self.floor["mean"], self.floor["p95"],
+                    )
         finally:
             pl_module.train(was_training)
 
@@ -243,6 +260,7 @@ class SolidMarkCallback(Monitor):
             "heldout_mean_loss": result["heldout"]["mean_loss"],
             "flag_q": result["flag_q"],
             "autoencoder_floor": self.floor,
+            "uninformative_deltas": [_delta_name(d) for d in self.deltas_below_floor()],
             "unet_evals": self.total_unet_evals,
             "seconds": round(self.total_seconds, 3),
             "evaluations": len(self.history),

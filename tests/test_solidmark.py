@@ -445,3 +445,54 @@ def test_callback_rejects_a_sample_larger_than_the_split(tmp_path):
     cfg = solidmark_run_config(tmp_path, "solidmark.heldout_sample=50", "extraction.enabled=false", "realism.enabled=false")
     with pytest.raises(ValueError, match="heldout_sample=50 but the data has only"):
         run(cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# a perfect memorizer whose caption does not identify the image
+# ---------------------------------------------------------------------------------------
+def _tile_oracle(n: int, thickness: int, shared: bool):
+    """The empirical denoiser on ``n`` distinct photograph tiles (16 px), all under one caption
+    (``shared``) or each under its own."""
+    from eidetic.tiles import photo_tiles
+
+    _, arrays = photo_tiles(16, 2)
+    pick = torch.randperm(len(arrays), generator=torch.Generator().manual_seed(0))[:n]
+    interiors = torch.from_numpy(arrays[pick.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    keys = make_keys(n, 1)
+    canvases = add_border(interiors, keys, thickness)
+    captions = ["a photo"] * n if shared else [f"tile {i}" for i in range(n)]
+    return oracle_model(canvases, captions), canvases, captions, keys
+
+
+def _recovered(thickness: int, shared: bool, seeds=(0, 1)) -> float:
+    model, canvases, captions, keys = _tile_oracle(32, thickness, shared)
+    hits = [(eidetic_scores(outpaint_border(model, canvases, captions, thickness, steps=25, guidance=1.0, seed=s,
+                                            batch_size=64).border_key, keys) < 0.05).float().mean() for s in seeds]
+    return float(torch.stack(hits).mean())
+
+
+def test_identifying_captions_recover_every_key_and_a_shared_caption_most_with_a_thin_border():
+    """With its own caption per image the oracle gives back every key. Under one shared caption
+    outpainting commits to some image's frame while the interior is still noise (the flat frame's
+    mean is sqrt(frame pixels) times more informative than a pixel), so keys are lost: about 40 %
+    come back with a 4 px frame, about 60 % with one in the paper's proportion (6 % of the side:
+    1 px at 16 px)."""
+    assert _recovered(1, shared=False) == 1.0
+    thin, thick = _recovered(1, shared=True), _recovered(4, shared=True)
+    assert thin > thick and thin >= 0.55, (thin, thick)
+    assert thick > 0.3  # still far above chance (~0.1 of keys land within 0.05 by luck)
+
+
+def test_per_image_flags_are_significant_on_the_oracle_and_rare_on_a_random_model(keyed):
+    from eidetic.solidmark import per_image_p_values
+    from eidetic.stats import benjamini_hochberg
+
+    model = oracle_model(keyed.train, keyed.train_captions)
+    out = outpaint_border(model, keyed.train, keyed.train_captions, THICKNESS, steps=25, guidance=1.0, seed=0)
+    flagged = benjamini_hochberg(per_image_p_values(out.border_key, keyed.train_keys).numpy(), 0.1)
+    assert flagged.mean() >= 0.9
+    # keys the model never saw: p-values uniform, so Benjamini-Hochberg flags (almost) nothing
+    other = make_keys(N, 99)
+    assert benjamini_hochberg(per_image_p_values(out.border_key, other).numpy(), 0.1).mean() <= 0.1
+    p = per_image_p_values(out.border_key, other)
+    assert stats.kstest(p.numpy(), "uniform").pvalue > 0.001

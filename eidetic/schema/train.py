@@ -420,6 +420,8 @@ class SolidMarkSettings(Section):
     guidance: float = 1.0
     sampler: str = "ddpm"  # ddpm (ancestral; the paper's) | ddim
     reencode_every: int = 5  # latent models: decode/paste interior/re-encode every N steps (the last step always)
+    resample_jump: int = 0  # RePaint resampling: every N steps jump back N steps (0: off; RePaint's own: 10)
+    resample_count: int = 1  # ... and denoise again, this many times in all (RePaint's own: 10)
     samples_per_image: int = 1  # outpaintings averaged per image
     batch_size: int = 64
     seed: int = 0  # outpainting noise, the same at every evaluation
@@ -434,7 +436,8 @@ class SolidMarkSettings(Section):
     def problems(self) -> list[str]:
         out = choice_problem("sampler", self.sampler, SAMPLERS)
         out += _non_negative(self, "every_n_steps", "every_n_epochs", "table_rows")
-        out += _positive(self, "steps", "reencode_every", "samples_per_image", "batch_size")
+        out += _positive(self, "steps", "reencode_every", "samples_per_image", "batch_size", "resample_count")
+        out += _non_negative(self, "resample_jump")
         for name in ("train_sample", "heldout_sample"):
             value = getattr(self, name)
             if value is not None and value < 0:
