@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -160,9 +161,24 @@ def check_layer(cls, layer: dict, prefix: str = "") -> list[str]:
                 errors += check_layer(tp, value, path + ".")
             elif value is not None:
                 errors.append(f"config key '{path}' is a section; got the value {value!r} (set '{path}.<key>=...' instead)")
+        elif (fraction := _fraction(tp, value)) is not None:
+            layer[key] = fraction
         elif not _value_ok(tp, value):
             errors.append(f"config key '{path}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return errors
+
+
+_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def _fraction(tp, value) -> float | None:
+    """A float setting written as a fraction ('16/255', as budgets in 8-bit levels are written)."""
+    if _unwrap_optional(tp)[0] is not float or not isinstance(value, str):
+        return None
+    match = _FRACTION.match(value)
+    if not match or float(match.group(2)) == 0:
+        return None
+    return float(match.group(1)) / float(match.group(2))
 
 
 def _section_list_element(tp):
@@ -237,10 +253,12 @@ def load(
     layers += [(source, OmegaConf.create(layer)) for source, layer in extra]
     if overrides:
         layers.append(("command-line override", parse_overrides(overrides)))
-    for source, layer in layers:
-        errors = check_layer(cls, OmegaConf.to_container(layer, resolve=False))
+    for i, (source, layer) in enumerate(layers):
+        container = OmegaConf.to_container(layer, resolve=False)
+        errors = check_layer(cls, container)  # also turns fractions such as '16/255' into floats
         if errors:
             raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(errors))
+        layers[i] = (source, OmegaConf.create(container))
     cfg = defaults(cls)
     try:
         cfg = OmegaConf.merge(cfg, *[layer for _, layer in layers])

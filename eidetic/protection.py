@@ -27,7 +27,7 @@ and memory saving comes from (see ``benchmarks/protection_cost.py``).
 
 PGD works in 8-bit levels: the image the gradient is taken at is always the quantised
 one (clean + round(delta), clipped to valid pixels), so what is saved as PNG is exactly
-what was optimised, and ||delta||_inf <= floor(255 eps) / 255 <= eps holds after saving.
+what was optimised, and ||delta||_inf <= eps_in_levels(eps) / 255 holds after saving.
 
 Evaluation helpers: visibility (PSNR/SSIM of protected vs clean) and SDEdit of clean and
 protected images through the model, compared with the clean image.
@@ -208,11 +208,35 @@ def from_levels(levels: torch.Tensor) -> torch.Tensor:
     return levels / 127.5 - 1
 
 
-def eps_in_levels(eps: float) -> int:
-    """The largest whole number of 8-bit levels within ``eps`` (a fraction of the [0,1] range)."""
-    if not 0 < eps <= 1:
-        raise ValueError(f"eps must be in (0, 1] as a fraction of the pixel range (16/255 = {16 / 255:.4f}), got {eps}")
-    levels = math.floor(eps * 255 + 1e-6)
+# A budget this close to a whole number of levels means that number: 0.0627 is 15.99 levels,
+# written for 16/255, and flooring it would protect at 15/255.
+_LEVEL_TOLERANCE = 0.05
+
+
+def budget_fraction(eps: float | str) -> float:
+    """An L_inf budget as a fraction of the [0, 1] range: a number, or a fraction string "16/255"."""
+    if isinstance(eps, str):
+        text = eps.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                return float(num) / float(den)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps must be a fraction of the pixel range such as 0.0627 or '16/255', got {eps!r}") from None
+    return float(eps)
+
+
+def eps_in_levels(eps: float | str) -> int:
+    """The whole number of 8-bit levels a budget allows: the nearest whole number when the
+    budget is within 1/20 of a level of it (so 0.0627 and '16/255' are both 16 levels),
+    otherwise the largest whole number within it."""
+    fraction = budget_fraction(eps)
+    if not 0 < fraction <= 1:
+        hint = f"; for {fraction:g} levels write eps={fraction:g}/255" if 1 < fraction <= 255 else ""
+        raise ValueError(f"eps must be in (0, 1] as a fraction of the pixel range (16/255 = {16 / 255:.4f}), got {eps}{hint}")
+    x = fraction * 255
+    levels = round(x) if abs(x - round(x)) <= _LEVEL_TOLERANCE else math.floor(x)
     if levels < 1:
         raise ValueError(f"eps={eps} is smaller than one 8-bit level (1/255 = {1 / 255:.4f}); no perturbation would survive saving")
     return levels

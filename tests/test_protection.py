@@ -366,3 +366,25 @@ def test_objective_and_eps_validation(oracle_model):
         protection.protect_images(oracle_model, x, cond, "sds-", t_range=(0, 1000))
     with pytest.raises(ValueError, match="one caption embedding per image"):
         protection.protect_images(oracle_model, clean_images(2), cond, "sds-")
+
+
+@pytest.mark.parametrize("eps, levels", [("16/255", 16), (0.0627, 16), (16 / 255, 16), ("8/255", 8), (0.06, 15), ("1/255", 1)])
+def test_budget_in_whole_levels(eps, levels):
+    """The README's eps=0.0627 (written for 16/255) protects at 16 levels, not floor(15.99) = 15;
+    a budget between levels keeps the largest whole number inside it."""
+    assert protection.eps_in_levels(eps) == levels
+
+
+@pytest.mark.parametrize("eps", ["16/0", "sixteen", 0.0, 1.5, "2/255.0e-9"])
+def test_budget_outside_the_range_is_refused(eps):
+    with pytest.raises(ValueError, match="eps"):
+        protection.eps_in_levels(eps)
+
+
+def test_budget_written_as_a_fraction_on_the_command_line():
+    from workflows import protect as protect_workflow
+
+    cfg = protect_workflow.load_config([], ["eps=16/255", "step_size=1/255", "input=a", "model=b", "output=c"])
+    assert cfg.eps == pytest.approx(16 / 255) and cfg.step_size == pytest.approx(1 / 255)
+    with pytest.raises(ConfigError, match="eps"):
+        protect_workflow.load_config([], ["eps=sixteen", "input=a", "model=b", "output=c"])

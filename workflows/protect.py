@@ -196,7 +196,8 @@ def run(cfg: DictConfig) -> Path:
 
     summary = {
         "objective": cfg.objective,
-        "eps": cfg.eps,
+        "eps": protection.eps_in_levels(cfg.eps) / 255,
+        "eps_requested": str(cfg.eps),
         "eps_levels": protection.eps_in_levels(cfg.eps),
         "step_size": cfg.step_size,
         "steps": cfg.steps,

@@ -70,7 +70,7 @@ class ProtectConfig(Section):
     model: str = ""  # local diffusers Stable Diffusion-style directory (vae/ unet/ text_encoder/ tokenizer/ scheduler/)
     output: str = ""  # folder for the protected PNGs (same relative paths, .png), metadata.jsonl, report.md, summary.json
     objective: str = "sds-"  # advdm+ | advdm- | photoguard | mist | sds+ | sds- | sdst
-    eps: float = 0.06274509803921569  # L_inf budget as a fraction of the pixel range (16/255)
+    eps: float = 0.06274509803921569  # L_inf budget as a fraction of the pixel range: 16/255 (eps=16/255 on the command line), 0.0627 also means 16 levels
     step_size: float = 0.00392156862745098  # PGD step (1/255)
     steps: int = 100
     t_range: list[int] = field(default_factory=lambda: [0, 999])  # inclusive timestep range sampled per image and step
