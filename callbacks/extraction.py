@@ -38,11 +38,12 @@ from torchmetrics.aggregation import CatMetric
 from eidetic.borders import border_mask
 from eidetic.config import build_section
 from eidetic.extraction import DETECTORS, precision_at_k, verify_extractions
+from eidetic.figures import roc_curves
 from eidetic.io import update_summary, write_npz_atomic, write_text_atomic
 from eidetic.schema.train import ExtractionSettings
 from eidetic.stats import auc_report
 
-from .loggers import log_scalars, log_wandb
+from .loggers import log_figure, log_scalars, log_wandb
 from .monitor import Monitor, MonitorResult
 
 __all__ = ["ExtractionProbeCallback", "CaptionTruth", "caption_truth", "detector_options"]
@@ -300,6 +301,9 @@ class ExtractionProbeCallback(Monitor):
         log_scalars(trainer, scalars)
         if verification:
             self._save_verified(trainer, scores, captions, verification, train_canvases, train_ids)
+        step = int(trainer.global_step)
+        figure_rows = [r for r in self.rows if r["step"] == step]
+        log_figure(trainer, "extraction/roc_curves", lambda: roc_curves(figure_rows, self.settings.detectors))
 
         def payload(wandb):
             out = {f"extraction/{name}/scores": wandb.Histogram(column.numpy()) for name, column in zip(self.settings.detectors, scores)}

@@ -33,11 +33,12 @@ from omegaconf import OmegaConf
 from torchmetrics import Metric
 
 from eidetic.config import build_section
+from eidetic.figures import ell_histograms
 from eidetic.io import update_summary, write_npz_atomic, write_text_atomic
 from eidetic.schema.train import SolidMarkSettings
 from eidetic.solidmark import SolidMarkMetric, autoencoder_floor, chance_probability, fixed_sample, outpaint_border
 
-from .loggers import log_image, log_scalars, log_wandb, to_uint8
+from .loggers import log_figure, log_image, log_scalars, log_wandb, to_uint8
 from .monitor import BudgetSignal, Monitor, MonitorResult
 
 __all__ = ["SolidMarkCallback", "GeneratedCanvases"]
@@ -302,6 +303,12 @@ class SolidMarkCallback(Monitor):
         step = result["step"]
         flat = self._flat_metrics(result)
         log_scalars(trainer, flat, step=step)
+        figure_rows = [
+            {"step": step, "split": records[i].split, "copies": records[i].copies, "loss": float(rows["loss"][j]),
+             "pred_key": float(rows["pred_keys"][j])}
+            for j, i in enumerate(rows["index"].long().tolist())
+        ]
+        log_figure(trainer, "solidmark/ell_histograms", lambda: ell_histograms(figure_rows), step=step)
         if self.settings.log_images and generated:
             self._log_images(trainer, run_dir, result, generated)
 

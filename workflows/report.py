@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from eidetic.io import read_summary, write_text_atomic
 
-__all__ = ["RunContents", "read_run", "write_report", "write_report_safely", "console_summary", "print_summary", "main"]
+__all__ = ["RunContents", "Table", "read_run", "write_report", "write_report_safely", "console_summary", "essentials", "print_summary", "main"]
 
 log = logging.getLogger("eidetic")
 
@@ -292,18 +292,23 @@ def path_lines(c: RunContents) -> list[str]:
 # ---- the console summary -----------------------------------------------------------------------
 def console_summary(path: str | Path):
     """A rich renderable: what a researcher reads first about a run."""
+    c = read_run(path)
+    lines = ([c.problems[0]] if not c.finished else []) + controls_lines(c)
+    return essentials("\n".join(overview_lines(c)), (solidmark_table(c), memorized_table(c, MOST_MEMORIZED_ROWS), extraction_table(c)),
+                      lines, path_lines(c))
+
+
+def essentials(title: str, tables: Sequence[Table | None] = (), lines: Sequence[str] = (), paths: Sequence[str] = ()):
+    """The console summary of any tool: a bold title, its tables, a few lines, then its paths."""
     from rich.console import Group
     from rich.text import Text
 
-    c = read_run(path)
-    parts: list = [Text("\n".join(overview_lines(c)), style="bold")]
-    if not c.finished:
-        parts.append(Text(c.problems[0], style="yellow"))
-    for table in (solidmark_table(c), memorized_table(c, MOST_MEMORIZED_ROWS), extraction_table(c)):
-        if table is not None:
-            parts.append(_rich_table(table))
-    parts.append(Text("\n".join(controls_lines(c))))
-    parts.append(Text("\n".join(path_lines(c)), style="bold"))
+    parts: list = [Text(title, style="bold")]
+    parts += [_rich_table(t) for t in tables if t is not None]
+    if lines:
+        parts.append(Text("\n".join(lines)))
+    if paths:
+        parts.append(Text("\n".join(paths), style="bold"))
     return Group(*parts)
 
 
@@ -314,7 +319,7 @@ def _rich_table(table: Table):
     t = RichTable(title=table.title, box=box.SIMPLE_HEAD, title_justify="left", caption=table.note or None,
                   caption_justify="left", pad_edge=False, title_style="bold")
     for i, h in enumerate(table.headers):
-        t.add_column(h, justify="left" if i == 0 or h in ("id", "caption", "detector") else "right",
+        t.add_column(h, justify="left" if i == 0 or h in _TEXT_COLUMNS else "right",
                      overflow="fold", max_width=40 if h == "caption" else None)
     for row in table.rows:
         t.add_row(*row)
@@ -429,16 +434,21 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.85em}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
-td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:bold;padding:.3em 0}
+td:first-child,th:first-child,td.text{text-align:left}caption{text-align:left;font-weight:bold;padding:.3em 0}
 .note{font-size:.8em;color:#555;max-width:1000px}figure{margin:1em 0}figcaption{font-size:.85em;color:#444;max-width:1000px}
 img{max-width:100%;image-rendering:pixelated}pre{background:#f6f6f6;padding:.8em;font-size:.75em;overflow:auto;max-height:40em}
 .warn{color:#a60}
 """
 
 
+_TEXT_COLUMNS = {"id", "caption", "detector", "setting", "teacher"}
+
+
 def _html_table(t: Table) -> str:
+    left = [h in _TEXT_COLUMNS for h in t.headers]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in t.rows)
+    cells = ['<td class="text">' if is_text else "<td>" for is_text in left]
+    body = "".join("<tr>" + "".join(f"{cells[i]}{html.escape(str(v))}</td>" for i, v in enumerate(row)) + "</tr>" for row in t.rows)
     note = f'<p class="note">{html.escape(t.note)}</p>' if t.note else ""
     return f"<table><caption>{html.escape(t.title)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
