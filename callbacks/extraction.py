@@ -31,17 +31,19 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchmetrics.aggregation import CatMetric
 
 from eidetic.borders import border_mask
 from eidetic.config import build_section
 from eidetic.extraction import DETECTORS, precision_at_k, verify_extractions
-from eidetic.io import update_summary, write_text_atomic
+from eidetic.figures import roc_curves
+from eidetic.io import update_summary, write_npz_atomic, write_text_atomic
 from eidetic.schema.train import ExtractionSettings
 from eidetic.stats import auc_report
 
-from .loggers import log_scalars, log_wandb
+from .loggers import log_figure, log_scalars, log_wandb
 from .monitor import Monitor, MonitorResult
 
 __all__ = ["ExtractionProbeCallback", "CaptionTruth", "caption_truth", "detector_options"]
@@ -297,6 +299,11 @@ class ExtractionProbeCallback(Monitor):
                 scalars[f"extraction/{name}/{key}"] = section[name].get(key)
         scalars["extraction/verified_extractions"] = section.get("verified_extractions")
         log_scalars(trainer, scalars)
+        if verification:
+            self._save_verified(trainer, scores, captions, verification, train_canvases, train_ids)
+        step = int(trainer.global_step)
+        figure_rows = [r for r in self.rows if r["step"] == step]
+        log_figure(trainer, "extraction/roc_curves", lambda: roc_curves(figure_rows, self.settings.detectors))
 
         def payload(wandb):
             out = {f"extraction/{name}/scores": wandb.Histogram(column.numpy()) for name, column in zip(self.settings.detectors, scores)}
@@ -312,6 +319,26 @@ class ExtractionProbeCallback(Monitor):
             return out
 
         log_wandb(trainer, payload)
+
+    def _save_verified(self, trainer, scores, captions, verification, train_canvases, train_ids) -> None:
+        """``extraction/verified.npz``: the newest round's verified captions (most suspicious
+        first), each generation beside the training image nearest to it, for the report.
+        Under multi-process training the generations are this process's share."""
+        from .loggers import to_uint8
+
+        generated = getattr(self, "_verification_images", {})
+        chosen = [i for i in sorted(verification, key=lambda i: -float(scores[0][i])) if i in generated]
+        if not chosen:
+            return
+        v = [verification[i] for i in chosen]
+        write_npz_atomic(
+            Path(trainer.lightning_module.run_dir) / "extraction" / "verified.npz",
+            step=int(trainer.global_step), detector=self.settings.detectors[0], caption=[captions[i] for i in chosen],
+            score=[float(scores[0][i]) for i in chosen], label=[x["label"] for x in v], distance=[x["distance"] for x in v],
+            nearest_id=[train_ids[x["nearest"]] for x in v], threshold=float(self.settings.verify.threshold),
+            generated=np.stack([to_uint8(generated[i]) for i in chosen]),
+            nearest=np.stack([to_uint8(train_canvases[x["nearest"]]) for x in v]),
+        )
 
 
 def _wandb_image(wandb, image):

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["log_scalars", "wandb_run", "log_wandb", "log_image", "to_uint8"]
+__all__ = ["log_scalars", "wandb_run", "log_wandb", "log_figure", "log_image", "to_uint8"]
 
 
 def log_scalars(trainer, metrics: dict[str, float], step: int | None = None) -> None:
@@ -38,6 +38,25 @@ def log_wandb(trainer, payload_fn, step: int | None = None) -> None:
     import wandb
 
     run.log(payload_fn(wandb), step=trainer.global_step if step is None else step)
+
+
+def log_figure(trainer, key: str, make_figure, step: int | None = None) -> None:
+    """A figure of :mod:`eidetic.figures` (``make_figure() -> Figure | None``) to W&B as an
+    image: the same picture the run report shows. Nothing is drawn without a W&B run."""
+    if wandb_run(trainer) is None:
+        return
+
+    def payload(wandb):
+        import io
+
+        from PIL import Image
+
+        from eidetic.figures import figure_png
+
+        fig = make_figure()
+        return {key: wandb.Image(Image.open(io.BytesIO(figure_png(fig))))} if fig is not None else {}
+
+    log_wandb(trainer, payload, step=step)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

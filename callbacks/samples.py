@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from eidetic.diffusion import generate
+from eidetic.io import write_json_atomic
 
 from .loggers import log_image
 
@@ -62,4 +63,5 @@ class SampleGridCallback(pl.Callback):
         pl_module.train(was_training)
         path = Path(pl_module.run_dir) / "samples" / f"step-{trainer.global_step:06d}.png"
         grid = save_grid(images, path)
+        write_json_atomic(path.parent / "captions.json", self.captions)  # what the grids show, in order
         log_image(trainer, "samples", [np.asarray(grid)], [" | ".join(self.captions)])

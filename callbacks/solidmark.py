@@ -33,11 +33,12 @@ from omegaconf import OmegaConf
 from torchmetrics import Metric
 
 from eidetic.config import build_section
-from eidetic.io import update_summary, write_text_atomic
+from eidetic.figures import ell_histograms
+from eidetic.io import update_summary, write_npz_atomic, write_text_atomic
 from eidetic.schema.train import SolidMarkSettings
 from eidetic.solidmark import SolidMarkMetric, autoencoder_floor, chance_probability, fixed_sample, outpaint_border
 
-from .loggers import log_image, log_scalars, log_wandb, to_uint8
+from .loggers import log_figure, log_image, log_scalars, log_wandb, to_uint8
 from .monitor import BudgetSignal, Monitor, MonitorResult
 
 __all__ = ["SolidMarkCallback", "GeneratedCanvases"]
@@ -302,6 +303,12 @@ class SolidMarkCallback(Monitor):
         step = result["step"]
         flat = self._flat_metrics(result)
         log_scalars(trainer, flat, step=step)
+        figure_rows = [
+            {"step": step, "split": records[i].split, "copies": records[i].copies, "loss": float(rows["loss"][j]),
+             "pred_key": float(rows["pred_keys"][j])}
+            for j, i in enumerate(rows["index"].long().tolist())
+        ]
+        log_figure(trainer, "solidmark/ell_histograms", lambda: ell_histograms(figure_rows), step=step)
         if self.settings.log_images and generated:
             self._log_images(trainer, run_dir, result, generated)
 
@@ -318,6 +325,15 @@ class SolidMarkCallback(Monitor):
         truth = trainer.datamodule.canvases([records[i].id for i in top])
         pairs = torch.stack([torch.stack([truth[k], generated[i]]) for k, i in enumerate(top)]).flatten(0, 1)
         grid = save_grid(pairs, run_dir / "solidmark" / f"step-{result['step']:06d}.png", nrow=8)
+        # the newest evaluation's most memorized images, with what the report labels them by
+        write_npz_atomic(
+            run_dir / "solidmark" / "most_memorized.npz",
+            step=result["step"], id=[records[i].id for i in top], caption=[records[i].caption for i in top],
+            copies=[records[i].copies for i in top], key=[records[i].key for i in top],
+            pred_key=[float(rows["pred_keys"][j]) for j in order], loss=[float(rows["loss"][j]) for j in order],
+            p_value=[float(rows["p_value"][j]) for j in order], border=int(trainer.lightning_module.cfg.data.border),
+            truth=np.stack([to_uint8(t) for t in truth]), generated=np.stack([to_uint8(generated[i]) for i in top]),
+        )
         log_image(trainer, "solidmark/most_memorized_grid", [np.asarray(grid)],
                   ["pairs: training canvas | outpainted border (most memorized first)"], step=result["step"])
 

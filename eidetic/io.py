@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["atomic_write", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic", "update_summary", "read_summary"]
+__all__ = ["atomic_write", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic", "write_npz_atomic", "update_summary", "read_summary"]
 
 
 @contextmanager
@@ -51,6 +51,18 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+
+
+def write_npz_atomic(path: str | Path, **arrays: Any) -> None:
+    """A compressed ``.npz`` of ``arrays`` (strings as unicode arrays: loadable without pickle)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    with atomic_write(path, "wb") as fh:
+        fh.write(buffer.getvalue())
 
 
 def read_summary(run_dir: str | Path) -> dict:

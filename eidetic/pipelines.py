@@ -59,7 +59,9 @@ def save_pipeline(directory: str | Path, unet, text_encoder, tokenizer, schedule
     from diffusers import StableDiffusionPipeline
 
     directory = Path(directory)
-    sampling_scheduler = DDIMScheduler.from_config(scheduler.config)
+    # steps_offset=1: Stable Diffusion's own setting (its DDIM schedule ends at t=1, not t=0);
+    # diffusers flags any other value as an outdated config every time the pipeline loads
+    sampling_scheduler = DDIMScheduler.from_config(scheduler.config, steps_offset=1)
     if vae is not None:
         pipe = StableDiffusionPipeline(
             vae=vae,

@@ -22,7 +22,8 @@ import torch
 
 __all__ = [
     "rank_auc", "tpr_at_fpr", "auc_p_value", "bootstrap_interval", "auc_report", "clopper_pearson",
-    "poisson_binomial_sf", "benjamini_hochberg", "spearman", "mean_and_standard_error",
+    "poisson_binomial_sf", "poisson_binomial_pmf", "poisson_binomial_interval", "roc_curve", "benjamini_hochberg", "spearman",
+    "mean_and_standard_error",
 ]
 
 
@@ -117,19 +118,49 @@ def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[f
     return lo, hi
 
 
-def poisson_binomial_sf(observed: int, probabilities) -> float:
-    """Exact P(X >= observed) for X a sum of independent Bernoulli(p_i) (dynamic programming)."""
+def poisson_binomial_pmf(probabilities) -> np.ndarray:
+    """P(X = k), k = 0..n, for X a sum of independent Bernoulli(p_i) (dynamic programming)."""
     p = np.asarray(torch.as_tensor(probabilities, dtype=torch.float64).reshape(-1).cpu().numpy(), dtype=np.float64)
-    if observed <= 0:
-        return 1.0
-    if observed > p.size:
-        return 0.0
     dist = np.zeros(p.size + 1)
     dist[0] = 1.0
     for k, pk in enumerate(p, start=1):
         dist[1 : k + 1] = dist[1 : k + 1] * (1 - pk) + dist[0:k] * pk
         dist[0] *= 1 - pk
+    return dist
+
+
+def poisson_binomial_sf(observed: int, probabilities) -> float:
+    """Exact P(X >= observed) for X a sum of independent Bernoulli(p_i)."""
+    dist = poisson_binomial_pmf(probabilities)
+    if observed <= 0:
+        return 1.0
+    if observed >= dist.size:
+        return 0.0
     return float(min(1.0, max(0.0, dist[observed:].sum())))
+
+
+def poisson_binomial_interval(probabilities, level: float = 0.95) -> tuple[int, int]:
+    """The central ``level`` range [lo, hi] of a Poisson-binomial count: where a count of
+    predictions that ignore their keys falls (the chance band of a memorization curve)."""
+    cdf = np.cumsum(poisson_binomial_pmf(probabilities))
+    a = (1 - level) / 2
+    lo = int(np.searchsorted(cdf, a - 1e-12))
+    hi = int(np.searchsorted(cdf, 1 - a - 1e-12))
+    return lo, min(hi, cdf.size - 1)
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
+    """(false-positive rates, true-positive rates) over every threshold, from (0, 0) to (1, 1);
+    tied scores move both rates at once. None when a class is empty."""
+    s, y = _as_arrays(scores, labels)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie]
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
 
 
 def benjamini_hochberg(p_values, q: float = 0.1) -> np.ndarray:

@@ -54,6 +54,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self.embedding_transforms: list = []
         self.sample_filters: list = []
         self.loss_hooks: list = []
+        # from_pretrained hands modules back in eval mode: what is trained must train (dropout on)
+        self.train()
 
     # ---- model access ------------------------------------------------------------------
     def diffusion_model(self, ema: bool = True) -> DiffusionModel:
@@ -66,7 +68,48 @@ class LatentDiffusionModule(pl.LightningModule):
         super().train(mode)
         if self.vae is not None:
             self.vae.eval()  # frozen: never let its norm layers drift
+        if not self.train_text:
+            self.text.eval()  # frozen text encoder: no dropout in its embeddings
         return self
+
+    # ---- frozen modules ----------------------------------------------------------------
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """Submodules kept in eval mode on purpose: the frozen autoencoder, the EMA shadows
+        (sampled from, never trained) and a text encoder that is not trained."""
+        prefixes = ["vae", "ema_unet", "ema_text"]
+        if not self.train_text:
+            prefixes.append("text")
+        return tuple(prefixes)
+
+    def unexpected_eval_modules(self) -> list[str]:
+        frozen = self.frozen_prefixes()
+        return [n for n, m in self.named_modules() if not m.training and n.split(".", 1)[0] not in frozen]
+
+    _EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode when training starts (just after this
+        # hook) and offers no way to declare frozen ones; when only the frozen modules above are
+        # in eval mode the warning is about them, so it is silenced until training has started
+        import warnings
+
+        self._end_quiet_start()
+        if not self.unexpected_eval_modules():
+            self._quiet_start = warnings.catch_warnings()
+            self._quiet_start.__enter__()
+            warnings.filterwarnings("ignore", message=self._EVAL_MODE_WARNING)
+
+    def _end_quiet_start(self) -> None:
+        quiet = getattr(self, "_quiet_start", None)
+        self._quiet_start = None
+        if quiet is not None:
+            quiet.__exit__(None, None, None)
+
+    def on_train_start(self) -> None:
+        self._end_quiet_start()
+
+    def teardown(self, stage: str) -> None:
+        self._end_quiet_start()  # a fit that failed before training started
 
     # ---- training ----------------------------------------------------------------------
     def _generator(self, batch_idx: int) -> torch.Generator:

@@ -27,3 +27,18 @@ def tiny_cfg(tmp_path):
         return load_config([TINY, *files], [f"run.dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture
+def render():
+    """A console summary (a rich renderable) as plain text, whitespace collapsed (rich wraps)."""
+    import io
+
+    from rich.console import Console
+
+    def text(renderable) -> str:
+        buffer = io.StringIO()
+        Console(file=buffer, width=160).print(renderable)
+        return " ".join(buffer.getvalue().split())
+
+    return text

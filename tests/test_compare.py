@@ -43,6 +43,12 @@ def test_table_report_and_plot(finished):
     assert "<td>random_word</td>" in page and "data:image/png;base64," in page
 
 
+
+def test_console_summary(finished, render):
+    text = render(workflow.console_summary(finished))
+    assert "Comparison (2 settings)" in text and "random_word" in text and f"report: {finished / 'report.html'}" in text
+
+
 def test_every_setting_is_its_own_wandb_run_in_the_group_and_shares_one_autoencoder(finished):
     for name in ("baseline", "random_word"):
         assert len(list((finished / name / "wandb").glob("offline-run-*"))) == 1

@@ -182,8 +182,10 @@ FAST = ["train.steps=25", "train.batch_size=4", "train.crop_size=16", "student.w
         "train.warmup_steps=5"]
 
 
-def test_imitate_writes_run_directory_with_size_sweep(tmp_path):
+def test_imitate_writes_run_directory_with_size_sweep(tmp_path, render):
     import imitate
+
+    from workflows import imitate as imitate_workflow
 
     rc = imitate.main(["teacher=gaussian_blur,bicubic_sr", "example_sizes=[24,40]", f"run.dir={tmp_path}", *FAST])
     assert rc == 0
@@ -197,6 +199,8 @@ def test_imitate_writes_run_directory_with_size_sweep(tmp_path):
                  "logs/gaussian_blur_24/metrics.csv"):
         assert (tmp_path / name).is_file(), name
     assert "| bicubic_sr | no | 40x40 |" in (tmp_path / "report.md").read_text()
+    text = render(imitate_workflow.console_summary(tmp_path))
+    assert "student PSNR on held-out images" in text and "bicubic_sr no 40x40" in text
     assert imitation.load_student(tmp_path / "students/bicubic_sr_40.safetensors").config["scale"] == 2
 
 

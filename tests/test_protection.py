@@ -192,8 +192,10 @@ def test_corrupt_image_is_reported_and_the_rest_protected(protect_run):
     assert "broken.png" in report and "SDEdit" in report
 
 
-def test_report_and_metadata(protect_run):
+def test_report_and_metadata(protect_run, render):
     _, out = protect_run
+    text = render(protect_workflow.console_summary(out))
+    assert "protected 5 images" in text and "SDEdit similarity" in text and f"report: {out / 'report.md'}" in text
     meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert {m["file_name"]: m["text"] for m in meta} == {"img0.png": "a red cat", "odd.png": "a dog"}
     s = json.loads((out / "summary.json").read_text())["protection"]

@@ -31,7 +31,7 @@ def _rows(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_two_worker_sweep_runs_to_completion(tmp_path):
+def test_two_worker_sweep_runs_to_completion(tmp_path, render):
     spec = _spec(tmp_path, "logging.wandb.enabled=false", n_trials=4)
     study = run_sweep(spec, workers=2)
     trials = study.get_trials()
@@ -54,6 +54,8 @@ def test_two_worker_sweep_runs_to_completion(tmp_path):
     assert best["counts"] == {"COMPLETE": 4}
     png = (sweep_dir / "objective.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    text = render(sweep_mod.console_summary(sweep_dir))
+    assert "best trial" in text and "complete 4 of 4" in text and f"trials: {sweep_dir / 'trials.csv'}" in text
 
 
 def test_resume_does_not_repeat_finished_trials(tmp_path):

@@ -12,8 +12,10 @@ passes parameters that way; dashes in ``--n-trials`` read as underscores), and a
 ``FILE.yaml`` means ``--config FILE.yaml``. ``--print-config`` prints the resolved config and
 exits. Every tool runs offline by default (``HF_HUB_OFFLINE=1``, ``WANDB_MODE=offline``) and
 reports bad input the same way: ``error: <what is wrong and how to fix it>``, exit status 2,
-no traceback. The console scripts ``eidetic-train``, ``eidetic-compare``, ... call the same
-functions.
+no traceback. A finished run ends with a summary of its results (``console_summary`` of the
+workflow); ``run.verbose_console=true`` (or ``EIDETIC_VERBOSE_CONSOLE=1``) also shows the
+third-party notices :mod:`workflows.console` filters. The console scripts ``eidetic-train``,
+``eidetic-compare``, ... call the same functions.
 """
 
 from __future__ import annotations
@@ -91,8 +93,13 @@ def parse_args(tool: str, argv: Sequence[str] | None = None) -> tuple[list[str],
 def main(tool: str, argv: Sequence[str] | None = None) -> int:
     """Run ``tool`` on a command line; returns the exit status."""
     offline_defaults()
+    from omegaconf import DictConfig, OmegaConf
+
     from eidetic.config import to_yaml
     from eidetic.errors import InputError
+
+    from .console import configure as configure_console
+    from .report import print_summary
 
     workflow = importlib.import_module(f"workflows.{tool}")
     files, overrides, print_config = parse_args(tool, argv)
@@ -101,11 +108,23 @@ def main(tool: str, argv: Sequence[str] | None = None) -> int:
         if print_config:
             print(to_yaml(getattr(cfg, "config", None) or cfg), end="")
             return 0
+        settings = getattr(cfg, "config", None) or cfg
+        configure_console(verbose=isinstance(settings, DictConfig) and bool(OmegaConf.select(settings, "run.verbose_console", default=False)))
         result = workflow.run(cfg)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(workflow.done_message(result))
+    summary = getattr(workflow, "console_summary", None)
+    renderable = None
+    if summary is not None:
+        try:
+            renderable = summary(result)
+        except Exception as exc:  # the work is done and saved: a summary that fails must not hide that
+            print(f"(could not summarise the results: {exc})", file=sys.stderr)
+    if renderable is not None:
+        print_summary(renderable)
+    else:
+        print(workflow.done_message(result))
     return 0
 
 

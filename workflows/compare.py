@@ -205,5 +205,11 @@ def done_message(path: Path) -> str:
     return f"comparison: {path / 'report.md'}"
 
 
+def console_summary(path: Path):
+    from .compare_report import console_summary as summary
+
+    return summary(path)
+
+
 def settings_text(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from eidetic.io import atomic_write, write_text_atomic
 
-__all__ = ["write_outputs", "memorization_axis", "COLUMNS"]
+__all__ = ["write_outputs", "memorization_axis", "console_summary", "COLUMNS"]
 
 
 def _fmt(v) -> str:
@@ -126,3 +126,24 @@ def _plot(out: Path, rows: list[dict]) -> None:
     with atomic_write(out / "memorization_vs_quality.png", "wb") as fh:
         fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
+
+
+def console_summary(out: Path):
+    """The comparison's essentials: per setting, memorization at the comparison's δ, the
+    first detector's AUC, verified extractions, quality, loss, time."""
+    from .report import Table, essentials
+
+    path = Path(out) / "comparison.csv"
+    if not path.exists():
+        return None
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    detector = next((c[: -len("_auc_dup")] for c in (rows[0] if rows else {}) if c.endswith("_auc_dup")), None)
+    wanted = [("setting", "setting"), ("eidetic", "eidetic"), ("chance", "chance"), ("p_value", "p"),
+              ("solidmark_auc_heldout", "SolidMark AUC"), (f"{detector}_auc_dup", f"{detector} AUC"),
+              ("verified_extractions", "verified"), ("frechet_distance", "Fréchet"), ("final_loss", "final loss"),
+              ("stopped_at", "stopped at"), ("wall_time_s", "wall s")]
+    columns = [(k, label) for k, label in wanted if any(r.get(k) not in (None, "") for r in rows)]
+    table = Table(f"Comparison ({len(rows)} settings)", [label for _, label in columns],
+                  [[r.get(k) or "–" for k, _ in columns] for r in rows])
+    return essentials(f"comparison: {Path(out).name}", [table], paths=[f"report: {Path(out) / 'report.html'}", f"table: {path}"])

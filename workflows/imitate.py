@@ -226,3 +226,9 @@ def run(cfg: DictConfig) -> Path:
 
 def done_message(path: Path) -> str:
     return f"[imitate] run directory: {path}"
+
+
+def console_summary(path: Path):
+    from .imitate_report import console_summary as summary
+
+    return summary(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from eidetic.io import atomic_write
 
-__all__ = ["PASS_PSNR", "write_plot", "render_report"]
+__all__ = ["PASS_PSNR", "write_plot", "render_report", "console_summary"]
 
 PASS_PSNR = 30.0  # the bar the audit checks for non-blind teachers (Spingarn & Michaeli report ~31 dB+)
 
@@ -79,3 +79,25 @@ def render_report(section: dict) -> str:
     if section["plot"]:
         lines += ["", f"![PSNR vs example size]({section['plot']})"]
     return "\n".join(lines) + "\n"
+
+
+def console_summary(run_dir: Path):
+    """The audit's essentials: per teacher and example size, the student's held-out PSNR against the bar."""
+    from eidetic.io import read_summary
+
+    from .report import Table, essentials
+
+    run_dir = Path(run_dir)
+    section = read_summary(run_dir).get("imitation")
+    if not section:
+        return None
+    rows = []
+    for label, res in section["teachers"].items():
+        for r in res["results"]:
+            h = r["heldout"]
+            bar = {True: "meets", False: "MISSES", None: "–"}[res.get("meets_psnr_bar")]
+            rows.append([label, {True: "yes", False: "no", None: "unknown"}[res["blind"]], "x".join(str(v) for v in r["example_size"]),
+                         f"{h['psnr']:.2f}" if h else "–", f"{h['ssim']:.3f}" if h else "–", f"{r['example_fit_psnr']:.2f}", bar])
+    table = Table(f"student PSNR on held-out images (bar {section['psnr_bar_db']:.0f} dB for non-blind teachers)",
+                  ["teacher", "blind", "example", "PSNR dB", "SSIM", "fit on example", "bar"], rows)
+    return essentials(f"imitation audit: {run_dir.name}", [table], paths=[f"report: {run_dir / 'report.md'}", f"run directory: {run_dir}"])

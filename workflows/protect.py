@@ -311,6 +311,12 @@ def evaluate(model, cfg, clean_images, saved, captions, groups, per_image, t_ran
     return result
 
 
+def console_summary(path: Path):
+    from .protect_report import console_summary as summary
+
+    return summary(path)
+
+
 def done_message(path: Path) -> str:
     from eidetic.io import read_summary
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["render_report", "render_mimicry"]
+__all__ = ["render_report", "render_mimicry", "console_summary"]
 
 
 def render_report(cfg: DictConfig, s: dict) -> str:
@@ -105,3 +105,33 @@ def render_mimicry(m: dict) -> list[str]:
     if m["warnings"]:
         lines += ["Warnings:", ""] + [f"- {w}" for w in m["warnings"]] + [""]
     return lines
+
+
+def console_summary(out):
+    """Protection's essentials: what was protected, how visible it is, and what it did to the model."""
+    from pathlib import Path
+
+    from eidetic.io import read_summary
+
+    from .report import Table, essentials
+
+    out = Path(out)
+    s = read_summary(out).get("protection")
+    if not s:
+        return None
+    lines = [f"protected {s.get('images_protected', 0)} images ({s.get('objective')}, eps {s.get('eps_levels')}/255, "
+             f"{s.get('steps')} PGD steps) in {s.get('protect_seconds')} s"]
+    if s.get("images_failed"):
+        lines.append(f"{len(s['images_failed'])} image(s) could not be read (listed in report.md)")
+    if "visibility" in s:
+        lines.append(f"visibility: PSNR {s['visibility']['psnr_mean']:.2f} dB, SSIM {s['visibility']['ssim_mean']:.4f} (protected vs clean)")
+    if "semantic_loss" in s:
+        sl = s["semantic_loss"]
+        lines.append(f"semantic loss: clean {sl['clean_mean']:.4f} -> protected {sl['protected_mean']:.4f}")
+    table = None
+    if "sdedit" in s:
+        table = Table("SDEdit similarity to the clean image (a positive drop: protection works)",
+                      ["strength", "SSIM drop", "PSNR drop", "latent distance increase"],
+                      [[k, f"{r['ssim_drop']:+.4f}", f"{r['psnr_drop']:+.2f}", f"{r['latent_distance_increase']:+.4f}"]
+                       for k, r in s["sdedit"]["by_strength"].items()])
+    return essentials(f"protection: {out.name}", [table], lines, [f"report: {out / 'report.md'}", f"protected images: {out}"])

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from eidetic.io import read_summary, update_summary, write_json_atomic, write_text_atomic
 
-__all__ = ["RunDirectory", "flatten_summary", "global_rank", "finish_wandb"]
+__all__ = ["RunDirectory", "flatten_summary", "global_rank", "finish_wandb", "environment"]
 
 log = logging.getLogger("eidetic")
 
@@ -28,6 +28,34 @@ def global_rank() -> int:
         if os.environ.get(name) not in (None, ""):
             return int(os.environ[name])
     return 0
+
+
+def environment(accelerator: str | None = None) -> dict[str, Any]:
+    """Versions and device of this process: what a report needs to say where a run ran."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {n: version(n) for n in ("eidetic", "torch", "lightning", "diffusers", "transformers", "torchmetrics", "wandb", "numpy")},
+        "accelerator": accelerator,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "command": " ".join(sys.argv),
+    }
+    if torch.cuda.is_available():
+        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
 
 
 def flatten_summary(summary: dict, prefix: str = "summary") -> dict[str, Any]:
@@ -124,12 +152,14 @@ class RunDirectory:
             if w.mode == "online":
                 os.environ["WANDB_MODE"] = "online"  # the entry points' offline default is only a default
             os.environ.setdefault("WANDB_SILENT", "true")
-            loggers.append(
-                WandbLogger(
-                    project=w.project, name=name, save_dir=str(self.path), id=wandb_id or w.id, resume="allow",
-                    group=group if group is not None else w.group, offline=w.mode == "offline", config=config,
-                )
+            wandb_logger = WandbLogger(
+                project=w.project, name=name, save_dir=str(self.path), id=wandb_id or w.id, resume="allow",
+                group=group if group is not None else w.group, offline=w.mode == "offline", config=config,
             )
+            # Lightning always passes anonymous=None to wandb.init, which wandb now warns is a
+            # setting without effect on every run; leaving the key out means the same
+            getattr(wandb_logger, "_wandb_init", {}).pop("anonymous", None)
+            loggers.append(wandb_logger)
         return loggers
 
     def finish(self, exit_code: int | None = None) -> None:

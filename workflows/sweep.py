@@ -511,3 +511,11 @@ def done_message(path: Path) -> str:
     if path.suffix in (".yaml", ".yml"):
         return f"W&B sweep config: {path}  (wandb sweep {path}; wandb agent ENTITY/PROJECT/ID)"
     return f"sweep directory: {path} (trials.csv, best.json)"
+
+
+def console_summary(path: Path):
+    if path.suffix in (".yaml", ".yml"):  # an exported W&B sweep file: nothing ran
+        return None
+    from .sweep_report import console_summary as summary
+
+    return summary(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from optuna.trial import TrialState
 
 from eidetic.io import atomic_write, write_json_atomic, write_text_atomic
 
-__all__ = ["resolve_metric", "metric_wandb_name", "to_wandb_sweep", "trial_rows", "write_report"]
+__all__ = ["resolve_metric", "metric_wandb_name", "to_wandb_sweep", "trial_rows", "write_report", "console_summary"]
 
 
 # ---- metrics -------------------------------------------------------------------------------
@@ -245,3 +246,24 @@ def summary_text(study: optuna.Study, spec: SweepSpec) -> str:
     for b in ([data["best"]] if data["best"] else data["pareto_front"] or []):
         lines.append(f"  trial {b['number']}: {b['values']} {b['params']}")
     return "\n".join(lines)
+
+
+def console_summary(sweep_dir: Path):
+    """The sweep's essentials: trial counts and the best trial (or the Pareto front)."""
+    from .report import Table, essentials
+
+    path = Path(sweep_dir) / "best.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    objectives = [f"{o['metric']} ({o['direction']})" for o in data.get("objectives", [])]
+    best = [data["best"]] if data.get("best") else list(data.get("pareto_front") or [])
+    params = list(dict.fromkeys(k for b in best for k in (b.get("params") or {})))
+    table = Table("best trial" if data.get("best") else "Pareto front", ["trial", *objectives, *params],
+                  [[str(b.get("number")), *[f"{v:.4g}" if isinstance(v, (int, float)) else str(v) for v in (b.get("values") or [])],
+                    *[str((b.get("params") or {}).get(p, "")) for p in params]] for b in best]) if best else None
+    counts = ", ".join(f"{k.lower()} {v}" for k, v in (data.get("counts") or {}).items())
+    lines = [f"trials: {counts or 'none'} of {data.get('n_trials')}"] + ([] if best else ["no trial completed"])
+    plots = [p for p in ("objective.png", "pareto.png") if (Path(sweep_dir) / p).exists()]
+    return essentials(f"sweep {data.get('sweep')}: study {data.get('study')}", [table], lines,
+                      [f"trials: {Path(sweep_dir) / 'trials.csv'}", *[f"plot: {Path(sweep_dir) / p}" for p in plots]])

@@ -22,9 +22,9 @@ from eidetic.config import load
 from eidetic.errors import ConfigError
 from eidetic.schema.train import TrainConfig
 
-from .rundir import RunDirectory, global_rank
+from .rundir import RunDirectory, environment, global_rank
 
-__all__ = ["Schema", "load_config", "resolve_run_dir", "build", "train_autoencoder", "fit", "run", "done_message"]
+__all__ = ["Schema", "load_config", "resolve_run_dir", "build", "train_autoencoder", "fit", "run", "done_message", "console_summary"]
 
 log = logging.getLogger("eidetic")
 Schema = TrainConfig
@@ -105,6 +105,7 @@ def train_autoencoder(cfg: DictConfig, dm, directory: str | Path):
     trainer = pl.Trainer(
         max_steps=cfg.model.vae.train_steps, accelerator=cfg.trainer.accelerator, devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
+        callbacks=_progress_bar(cfg, "autoencoder"),
     )
     log.info("autoencoder stage: %d steps", cfg.model.vae.train_steps)
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
@@ -160,6 +161,20 @@ def build(cfg: DictConfig, run_dir: RunDirectory, dm=None):
     return dm, module
 
 
+def _progress_bar(cfg: DictConfig, label: str) -> list[pl.Callback]:
+    from callbacks.progress import StepProgressBar
+
+    return [StepProgressBar(label)] if cfg.trainer.enable_progress_bar else []
+
+
+def log_interval(cfg: DictConfig, dm) -> int:
+    """``trainer.log_every_n_steps``, clamped to the batches of one epoch of one process: a
+    longer interval would skip whole epochs of a small data set (and Lightning warns of it)."""
+    processes = max(1, int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
+    batches = max(1, len(dm.train_index()) // (int(cfg.data.batch_size) * processes))
+    return max(1, min(int(cfg.trainer.log_every_n_steps), batches))
+
+
 def _callbacks(cfg: DictConfig, dm, run_dir: RunDirectory, extra: Sequence[pl.Callback]) -> list:
     from lightning.pytorch.callbacks import LearningRateMonitor
 
@@ -172,15 +187,17 @@ def _callbacks(cfg: DictConfig, dm, run_dir: RunDirectory, extra: Sequence[pl.Ca
         save_top_k=ck.keep, monitor="step", mode="max", save_last=True, auto_insert_metric_name=False,
     )
     monitors = [LearningRateMonitor(logging_interval="step")] if (cfg.logging.csv or cfg.logging.wandb.enabled) else []
-    return [checkpoint, *monitors, *build_callbacks(cfg, dm, run_dir.path, extra=extra)]
+    return [checkpoint, *monitors, *_progress_bar(cfg, "training"), *build_callbacks(cfg, dm, run_dir.path, extra=extra)]
 
 
 def trainer_for(cfg: DictConfig, dm, run_dir: RunDirectory, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Lightning Trainer of a run: the ``trainer`` section as it is, plus what ``train`` sets."""
     # every rank gets the loggers (they write on rank 0 only; Lightning expects them everywhere)
     loggers = run_dir.loggers(cfg.logging, cfg.run.name, config=OmegaConf.to_container(cfg, resolve=True))
+    settings = OmegaConf.to_container(cfg.trainer)
+    settings["log_every_n_steps"] = log_interval(cfg, dm)
     return pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer),
+        **settings,
         max_steps=cfg.train.max_steps,
         max_epochs=cfg.train.max_epochs if cfg.train.max_epochs is not None else -1,
         precision=cfg.train.precision,
@@ -234,11 +251,24 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Path:
     run_dir = resolve_run_dir(cfg)
     run_dir.create()
     run_dir.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    run_dir.write_json("environment.json", environment(cfg.trainer.accelerator))
     with run_dir:
-        dm, module = build(cfg, run_dir)
-        fit(cfg, dm, module, run_dir, callbacks)
+        try:
+            dm, module = build(cfg, run_dir)
+            fit(cfg, dm, module, run_dir, callbacks)
+        finally:  # a crashed run gets a report too: whatever it wrote before it failed
+            if cfg.run.report and run_dir.writer:
+                from .report import write_report_safely
+
+                write_report_safely(run_dir.path)
     return run_dir.path
 
 
 def done_message(path: Path) -> str:
     return f"run directory: {path}"
+
+
+def console_summary(path: Path):
+    from .report import console_summary as summary
+
+    return summary(path)

@@ -14,6 +14,10 @@ __all__ = ["RunSettings", "WandbSettings", "LoggingSettings"]
 class RunSettings(Section):
     dir: Optional[str] = None  # default: runs/<date>-<time>-<name>
     name: str = "default"
+    report: bool = True  # training: write report.html / report.md at the end (python -m workflows.report RUN rewrites them)
+    # show every third-party notice on the console (also: EIDETIC_VERBOSE_CONSOLE=1); by default the
+    # benign ones (tips, deprecations inside libraries, fallbacks) are filtered
+    verbose_console: bool = False
 
 
 @dataclass
