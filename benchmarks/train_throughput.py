@@ -1,8 +1,11 @@
-"""Images/second of the Lightning training step vs a plain PyTorch loop, side by side.
+"""Images/second of the Lightning training step vs a plain PyTorch loop, and of cached vs
+on-the-fly VAE latents, side by side.
 
-Both train the same diffusers UNet + text encoder over the same frozen VAE, batches and
-step recipe (noise, caption dropout, EMA). Rounds alternate (plain, Lightning, plain, ...)
-so drift on a noisy machine hits both; the ratio is the median of per-round ratios.
+All three train the same diffusers UNet + text encoder over the same frozen VAE, batches and
+step recipe (noise, caption dropout, EMA). Rounds alternate (plain, Lightning, Lightning
+with ``data.cache_latents``, plain, ...) so drift on a noisy machine hits all; each ratio is
+the median of per-round ratios. The cache is built once per round before the timed steps
+(its one-off cost is reported as ``cache_build_s``); the speed-up is cached / on-the-fly.
 
     python benchmarks/train_throughput.py [--steps 30] [--rounds 3] [key=value ...]
 """
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
+from eidetic.latent_cache import LatentCache  # noqa: E402
 from workflows.train import load_config  # noqa: E402
 from lightning_modules.data import SolidMarkDataModule  # noqa: E402
 from lightning_modules.diffusion import LatentDiffusionModule  # noqa: E402
@@ -50,8 +54,9 @@ def make_module(cfg, dm, vae, tmp):
     return LatentDiffusionModule(cfg, unet, text, scheduler, vae=vae)
 
 
-def lightning_rate(cfg, dm, vae, tmp, steps: int, warmup: int) -> float:
+def lightning_rate(cfg, dm, vae, tmp, steps: int, warmup: int, cache=None) -> float:
     module = make_module(cfg, dm, vae, tmp)
+    module.latent_cache = cache
     timer = _Timer(warmup)
     trainer = pl.Trainer(max_steps=warmup + steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], gradient_clip_val=cfg.train.grad_clip)
@@ -95,16 +100,27 @@ def main() -> None:
     cfg = load_config([], ["logging.wandb.enabled=false", *args.overrides])
     dm = SolidMarkDataModule(cfg.data, seed=cfg.seed)
     vae = build_vae(cfg.model.vae, dm.canvas_size).eval().requires_grad_(False)
+    ids = [r.id for r in dm.records]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             plain = plain_rate(cfg, dm, vae, tmp, args.steps, args.warmup)
             light = lightning_rate(cfg, dm, vae, tmp, args.steps, args.warmup)
-            rows.append((plain, light))
-            print(f"round {r}: plain {plain:.1f} img/s   lightning {light:.1f} img/s   ratio {light / plain:.3f}", flush=True)
-    ratio = statistics.median(l / p for p, l in rows)
-    print(json.dumps({"ratio": round(ratio, 4), "plain_img_s": round(statistics.median(p for p, _ in rows), 2),
-                      "lightning_img_s": round(statistics.median(l for _, l in rows), 2), "steps": args.steps, "rounds": args.rounds}))
+            started = time.perf_counter()
+            cache = LatentCache(Path(tmp) / f"cache-{r}", lambda: dm.canvases(ids), flips=False).prepare(vae)
+            build = time.perf_counter() - started
+            cached = lightning_rate(cfg, dm, vae, tmp, args.steps, args.warmup, cache=cache)
+            rows.append((plain, light, cached, build))
+            print(f"round {r}: plain {plain:.1f} img/s   lightning {light:.1f} img/s   ratio {light / plain:.3f}   "
+                  f"cached latents {cached:.1f} img/s   speed-up {cached / light:.3f} (cache built in {build:.2f} s)", flush=True)
+    median = statistics.median
+    print(json.dumps({"ratio": round(median(l / p for p, l, _, _ in rows), 4),
+                      "cache_speedup": round(median(c / l for _, l, c, _ in rows), 4),
+                      "plain_img_s": round(median(p for p, _, _, _ in rows), 2),
+                      "lightning_img_s": round(median(l for _, l, _, _ in rows), 2),
+                      "cached_img_s": round(median(c for _, _, c, _ in rows), 2),
+                      "cache_build_s": round(median(b for *_, b in rows), 3),
+                      "images": len(ids), "steps": args.steps, "rounds": args.rounds}))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ class MitigationCallback(pl.Callback):
         g = mitigations.step_generator(module.cfg.seed, module.global_step, _micro(module, batch_idx), salt=3)
         pixels, flipped = mitigations.random_flip(batch["pixel_values"], float(self.cfg.augment.flip), g)
         self.flipped += int(flipped.sum())
-        return {**batch, "pixel_values": pixels}
+        # the mask tells cached-latent training which stored view (mirrored or not) to read
+        return {**batch, "pixel_values": pixels, "flipped": flipped}
 
     def _embedding_noise(self, module, hidden, batch_idx):
         g = mitigations.step_generator(module.cfg.seed, module.global_step, _micro(module, batch_idx), salt=2)

@@ -176,8 +176,9 @@ class SolidMarkCallback(Monitor):
                 resample_jump=s.resample_jump, resample_count=s.resample_count,
             )
             if self.floor is None and trainer.is_global_zero:
-                train_ids = [records[i].id for i in self._sample if records[i].split == "train"]
-                floor = autoencoder_floor(model, dm.canvases(train_ids), torch.tensor([records[i].key for i in self._sample if records[i].split == "train"]), thickness)
+                train_rows = [i for i in self._sample if records[i].split == "train"]
+                floor = autoencoder_floor(model, dm.canvases([records[i].id for i in train_rows]), torch.tensor([records[i].key for i in train_rows]),
+                                          thickness, latents=pl_module.cached_latents(train_rows))
                 self.floor = {"mean": float(floor.mean()), "p95": float(floor.quantile(0.95)), "max": float(floor.max())}
                 below = self.deltas_below_floor()
                 if below:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["atomic_write", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic", "write_npz_atomic", "update_summary", "read_summary"]
+__all__ = ["atomic_write", "atomic_directory", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic", "write_npz_atomic", "update_summary", "read_summary"]
 
 
 @contextmanager
@@ -27,6 +27,30 @@ def atomic_write(path: str | Path, mode: str = "w"):
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_directory(directory: str | Path):
+    """Yield a temporary directory beside ``directory`` that replaces it on success: a crash
+    mid-write leaves the old one intact."""
+    import shutil
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        yield tmp
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+        tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -296,19 +296,25 @@ def outpaint_border(
 
 
 @torch.no_grad()
-def autoencoder_floor(model: DiffusionModel, canvases: torch.Tensor, keys: torch.Tensor, thickness: int, batch_size: int = 16) -> torch.Tensor:
+def autoencoder_floor(model: DiffusionModel, canvases: torch.Tensor, keys: torch.Tensor, thickness: int, batch_size: int = 16,
+                      latents: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image ℓ of the autoencoder's own round trip of the true canvas (0 for pixel models).
 
     A latent model cannot reproduce a key more precisely than its autoencoder does, so a δ
-    below this floor cannot show memorization; report it next to the counts.
+    below this floor cannot show memorization; report it next to the counts. ``latents``:
+    the canvases' scaled posterior means when they are already known (a latent cache), which
+    skips the encoder.
     """
     if not model.is_latent:
         return torch.zeros(canvases.shape[0], dtype=torch.float64)
     device = model.device
     preds = []
     for start in range(0, canvases.shape[0], int(batch_size)):
-        batch = canvases[start : start + int(batch_size)].to(device=device, dtype=torch.float32)
-        round_trip = model.decode_latents(model.encode_images(batch)).float().clamp(-1, 1).cpu()
+        if latents is not None:
+            z = latents[start : start + int(batch_size)].to(device)
+        else:
+            z = model.encode_images(canvases[start : start + int(batch_size)].to(device=device, dtype=torch.float32))
+        round_trip = model.decode_latents(z).float().clamp(-1, 1).cpu()
         preds.append(border_key(round_trip, thickness))
     return eidetic_scores(torch.cat(preds), keys)
 

@@ -12,9 +12,59 @@ from omegaconf import DictConfig
 
 from eidetic.diffusion import DiffusionModel
 from eidetic.ema import EMA
+from eidetic.errors import ConfigError
 from eidetic.losses import diffusion_target, min_snr_weights, offset_noise
 
-__all__ = ["LatentDiffusionModule"]
+__all__ = ["LatentDiffusionModule", "weight_dtype", "check_optimizer", "make_optimizer"]
+
+# the dtype frozen weights are stored in under each mixed precision (autocast computes in it anyway)
+_MIXED_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype frozen modules (VAE, frozen text encoder, LoRA base weights) are cast to."""
+    return _MIXED_DTYPES.get(str(precision), torch.float32)
+
+
+def check_optimizer(name: str, accelerator: str) -> None:
+    """A clear error, before anything trains, for an optimizer this machine cannot run."""
+    if name != "adamw_8bit":
+        return
+    if str(accelerator) == "cpu" or not torch.cuda.is_available():
+        where = "trainer.accelerator=cpu" if str(accelerator) == "cpu" else "no CUDA device is visible"
+        raise ConfigError(
+            f"train.optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes' 8-bit AdamW has no CPU kernels here) but {where}; "
+            "use train.optimizer=adamw on the CPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("train.optimizer=adamw_8bit needs bitsandbytes: pip install 'bitsandbytes>=0.43' (or use train.optimizer=adamw)") from exc
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _cast_frozen(module: torch.nn.Module | None, dtype: torch.dtype) -> None:
+    """Store ``module``'s frozen weights in ``dtype`` and keep its trainable ones in float32.
+
+    Trainable weights in half precision make the 16-mixed grad scaler fail ("Attempting to
+    unscale FP16 gradients") and lose small updates, so they stay float32 master weights.
+    """
+    if module is None or dtype == torch.float32:
+        return
+    params = list(module.parameters())
+    if params and all(p.requires_grad for p in params):
+        return  # fully trained: Lightning's mixed precision keeps it float32
+    from diffusers.training_utils import cast_training_params
+
+    module.to(dtype)
+    cast_training_params(module, dtype=torch.float32)
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -25,6 +75,12 @@ class LatentDiffusionModule(pl.LightningModule):
     run would: resume equivalence does not depend on restoring global RNG state.
     Memorization tooling gets the model through :meth:`diffusion_model` (EMA weights by
     default), never by reaching into attributes.
+
+    With ``model.lora.enabled`` the UNet (and optionally the text encoder) carry peft LoRA
+    adapters on frozen base weights: only the adapters train, the EMA averages only them, and
+    checkpoints of a ``model.pretrained`` run hold only trained weights (the base is reloaded
+    from ``model.pretrained`` on resume). With a :class:`~eidetic.latent_cache.LatentCache`
+    (``latent_cache``) the VAE is not run during training.
 
     Callbacks extend training through four lists of hooks, applied in order:
 
@@ -44,12 +100,35 @@ class LatentDiffusionModule(pl.LightningModule):
         self.vae = vae
         if vae is not None:
             vae.requires_grad_(False).eval()
-        self.train_text = bool(cfg.model.text.train) and not cfg.model.pretrained
+        lora = cfg.model.lora
+        self.lora = bool(lora.enabled)
+        self.lora_parameter_count = 0
+        if self.lora:
+            from eidetic.lora import add_lora
+
+            self.lora_parameter_count += add_lora(unet, lora.target_modules, lora.rank, lora.alpha, lora.dropout)
+            if lora.text_encoder:
+                self.lora_parameter_count += add_lora(text.text_encoder, lora.text_target_modules, lora.rank, lora.alpha, lora.dropout,
+                                                      setting="model.lora.text_target_modules")
+        self.train_text = (bool(cfg.model.text.train) and not cfg.model.pretrained) or (self.lora and bool(lora.text_encoder))
         if not self.train_text:
             self.text.text_encoder.requires_grad_(False)
+        dtype = weight_dtype(cfg.train.precision)
+        for module in (unet, text.text_encoder, vae):
+            _cast_frozen(module, dtype)
+        if cfg.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if self.train_text:
+                # non-reentrant: the frozen embeddings under text-encoder adapters give the checkpointed inputs no grad
+                text.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ema = cfg.train.ema
         self.ema_unet = EMA(unet, ema.decay, ema.warmup) if ema.enabled else None
         self.ema_text = EMA(text.text_encoder, ema.decay, ema.warmup) if ema.enabled and self.train_text else None
+        if cfg.train.compile:
+            unet.compile()  # in place, so parameter names (checkpoints, EMA, adapters) stay the same
+        # a pretrained run's checkpoints hold only what trains; the rest comes from model.pretrained
+        self.strict_loading = not cfg.model.pretrained
+        self.latent_cache = None  # an eidetic.latent_cache.LatentCache, prepared at fit start
         self.batch_transforms: list = []
         self.embedding_transforms: list = []
         self.sample_filters: list = []
@@ -63,6 +142,18 @@ class LatentDiffusionModule(pl.LightningModule):
         unet = self.ema_unet.shadow if (ema and self.ema_unet is not None) else self.unet
         encoder = self.ema_text.shadow if (ema and self.ema_text is not None) else self.text.text_encoder
         return DiffusionModel(unet=unet, scheduler=self.scheduler, encode_prompt=lambda captions: self.text(captions, encoder=encoder), vae=self.vae)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer holds: the UNet's (and a trained text encoder's) parameters that
+        require grad: under LoRA, only the adapters."""
+        modules = [self.unet] + ([self.text.text_encoder] if self.train_text else [])
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def cached_latents(self, rows) -> torch.Tensor | None:
+        """Scaled posterior means of canvas ``rows`` from the latent cache (None without one)."""
+        if self.latent_cache is None or not self.latent_cache.ready:
+            return None
+        return self.latent_cache.means(torch.as_tensor(rows))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -122,16 +213,27 @@ class LatentDiffusionModule(pl.LightningModule):
         """Training latents: a sample of the VAE posterior (scaled), or the pixels themselves."""
         if self.vae is None:
             return pixels
-        dist = self.vae.encode(pixels).latent_dist
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
         return (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
+
+    def training_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The batch's x0: drawn from the latent cache when there is one (same noise draw), else encoded now."""
+        if self.latent_cache is not None:
+            x0 = self.latent_cache.sample(batch["index"], batch.get("flipped"), generator)
+            return x0.to(self.device, self.vae.dtype)
+        return self.encode_batch(batch["pixel_values"], generator)
+
+    def on_fit_start(self):
+        if self.latent_cache is not None and not self.latent_cache.ready:
+            self.latent_cache.prepare(self.vae, write=self.trainer.is_global_zero)
 
     def training_step(self, batch, batch_idx):
         cfg = self.cfg.train
         g = self._generator(batch_idx)
         for transform in self.batch_transforms:
             batch = transform(self, batch, batch_idx)
-        x0 = self.encode_batch(batch["pixel_values"], g)
+        x0 = self.training_latents(batch, g)
         b = x0.shape[0]
         noise = offset_noise(tuple(x0.shape), cfg.noise_offset, g, self.device).to(x0.dtype)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g).to(self.device)
@@ -169,10 +271,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg.train
-        params = list(self.unet.parameters())
-        if self.train_text:
-            params += list(self.text.text_encoder.parameters())
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(cfg.optimizer, self.trainable_parameters(), cfg.lr, cfg.weight_decay)
         total = max(1, cfg.max_steps)
         warmup = max(0, cfg.lr_warmup_steps)
 
@@ -187,10 +286,47 @@ class LatentDiffusionModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- checkpoints -------------------------------------------------------------------
+    def checkpoint_keys(self) -> set[str]:
+        """State-dict keys a pretrained run's checkpoint keeps: trained parameters, their EMA
+        averages and the EMA counters (everything else is reloaded from model.pretrained)."""
+        keep = set()
+        for prefix, module in (("unet.", self.unet), ("text.text_encoder.", self.text.text_encoder)):
+            keep |= {prefix + n for n, p in module.named_parameters() if p.requires_grad}
+        for prefix, ema in (("ema_unet.", self.ema_unet), ("ema_text.", self.ema_text)):
+            if ema is not None:
+                keep |= {f"{prefix}shadow.{n}" for n in ema.averaged_names()} | {f"{prefix}num_updates"}
+        return keep
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.cfg.model.pretrained:
+            keep = self.checkpoint_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.cfg.model.pretrained:
+            missing = sorted(self.checkpoint_keys() - set(checkpoint["state_dict"]))
+            if missing:
+                raise ConfigError(
+                    f"the checkpoint lacks {len(missing)} trained weight(s) of this model (e.g. {missing[0]}): it was written "
+                    "by a run with other model.lora / model.pretrained settings; resume with the run's own config"
+                )
+
     # ---- export ------------------------------------------------------------------------
+    def _export_modules(self, ema: bool):
+        unet = self.ema_unet.shadow if (ema and self.ema_unet is not None) else self.unet
+        encoder = self.ema_text.shadow if (ema and self.ema_text is not None) else self.text.text_encoder
+        return unet, encoder
+
     def export_pipeline(self, directory: str | Path, ema: bool = True) -> Path:
         from eidetic.pipelines import save_pipeline
 
-        unet = self.ema_unet.shadow if (ema and self.ema_unet is not None) else self.unet
-        encoder = self.ema_text.shadow if (ema and self.ema_text is not None) else self.text.text_encoder
+        unet, encoder = self._export_modules(ema)
         return save_pipeline(directory, unet=unet, text_encoder=encoder, tokenizer=self.text.tokenizer, scheduler=self.scheduler, vae=self.vae)
+
+    def export_lora(self, directory: str | Path, ema: bool = True) -> Path:
+        """The adapters (EMA averages by default) where ``StableDiffusionPipeline.load_lora_weights`` finds them."""
+        from eidetic.lora import save_lora
+
+        unet, encoder = self._export_modules(ema)
+        return save_lora(directory, unet, encoder if self.cfg.model.lora.text_encoder else None)

@@ -130,9 +130,10 @@ def build(cfg: DictConfig, run_dir: RunDirectory, dm=None):
     """(data module, diffusion module) for ``cfg``; writes the key map, tokenizer and autoencoder."""
     from eidetic.pipelines import load_components, load_vae
     from lightning_modules.data import SolidMarkDataModule
-    from lightning_modules.diffusion import LatentDiffusionModule
+    from lightning_modules.diffusion import LatentDiffusionModule, check_optimizer
     from lightning_modules.models import build_scheduler, build_text_stack, build_unet
 
+    check_optimizer(cfg.train.optimizer, cfg.trainer.accelerator)
     pl.seed_everything(cfg.seed, workers=True)
     dm = dm if dm is not None else SolidMarkDataModule(cfg.data, seed=cfg.seed, mitigation=cfg.mitigation)
     _check_geometry(cfg, dm)
@@ -158,6 +159,11 @@ def build(cfg: DictConfig, run_dir: RunDirectory, dm=None):
         unet = build_unet(cfg.model.unet, dm.canvas_size // factor, channels, text.hidden_size)
         scheduler = build_scheduler(cfg.model.scheduler, cfg.model.prediction_type, latent)
     module = LatentDiffusionModule(cfg, unet, text, scheduler, vae=vae, run_dir=run_dir.path)
+    if cfg.data.cache_latents:
+        from eidetic.latent_cache import LatentCache
+
+        ids = [r.id for r in dm.records]  # cache row i is record i: batches carry record indices
+        module.latent_cache = LatentCache(run_dir.path / "latent_cache", lambda: dm.canvases(ids), flips=cfg.mitigation.augment.flip > 0)
     return dm, module
 
 
@@ -228,7 +234,22 @@ def fit(cfg: DictConfig, dm, module, run_dir: RunDirectory, callbacks: Sequence[
 def _finish(trainer, module, dm, run_dir: RunDirectory, elapsed: float) -> None:
     import torch
 
-    module.export_pipeline(run_dir / "model")
+    cfg = module.cfg
+    if module.lora:
+        from eidetic.lora import merge_lora
+
+        # the adapters alone are the fine-tune; a merged copy of the whole model only on request
+        module.export_lora(run_dir / "lora")
+        if cfg.model.lora.export_merged:
+            merge_lora(cfg.model.pretrained, run_dir / "lora", run_dir / "model")
+        run_dir.update_summary("lora", {"parameters": module.lora_parameter_count, "rank": cfg.model.lora.rank,
+                                        "alpha": cfg.model.lora.alpha, "text_encoder": bool(cfg.model.lora.text_encoder),
+                                        "base": cfg.model.pretrained, "merged_export": bool(cfg.model.lora.export_merged)})
+    else:
+        module.export_pipeline(run_dir / "model")
+    if module.latent_cache is not None and module.latent_cache.ready:
+        run_dir.update_summary("latent_cache", {"path": str(module.latent_cache.path), "built_this_run": module.latent_cache.built,
+                                                "views": int(module.latent_cache.mean.shape[1])})
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     run_dir.update_summary(
         "train",

@@ -20,10 +20,11 @@ __all__ = [
     "ValidationSettings", "ExtractionSettings", "EdgeSettings", "WenProbeSettings", "CliqueSettings",
     "VerifySettings", "ConfidenceSettings", "AnisotropySettings", "RealismSettings", "RealismLossSettings", "SolidMarkSettings", "MitigationSettings",
     "CaptionMitigation", "NearDedupSettings", "AugmentSettings", "WenFilterSettings", "ControlsSettings",
-    "StopSettings", "FlaggedSettings", "SAMPLERS",
+    "StopSettings", "FlaggedSettings", "LoRASettings", "SAMPLERS", "OPTIMIZERS",
 ]
 
 SAMPLERS = ("ddim", "ddpm")
+OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
 def _positive(section: object, *names: str) -> list[str]:
@@ -70,6 +71,9 @@ class DataSettings(Section):
     duplicate: DuplicateSettings = field(default_factory=DuplicateSettings)
     batch_size: int = 16
     num_workers: int = 0
+    # encode each bordered training canvas once (both flips under flip augmentation) into
+    # latent_cache/ in the run directory; the UNet then trains on cached posterior samples
+    cache_latents: bool = False
 
     def problems(self) -> list[str]:
         out = choice_problem("source", self.source, ("builtin", "tiles", "folder"))
@@ -162,6 +166,34 @@ class TextSettings(Section):
 
 
 @dataclass
+class LoRASettings(Section):
+    """Low-rank adapters (peft, as diffusers' own LoRA scripts use them) on a ``model.pretrained``
+    base: only the adapters train; the base weights stay frozen and unchanged."""
+
+    enabled: bool = False
+    rank: int = 4
+    alpha: float = 4.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0
+    # UNet modules that get adapters (peft matches a module name or its dotted suffix): the attention projections
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder: bool = False  # also adapt the text encoder's attention projections
+    text_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    export_merged: bool = False  # also write model/: a full pipeline with the adapters merged into the base
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "rank")
+        if self.alpha <= 0:
+            out.append(f"alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            out.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_modules:
+            out.append("target_modules is empty: name at least one UNet module (e.g. to_q)")
+        if self.enabled and self.text_encoder and not self.text_target_modules:
+            out.append("text_target_modules is empty: name at least one text-encoder module (e.g. q_proj)")
+        return out
+
+
+@dataclass
 class ModelSettings(Section):
     pretrained: Optional[str] = None  # local diffusers Stable Diffusion-style directory to fine-tune
     space: str = "latent"  # latent | pixel
@@ -170,11 +202,15 @@ class ModelSettings(Section):
     vae: VAESettings = field(default_factory=VAESettings)
     unet: UNetSettings = field(default_factory=UNetSettings)
     text: TextSettings = field(default_factory=TextSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
 
     def problems(self) -> list[str]:
-        return choice_problem("space", self.space, ("latent", "pixel")) + choice_problem(
+        out = choice_problem("space", self.space, ("latent", "pixel")) + choice_problem(
             "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample")
         )
+        if self.lora.enabled and not self.pretrained:
+            out.append("lora.enabled needs a base model to adapt: set model.pretrained=DIR (a local diffusers directory)")
+        return out
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -212,11 +248,15 @@ class TrainSettings(Section):
     min_snr_gamma: Optional[float] = None  # e.g. 5.0 (Hang et al. 2023)
     noise_offset: float = 0.0  # e.g. 0.05
     resume: Optional[str] = None  # "last" or a checkpoint path (needs run.dir of the run)
+    optimizer: str = "adamw"  # adamw | adamw_8bit (bitsandbytes, CUDA only)
+    gradient_checkpointing: bool = False  # recompute UNet (and trained text encoder) activations in backward
+    compile: bool = False  # torch.compile the UNet (in place: checkpoint keys do not change)
     ema: EMASettings = field(default_factory=EMASettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
 
     def problems(self) -> list[str]:
         out = choice_problem("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        out += choice_problem("optimizer", self.optimizer, OPTIMIZERS)
         out += choice_problem("precision", self.precision, ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"))
         out += _positive(self, "grad_accum") + _non_negative(self, "lr_warmup_steps", "weight_decay", "grad_clip", "noise_offset")
         if self.max_steps < 1 and self.max_epochs is None:
@@ -560,4 +600,6 @@ class TrainConfig(Section):
         out = []
         if self.controls.enabled and self.solidmark.enabled and self.controls.delta not in self.solidmark.deltas:
             out.append(f"controls.delta={self.controls.delta} is not one of solidmark.deltas {list(self.solidmark.deltas)}")
+        if self.data.cache_latents and self.model.space != "latent":
+            out.append("data.cache_latents needs a latent model (model.space=latent): pixel models have no autoencoder to cache")
         return out
