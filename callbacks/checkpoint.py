@@ -1,10 +1,27 @@
-"""Step checkpoints that also cover the final step."""
+"""Step checkpoints that also cover the final step, written crash-safely."""
 
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["StepCheckpoint"]
+from eidetic.io import torch_save_atomic
+
+__all__ = ["StepCheckpoint", "AtomicCheckpointIO"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target and renamed into place.
+
+    Lightning's own "atomic" save stages the file through fsspec in the system temporary
+    directory and then moves it, which is a plain copy (a torn file after a kill) whenever that
+    directory is on another file system than the run.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        torch_save_atomic(checkpoint, path)
 
 
 class StepCheckpoint(ModelCheckpoint):

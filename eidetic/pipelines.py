@@ -12,8 +12,6 @@ missing. :class:`TextStack` is the one tokenization path (training, sampling, ex
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +21,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from eidetic.errors import ModelLoadError
+from eidetic.io import atomic_directory
 
 __all__ = [
     "save_pipeline", "PixelTextToImagePipeline", "PIPELINE_COMPONENTS", "TextStack", "PipelineComponents",
@@ -73,21 +72,8 @@ def save_pipeline(directory: str | Path, unet, text_encoder, tokenizer, schedule
         )
     else:
         pipe = PixelTextToImagePipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sampling_scheduler)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    with atomic_directory(directory) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-        tmp.rename(directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
