@@ -154,3 +154,57 @@ def test_every_writer_goes_through_the_crash_safe_helpers():
                 if match and not line.lstrip().startswith("#") and not any(rel == f and a in line for f, a in _ALLOWED):
                     offenders.append(f"{rel}:{lineno}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+# ---- a run killed at any point resumes to the uninterrupted run ------------------------------
+def _killed_run(spec: str, args: list[str], rename_log: Path | None = None, tool: str = "train") -> int:
+    # its own W&B service, as a separate command would have (the test process's one would keep the killed run open)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    command = [sys.executable, str(KILLPOINT), tool, spec, *([str(rename_log)] if rename_log else []), "--", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600).returncode
+
+
+def _checkpoint_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def _csv_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _wandb_id(run_dir: Path) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(run_dir / "config.yaml").logging.wandb.id
+
+
+def assert_resumed_like(run_dir: Path, reference: Path, wandb_id: str) -> None:
+    """Bitwise the reference's weights and optimizer state; its metrics.csv, every step once; one W&B id."""
+    a, b = _checkpoint_state(reference), _checkpoint_state(run_dir)
+    assert b["global_step"] == a["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    differ = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not differ, f"weights differ after resume: {differ[:5]}"
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), "optimizer state differs after resume"
+    steps = [int(r["step"]) for r in _csv_rows(run_dir)]
+    assert steps == sorted(set(steps)) == [int(r["step"]) for r in _csv_rows(reference)], steps
+    assert _csv_rows(run_dir) == _csv_rows(reference)
+    segments = [p.name for p in (run_dir / "wandb").glob("offline-run-*")]
+    assert segments and all(name.split("-")[-1] == wandb_id or f"-{wandb_id}" in name for name in segments), segments
+
+
+def test_metrics_and_weights_survive_a_kill_right_after_a_checkpoint(tiny_cfg, tmp_path):
+    import train
+    from workflows.train import run
+
+    reference = run(tiny_cfg(f"run.dir={tmp_path / 'reference'}"))
+    killed = tmp_path / "killed"
+    # right after the step-3 last.ckpt is renamed into place, before that step's metrics are logged
+    rc = _killed_run("rename:last.ckpt:1", ["--config", str(TINY), f"run.dir={killed}"])
+    assert rc == -9, "the run was not killed"
+    wandb_id = _wandb_id(killed)
+    assert train.main([f"run.dir={killed}", "train.resume=last"]) == 0
+    assert_resumed_like(killed, reference, wandb_id)
