@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from eidetic.diffusion import generate
-from eidetic.io import write_json_atomic
+from eidetic.io import atomic_write, write_json_atomic
 
 from .loggers import log_image
 
@@ -27,9 +27,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 4) -> Image.Im
         r, col = divmod(i, nrow)
         grid[:, r * (h + 2) : r * (h + 2) + h, col * (w + 2) : col * (w + 2) + w] = x[i]
     image = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with atomic_write(path, "wb") as fh:
+        image.save(fh, format="PNG")
     return image
 
 

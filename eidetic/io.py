@@ -1,15 +1,26 @@
-"""Crash-safe file writing for run-directory artefacts (key maps, reports, summaries)."""
+"""Crash-safe writing: every file and directory a run leaves behind goes through here.
+
+A writer fills a temporary name beside the target (same directory, so same file system) and
+renames it into place only when it is complete; a process killed at any moment leaves either
+the previous version or the new one, never a torn file. Checkpoints (the Lightning
+:class:`~callbacks.checkpoint.AtomicCheckpointIO`), key maps, tokenizers, autoencoders,
+pipelines, reports, plots and summaries all use these helpers.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["atomic_write", "atomic_directory", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic", "write_npz_atomic", "update_summary", "read_summary"]
+__all__ = [
+    "atomic_write", "atomic_directory", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic", "torch_save_atomic",
+    "copy_atomic", "write_npz_atomic", "update_summary", "read_summary",
+]
 
 
 @contextmanager
@@ -31,27 +42,41 @@ def atomic_write(path: str | Path, mode: str = "w"):
 
 
 @contextmanager
-def atomic_directory(directory: str | Path):
-    """Yield a temporary directory beside ``directory`` that replaces it on success: a crash
-    mid-write leaves the old one intact."""
-    import shutil
+def atomic_directory(path: str | Path):
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole.
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    A directory cannot be swapped in one rename while the old one exists, so the old one is
+    first renamed aside (``.NAME.old``) and removed after the new one is in place: a kill in
+    between leaves the complete new directory, or the complete old one under ``.NAME.old``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
         old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-        tmp.rename(directory)
+            os.replace(path, old)
+        os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    import torch
+
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def copy_atomic(source: str | Path, path: str | Path) -> None:
+    with open(source, "rb") as src, atomic_write(path, "wb") as fh:
+        shutil.copyfileobj(src, fh)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""A CSV copy of logged scalars that survives resume (Lightning's CSVLogger truncates it)."""
+"""A CSV copy of logged scalars that survives resume and kills (Lightning's CSVLogger truncates it)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,20 @@ __all__ = ["RunCSVLogger"]
 
 
 class RunCSVLogger(Logger):
-    """Writes ``metrics.csv`` (one row per logged step, union of columns).
+    """Writes ``metrics.csv``: one row per logged step (the union of columns), in step order.
 
-    On resume it keeps the rows of steps before the resumed step and drops later ones
-    (those were never part of the checkpointed history), then appends.
+    Everything logged at one step, by Lightning or by a callback, lands in that step's row.
+    Each checkpoint carries the rows that may still change after it (:meth:`checkpoint_state`,
+    written by :class:`callbacks.checkpoint.StepCheckpoint` after the file is saved), and a
+    resumed run puts exactly those back (:meth:`restore`): rows the killed run logged after its
+    checkpoint are dropped, rows before it are kept, so every step appears once whatever moment
+    the run was killed at.
     """
 
     def __init__(self, path: str | Path):
         super().__init__()
         self.path = Path(path)
-        self.rows: list[dict] = []
+        self.rows: dict[int, dict] = {}
         self._loaded = False
 
     @property
@@ -39,23 +43,38 @@ class RunCSVLogger(Logger):
     def experiment(self):
         return self
 
+    def _read(self) -> dict[int, dict]:
+        if not self.path.exists():
+            return {}
+        with self.path.open() as fh:
+            return {int(r.get("step") or 0): {k: v for k, v in r.items() if v != ""} for r in csv.DictReader(fh)}
+
     def _load(self, first_step: int) -> None:
+        """Resuming from a checkpoint without metrics state: keep the rows before the first new step."""
         if self._loaded:
             return
         self._loaded = True
-        if self.path.exists():
-            with self.path.open() as fh:
-                self.rows = [r for r in csv.DictReader(fh) if int(r.get("step") or 0) < first_step]
+        self.rows = {s: r for s, r in self._read().items() if s < first_step}
+
+    @rank_zero_only
+    def restore(self, state: dict) -> None:
+        """Resume from a checkpoint's :meth:`checkpoint_state`: the file's rows before it, then its own."""
+        start = int(state["from_step"])
+        rows = {s: r for s, r in self._read().items() if s < start}
+        rows.update({int(r["step"]): dict(r) for r in state["rows"]})
+        self.rows = dict(sorted(rows.items()))
+        self._loaded = True
+
+    def checkpoint_state(self, from_step: int) -> dict:
+        """The rows from ``from_step`` on (those a run may still add to after its checkpoint)."""
+        return {"from_step": int(from_step), "rows": [dict(r) for s, r in self.rows.items() if s >= from_step]}
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         step = int(step or 0)
         self._load(step)
-        row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}}
-        if self.rows and int(self.rows[-1]["step"]) == step:
-            self.rows[-1].update(row)
-        else:
-            self.rows.append(row)
+        row = self.rows.setdefault(step, {"step": step})
+        row.update({k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()})
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
@@ -65,11 +84,12 @@ class RunCSVLogger(Logger):
     def save(self) -> None:
         if not self.rows:
             return
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        rows = [self.rows[s] for s in sorted(self.rows)]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
         with atomic_write(self.path) as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(rows)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from eidetic.borders import add_border, make_keys
 from eidetic.errors import DataError
 from eidetic.images import IMAGE_EXTENSIONS, decode_image, fit_to_resolution, image_files, read_captions
-from eidetic.io import write_jsonl_atomic
+from eidetic.io import write_jsonl_atomic, write_text_atomic
 from eidetic.photos import PHOTOS, load_photo
 
 __all__ = ["DataError", "Record", "SolidMarkDataModule", "load_folder", "load_builtin"]
@@ -367,9 +367,9 @@ class SolidMarkDataModule(pl.LightningDataModule):
         path = Path(run_dir) / "keymap.jsonl"
         write_jsonl_atomic(path, [asdict(r) for r in self.records])
         if self.dedup_removed:
-            (Path(run_dir) / "dedup_removed.txt").write_text("\n".join(self.dedup_removed) + "\n")
+            write_text_atomic(Path(run_dir) / "dedup_removed.txt", "\n".join(self.dedup_removed) + "\n")
         if self.mitigation is not None and self.mitigation.near_dedup.enabled:
-            (Path(run_dir) / "near_duplicates_removed.txt").write_text("".join(line + "\n" for line in self.near_dedup_removed))
+            write_text_atomic(Path(run_dir) / "near_duplicates_removed.txt", "".join(line + "\n" for line in self.near_dedup_removed))
         return path
 
     def train_dataloader(self) -> DataLoader:

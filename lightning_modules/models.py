@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig
 
+from eidetic.io import write_text_atomic
 from eidetic.pipelines import TextStack
 
 __all__ = ["learn_bpe", "build_tokenizer", "build_text_stack", "build_unet", "build_vae", "build_scheduler"]
@@ -83,8 +84,8 @@ def build_tokenizer(captions: Sequence[str], vocab_size: int, max_length: int, d
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = learn_bpe(captions, vocab_size)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    write_text_atomic(directory / "vocab.json", json.dumps(vocab))
+    write_text_atomic(directory / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return CLIPTokenizer(
         str(directory / "vocab.json"),
         str(directory / "merges.txt"),

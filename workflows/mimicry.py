@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from eidetic.config import check_layer, key_paths, load, parse_overrides
 from eidetic.errors import ConfigError
 from eidetic.images import METADATA, decode_image, fit_to_resolution, image_files, to_tensor
-from eidetic.io import atomic_write, read_summary, write_json_atomic, write_jsonl_atomic
+from eidetic.io import atomic_write, read_summary, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from eidetic.pipelines import load_diffusion_model
 from eidetic.schema.train import TrainConfig
 
@@ -180,7 +180,7 @@ def _prepare_work_dir(work: Path) -> None:
     if work.is_dir() and any(work.iterdir()) and not (work / MARKER).exists():
         raise ConfigError(f"mimicry work dir {work} is not empty and was not made by a mimicry evaluation; set mimicry.work_dir to a new folder")
     work.mkdir(parents=True, exist_ok=True)
-    (work / MARKER).write_text("written by the mimicry evaluation; data/, clean/ and protected/ are replaced on every evaluation\n")
+    write_text_atomic(work / MARKER, "written by the mimicry evaluation; data/, clean/ and protected/ are replaced on every evaluation\n")
     # a stale staged image from an earlier evaluation would be trained on: start clean
     for sub in ("data", *ARMS):
         shutil.rmtree(work / sub, ignore_errors=True)

@@ -93,6 +93,7 @@ def _launch_env(run_dir: RunDirectory):
 # ---- building ---------------------------------------------------------------------------------
 def train_autoencoder(cfg: DictConfig, dm, directory: str | Path):
     """Train (or reuse from an earlier attempt) the frozen AutoencoderKL in ``directory/autoencoder``."""
+    from eidetic.io import atomic_directory
     from eidetic.pipelines import load_vae
     from lightning_modules.autoencoder import AutoencoderModule, fit_latent_scale
     from lightning_modules.models import build_vae
@@ -114,7 +115,8 @@ def train_autoencoder(cfg: DictConfig, dm, directory: str | Path):
     scale = fit_latent_scale(vae, [b for _, b in zip(range(8), loader)])
     vae.register_to_config(scaling_factor=scale)
     if global_rank() == 0:
-        vae.save_pretrained(vae_dir, safe_serialization=True)
+        with atomic_directory(vae_dir) as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
     return vae
 
 
@@ -198,6 +200,8 @@ def _callbacks(cfg: DictConfig, dm, run_dir: RunDirectory, extra: Sequence[pl.Ca
 
 def trainer_for(cfg: DictConfig, dm, run_dir: RunDirectory, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """The Lightning Trainer of a run: the ``trainer`` section as it is, plus what ``train`` sets."""
+    from callbacks.checkpoint import AtomicCheckpointIO
+
     # every rank gets the loggers (they write on rank 0 only; Lightning expects them everywhere)
     loggers = run_dir.loggers(cfg.logging, cfg.run.name, config=OmegaConf.to_container(cfg, resolve=True))
     settings = OmegaConf.to_container(cfg.trainer)
@@ -213,6 +217,7 @@ def trainer_for(cfg: DictConfig, dm, run_dir: RunDirectory, callbacks: Sequence[
         callbacks=_callbacks(cfg, dm, run_dir, callbacks),
         default_root_dir=str(run_dir.path),
         enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
     )
 
 
