@@ -123,7 +123,10 @@ def fit_to_resolution(arr: np.ndarray, resolution: int) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # np.asarray of a PIL image is read-only; torch warns about sharing it
+        arr = arr.copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:

@@ -54,6 +54,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self.embedding_transforms: list = []
         self.sample_filters: list = []
         self.loss_hooks: list = []
+        # from_pretrained hands modules back in eval mode: what is trained must train (dropout on)
+        self.train()
 
     # ---- model access ------------------------------------------------------------------
     def diffusion_model(self, ema: bool = True) -> DiffusionModel:
@@ -66,6 +68,8 @@ class LatentDiffusionModule(pl.LightningModule):
         super().train(mode)
         if self.vae is not None:
             self.vae.eval()  # frozen: never let its norm layers drift
+        if not self.train_text:
+            self.text.eval()  # frozen text encoder: no dropout in its embeddings
         return self
 
     # ---- frozen modules ----------------------------------------------------------------
