@@ -184,6 +184,8 @@ class LatentDiffusionModule(pl.LightningModule):
         # in eval mode the warning is about them, so it is silenced until training has started
         import warnings
 
+        if self.latent_cache is not None and not self.latent_cache.ready:
+            self.latent_cache.prepare(self.vae, write=self.trainer.is_global_zero)
         self._end_quiet_start()
         if not self.unexpected_eval_modules():
             self._quiet_start = warnings.catch_warnings()
@@ -223,10 +225,6 @@ class LatentDiffusionModule(pl.LightningModule):
             x0 = self.latent_cache.sample(batch["index"], batch.get("flipped"), generator)
             return x0.to(self.device, self.vae.dtype)
         return self.encode_batch(batch["pixel_values"], generator)
-
-    def on_fit_start(self):
-        if self.latent_cache is not None and not self.latent_cache.ready:
-            self.latent_cache.prepare(self.vae, write=self.trainer.is_global_zero)
 
     def training_step(self, batch, batch_idx):
         cfg = self.cfg.train
