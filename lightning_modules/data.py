@@ -247,6 +247,9 @@ class SolidMarkDataModule(pl.LightningDataModule):
             records = [Record(**row) for row in rows]
         else:
             raise DataError(f"data.source must be 'builtin' or 'folder', got {cfg.source!r}")
+        if cfg.get("instance_prompt"):
+            for r in records:
+                r.caption = str(cfg.instance_prompt)
         if cfg.dedup:
             records, arrays, self.dedup_removed = dedup_exact(records, arrays)
             if self.dedup_removed:

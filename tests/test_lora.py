@@ -284,3 +284,21 @@ def test_monitors_on_a_lora_fine_tune(lora_cfg):
     assert summary["controls"]["under_budget_step"] == 6 and summary["lora"]["text_encoder"] is True
     assert set(_state(run_dir / "checkpoints" / "under_budget.ckpt")) == set(_state(run_dir / "checkpoints" / "last.ckpt"))
     assert (run_dir / "solidmark.csv").is_file() and (run_dir / "extraction.csv").is_file()
+
+
+@pytest.mark.parametrize("name", ["examples/sd15_lora.yaml", "examples/sd15_full.yaml", "experiments/dreambooth_lora.yaml"])
+def test_fine_tuning_configs_load_and_need_their_base_model(name):
+    from eidetic.errors import ConfigError
+    from lightning_modules.data import SolidMarkDataModule
+    from workflows.train import load_config
+
+    path = TINY.parent.parent / name
+    if "lora" in name:  # a LoRA config without its base model is an error (a full one would train from scratch)
+        with pytest.raises(ConfigError, match="model.pretrained"):
+            load_config([path], ["data.folder=/images"])
+    cfg = load_config([path], ["model.pretrained=/base", "data.folder=/images"])
+    if name.startswith("examples/"):
+        assert cfg.data.resolution + 2 * cfg.data.border == 512 and cfg.train.precision == "16-mixed"
+    else:
+        dm = SolidMarkDataModule(cfg.data, seed=cfg.seed)
+        assert {r.caption for r in dm.records} == {"a photo of sks object"} and len(dm.train_index()) == 5

@@ -63,6 +63,7 @@ class DataSettings(Section):
     num_images: int = 64  # builtin: how many crops to cut
     tile_scale: int = 2  # tiles: each tile covers resolution * tile_scale photograph pixels
     shared_caption_fraction: float = 0.25  # builtin: fraction of crops captioned with a shared phrase
+    instance_prompt: Optional[str] = None  # every image gets this caption (DreamBooth's, e.g. "a photo of sks object")
     small_images: str = "error"  # images smaller than the resolution: error | upscale | skip
     bad_files: str = "error"  # unreadable image files: error | skip (both list them)
     dedup: bool = True  # drop exact (pixel-identical) duplicates before keying
