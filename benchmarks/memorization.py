@@ -2,7 +2,7 @@
 
 One command trains (or reuses) the run of ``configs/experiments/selective.yaml`` — ~3,300
 distinct photograph tiles with one caption each, 10 % held out, 25 images each repeated x4,
-x16 and x64 — then scores every monitor against two labels that no detector produced:
+x16, x64 and x256 — then scores every monitor against two labels that no detector produced:
 
 * the duplication ladder (rung >= k vs single images);
 * generation ground truth: for every caption, full generations; a generation copies a
