@@ -185,7 +185,7 @@ def outpaint_border(
             lets the frame commit to another image's key while the interior is still noise
             and then hold it, because the frame's evidence grows with the noise level exactly
             as fast as the interior's. Costs one backward pass per step. 0: plain replacement
-            (the paper's). Ignored by latent models.
+            (the paper's). Latent models: applied on the re-encode steps, through the decoder.
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -283,12 +283,14 @@ def outpaint_border(
                     x = torch.where(interior, noised_known(j), x)
                 continue
             t_batch = torch.full((b,), t, device=device, dtype=torch.long)
-            if reconstruction_guidance > 0 and not model.is_latent:
+            last = j == len(timesteps)
+            reencode = model.is_latent and (last or replaced % int(reencode_every) == 0)
+            if reconstruction_guidance > 0 and (reencode or not model.is_latent):
                 eps = _reconstruction_guided_eps(model, x, t_batch, cond, uncond, guidance, known, interior, reconstruction_guidance)
+                vae_passes += 2 * b if model.is_latent else 0  # decode + its backward
             else:
                 eps = model.predict_noise(x, t_batch, cond, uncond, guidance)
-            last = j == len(timesteps)
-            if model.is_latent and (last or replaced % int(reencode_every) == 0):
+            if reencode:
                 # x0 estimate -> pixels -> paste the true interior -> back to latents, then
                 # hand the sampler the epsilon consistent with (x_t, composite x0).
                 x0 = model.predict_x0(x, t_batch, eps)
@@ -325,15 +327,25 @@ def outpaint_border(
 
 
 def _reconstruction_guided_eps(model, x, t_batch, cond, uncond, guidance, known, interior, weight):
-    """Epsilon consistent with (x_t, x0_hat) where x0_hat's frame carries the reconstruction-guidance correction."""
+    """The epsilon consistent with (x_t, x0_hat + correction), the correction being
+    -weight / (2 sqrt(abar_t)) * grad_{x_t} ||known - x0_hat(x_t)||^2 over the interior pixels.
+
+    Pixel models: applied to the frame only (the interior is replaced anyway). Latent models:
+    x0_hat is decoded for the residual and the whole latent is corrected (a latent cell mixes
+    frame and interior); the interior is pasted back afterwards by the re-encode step.
+    """
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         eps = model.predict_noise(x_in, t_batch, cond, uncond, guidance)
         x0 = model.predict_x0(x_in, t_batch, eps)
-        residual = ((known - x0) * interior).pow(2).sum()
+        pixels = model.decode_latents(x0).float() if model.is_latent else x0
+        residual = ((known - pixels) * interior).pow(2).sum()
         (grad,) = torch.autograd.grad(residual, x_in)
     a = model.alphas_cumprod.to(x.device)[t_batch].view(-1, 1, 1, 1).float()
-    x0 = x0.detach() - torch.where(interior, torch.zeros_like(grad), weight / (2 * a.sqrt()) * grad)
+    step = weight / (2 * a.sqrt()) * grad
+    if not model.is_latent:
+        step = torch.where(interior, torch.zeros_like(step), step)
+    x0 = x0.detach().float() - step
     return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
 
