@@ -170,10 +170,8 @@ class SolidMarkCallback(Monitor):
         try:
             canvases = dm.canvases(ids) if ids else torch.zeros(0, 3, dm.canvas_size, dm.canvas_size)
             out = outpaint_border(
-                model, canvases, [records[i].caption for i in mine], thickness,
-                steps=s.steps, guidance=s.guidance, sampler=s.sampler, reencode_every=s.reencode_every,
-                samples_per_image=s.samples_per_image, seed=s.seed, noise_ids=mine, batch_size=s.batch_size,
-                resample_jump=s.resample_jump, resample_count=s.resample_count,
+                model, canvases, [records[i].caption for i in mine], thickness, noise_ids=mine,
+                **s.outpaint_options(latent=model.is_latent),
             )
             if self.floor is None and trainer.is_global_zero:
                 train_rows = [i for i in self._sample if records[i].split == "train"]

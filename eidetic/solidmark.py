@@ -12,9 +12,13 @@ computed here exactly from where each prediction falls.
 
 Outpainting (``outpaint_border``)
 ---------------------------------
-* Pixel models: RePaint-style replacement without resampling. After every reverse step
-  the interior of the working image is overwritten with the forward-noised original at
-  the next timestep (and with the clean original after the last step).
+* Pixel models: RePaint-style replacement without resampling (the paper's and its code's).
+  After every reverse step the interior of the working image is overwritten with the
+  forward-noised original at the next timestep (and with the clean original after the last
+  step). Optionally (``reconstruction_guidance`` > 0, the monitor's default) the frame's
+  x0 estimate is also pulled towards consistency with the clean interior: with replacement
+  alone a perfect memorizer (the empirical optimal denoiser) loses keys whenever the caption
+  does not identify the image (``benchmarks/oracle_outpainting.py``).
 * Latent models: the border/interior mask lives in pixel space and a latent cell near the
   edge mixes both, so the replacement cannot be done in latent space. On a replacement
   step we take the model's x0 estimate, decode it, paste the true interior in pixel space,
@@ -145,6 +149,8 @@ def outpaint_border(
     batch_size: int = 16,
     resample_jump: int = 0,
     resample_count: int = 1,
+    known_noise: str = "fresh",
+    reconstruction_guidance: float = 0.0,
 ) -> Outpainting:
     """Generate the SolidMark frame of ``canvases`` given only their interiors.
 
@@ -166,6 +172,20 @@ def outpaint_border(
             ``get_schedule_jump``): every ``resample_jump`` steps, jump back up that many steps
             (re-noising) and denoise again, ``resample_count`` times in all, so the generated
             frame can be harmonised with the known interior. 0 (default): no jumps.
+        known_noise: pixel models — how the known interior is noised when it replaces the
+            working image's interior: 'fresh' (RePaint and the SolidMark code: a new draw at
+            every step) or 'fixed' (one draw per image and sample, reused at every timestep,
+            so the interior follows a single forward trajectory).
+        reconstruction_guidance: pixel models — weight w of reconstruction guidance (Ho et al.
+            2022, "Video Diffusion Models"; scaled as in PiGDM, Song et al. 2023): on top of the
+            replacement, the frame's x0 estimate is corrected by
+            -w / (2 sqrt(abar_t)) * grad_{x_t} ||known - x0_hat(x_t)||^2 over the interior,
+            i.e. the score of p(interior | x_t) ~ N(x0_hat, (1 - abar_t) / w), so the clean
+            interior pulls the frame towards what is consistent with it. Replacement alone
+            lets the frame commit to another image's key while the interior is still noise
+            and then hold it, because the frame's evidence grows with the noise level exactly
+            as fast as the interior's. Costs one backward pass per step. 0: plain replacement
+            (the paper's). Latent models: applied on the re-encode steps, through the decoder.
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -202,6 +222,10 @@ def outpaint_border(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if resample_jump < 0 or resample_count < 1:
         raise ValueError(f"need resample_jump >= 0 and resample_count >= 1, got {resample_jump}, {resample_count}")
+    if known_noise not in ("fresh", "fixed"):
+        raise ValueError(f"known_noise must be 'fresh' or 'fixed', got {known_noise!r}")
+    if reconstruction_guidance < 0:
+        raise ValueError(f"reconstruction_guidance must be >= 0, got {reconstruction_guidance}")
     if noise_ids is None:
         noise_ids = list(range(n))
     noise_ids = [int(i) for i in noise_ids]
@@ -239,9 +263,14 @@ def outpaint_border(
         step_kwargs = {"generator": gens} if sampler == "ddpm" else {"eta": 0.0}
 
         x = randn_per_item(gens, work_shape, device) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+        fixed_eps = randn_per_item(gens, work_shape, device) if known_noise == "fixed" else None
+
+        def noised_known(t_index: int) -> torch.Tensor:
+            eps_known = fixed_eps if fixed_eps is not None else randn_per_item(gens, work_shape, device)
+            return model.add_noise(known, eps_known, torch.full((b,), timesteps[t_index], device=device))
+
         if not model.is_latent:
-            t0 = torch.full((b,), timesteps[0], device=device)
-            x = torch.where(interior, model.add_noise(known, randn_per_item(gens, work_shape, device), t0), x)
+            x = torch.where(interior, noised_known(0), x)
 
         moves = repaint_moves(len(timesteps), int(resample_jump), int(resample_count))
         replaced = 0  # denoising steps taken, for the latent re-encode schedule
@@ -251,13 +280,17 @@ def outpaint_border(
                 ratio = alphas[timesteps[j]] / alphas[t]
                 x = ratio.sqrt() * x + (1 - ratio).sqrt() * randn_per_item(gens, work_shape, device)
                 if not model.is_latent:
-                    noised = model.add_noise(known, randn_per_item(gens, work_shape, device), torch.full((b,), timesteps[j], device=device))
-                    x = torch.where(interior, noised, x)
+                    x = torch.where(interior, noised_known(j), x)
                 continue
             t_batch = torch.full((b,), t, device=device, dtype=torch.long)
-            eps = model.predict_noise(x, t_batch, cond, uncond, guidance)
             last = j == len(timesteps)
-            if model.is_latent and (last or replaced % int(reencode_every) == 0):
+            reencode = model.is_latent and (last or replaced % int(reencode_every) == 0)
+            if reconstruction_guidance > 0 and (reencode or not model.is_latent):
+                eps = _reconstruction_guided_eps(model, x, t_batch, cond, uncond, guidance, known, interior, reconstruction_guidance)
+                vae_passes += 2 * b if model.is_latent else 0  # decode + its backward
+            else:
+                eps = model.predict_noise(x, t_batch, cond, uncond, guidance)
+            if reencode:
                 # x0 estimate -> pixels -> paste the true interior -> back to latents, then
                 # hand the sampler the epsilon consistent with (x_t, composite x0).
                 x0 = model.predict_x0(x, t_batch, eps)
@@ -273,9 +306,7 @@ def outpaint_border(
                 if last:
                     x = torch.where(interior, known, x)
                 else:
-                    t_next = torch.full((b,), timesteps[j], device=device)
-                    noised = model.add_noise(known, randn_per_item(gens, work_shape, device), t_next)
-                    x = torch.where(interior, noised, x)
+                    x = torch.where(interior, noised_known(j), x)
 
         if model.is_latent:
             x = model.decode_latents(x).float()
@@ -293,6 +324,29 @@ def outpaint_border(
         unet_evals=model.unet_evals - evals_before,
         vae_passes=vae_passes,
     )
+
+
+def _reconstruction_guided_eps(model, x, t_batch, cond, uncond, guidance, known, interior, weight):
+    """The epsilon consistent with (x_t, x0_hat + correction), the correction being
+    -weight / (2 sqrt(abar_t)) * grad_{x_t} ||known - x0_hat(x_t)||^2 over the interior pixels.
+
+    Pixel models: applied to the frame only (the interior is replaced anyway). Latent models:
+    x0_hat is decoded for the residual and the whole latent is corrected (a latent cell mixes
+    frame and interior); the interior is pasted back afterwards by the re-encode step.
+    """
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        eps = model.predict_noise(x_in, t_batch, cond, uncond, guidance)
+        x0 = model.predict_x0(x_in, t_batch, eps)
+        pixels = model.decode_latents(x0).float() if model.is_latent else x0
+        residual = ((known - pixels) * interior).pow(2).sum()
+        (grad,) = torch.autograd.grad(residual, x_in)
+    a = model.alphas_cumprod.to(x.device)[t_batch].view(-1, 1, 1, 1).float()
+    step = weight / (2 * a.sqrt()) * grad
+    if not model.is_latent:
+        step = torch.where(interior, torch.zeros_like(step), step)
+    x0 = x0.detach().float() - step
+    return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 @torch.no_grad()

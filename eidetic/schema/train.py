@@ -463,6 +463,17 @@ class SolidMarkSettings(Section):
     reencode_every: int = 5  # latent models: decode/paste interior/re-encode every N steps (the last step always)
     resample_jump: int = 0  # RePaint resampling: every N steps jump back N steps (0: off; RePaint's own: 10)
     resample_count: int = 1  # ... and denoise again, this many times in all (RePaint's own: 10)
+    # how the known interior conditions the frame (pixel models): "guided" (default, a deviation
+    # from the paper) = replacement plus reconstruction guidance from the clean interior;
+    # "replace" = the paper's plain RePaint-style replacement. With a caption that does not
+    # identify the image (unconditional, or shared as in DreamBooth) replacement lets a perfect
+    # memorizer lose keys: on the empirical optimal denoiser (16 tiles, 4 px border) 9-13 of 16
+    # unconditional and 13-16 shared vs 13-16 and 16 guided (benchmarks/oracle_outpainting.py).
+    # Guided costs one backward pass per step. Latent models replace: guidance through the decoder
+    # (outpaint_border supports it) measured no better on a latent oracle and costs decoder backward passes.
+    conditioning: str = "guided"
+    reconstruction_weight: float = 4.0  # "guided": the guidance weight w (1: p(interior | x_t) with variance 1 - abar_t)
+    known_noise: str = "fresh"  # interior noise at each replacement: fresh (paper, RePaint) | fixed (one trajectory)
     samples_per_image: int = 1  # outpaintings averaged per image
     batch_size: int = 64
     seed: int = 0  # outpainting noise, the same at every evaluation
@@ -474,11 +485,23 @@ class SolidMarkSettings(Section):
     table_rows: int = 16  # most-memorized images in the W&B table and the grid
     log_images: bool = True
 
+    def outpaint_options(self, latent: bool) -> dict:
+        """The keyword arguments of :func:`eidetic.solidmark.outpaint_border` these settings ask for."""
+        guided = self.conditioning == "guided" and not latent
+        return dict(steps=self.steps, guidance=self.guidance, sampler=self.sampler, reencode_every=self.reencode_every,
+                    samples_per_image=self.samples_per_image, seed=self.seed, batch_size=self.batch_size,
+                    resample_jump=self.resample_jump, resample_count=self.resample_count, known_noise=self.known_noise,
+                    reconstruction_guidance=self.reconstruction_weight if guided else 0.0)
+
     def problems(self) -> list[str]:
         out = choice_problem("sampler", self.sampler, SAMPLERS)
         out += _non_negative(self, "every_n_steps", "every_n_epochs", "table_rows")
         out += _positive(self, "steps", "reencode_every", "samples_per_image", "batch_size", "resample_count")
         out += _non_negative(self, "resample_jump")
+        out += choice_problem("conditioning", self.conditioning, ("guided", "replace"))
+        out += choice_problem("known_noise", self.known_noise, ("fresh", "fixed"))
+        if self.reconstruction_weight <= 0:
+            out.append(f"reconstruction_weight must be > 0 (use conditioning=replace for none), got {self.reconstruction_weight}")
         for name in ("train_sample", "heldout_sample"):
             value = getattr(self, name)
             if value is not None and value < 0:
