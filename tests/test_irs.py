@@ -389,13 +389,18 @@ def test_realism_callback_and_loss_in_a_tiny_run(tiny_cfg):
                    "realism.loss.t_min=0", "realism.loss.t_max=999", "realism.enabled=true")
     run_dir = run(cfg)
     realism = json.loads((run_dir / "summary.json").read_text())["realism"]
-    assert {"irs_generated_mean", "irs_real_mean", "fake_rate"} <= set(realism)
+    for mode in ("paper", "two_sided"):  # both scores, each under its own name
+        assert {f"irs_{mode}_generated_mean", f"irs_{mode}_real_mean", f"fake_rate_{mode}"} <= set(realism)
+        assert 0 <= realism[f"fake_rate_{mode}"] <= 1 and realism[f"irs_{mode}_real_mean"] > 0
+    assert not any(k.startswith("irs_generated") for k in realism)  # no unnamed score
     assert [h["step"] for h in realism["history"]] == [3, 6]
-    assert 0 <= realism["fake_rate"] <= 1 and 0 < realism["irs_real_mean"] <= irs.max_score()
+    assert realism["irs_two_sided_real_mean"] <= irs.max_score() and realism["loss_mode"] == "two_sided"
     assert realism["loss"]["calls"] == 6 and realism["loss"]["seconds_total"] > 0
     assert irs.IRSReference.load(run_dir / "irs_reference.json").resolution == (16, 16)
+    assert irs.IRSReference.load(run_dir / "irs_reference_paper.json").settings.is_paper
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
-    assert "realism/irs_generated_mean" in header and "train/realism_loss" in header
+    assert "realism/irs_paper_generated_mean" in header and "realism/irs_two_sided_generated_mean" in header
+    assert "train/realism_loss" in header
 
 
 def test_realism_settings_validation():
