@@ -27,7 +27,7 @@ from eidetic.io import read_summary  # noqa: E402
 ROWS = [  # (teacher, student arch, depth)
     ("gaussian_blur", "cnn", 6),
     ("gaussian_blur", "unet", 2),
-    ("blind_blur", "cnn", 6),
+    ("wavelet_denoise_blind", "cnn", 6),
 ]
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     for key, r in results.items():
         print(f"{key:<22}{r['psnr']:>8.2f}{r['identity_psnr']:>10.2f}{r['mse_reduction']:>11.2f}{r['ssim']:>8.3f}"
               f"{r['parameters']:>9}{r['receptive_field']:>5}{r['seconds']:>7.1f}")
-    gap = results["gaussian_blur/cnn"]["mse_reduction"] / results["blind_blur/cnn"]["mse_reduction"]
+    gap = results["gaussian_blur/cnn"]["mse_reduction"] / results["wavelet_denoise_blind/cnn"]["mse_reduction"]
     unet_vs_cnn = results["gaussian_blur/unet"]["mse_reduction"] / results["gaussian_blur/cnn"]["mse_reduction"]
     print(f"non-blind : blind MSE-reduction ratio (CNN) = {gap:.2f}x; UNet : CNN on gaussian_blur = {unet_vs_cnn:.2f}x")
     out = {"steps": args.steps, "example_size": args.example_size, "rows": results,

@@ -2,9 +2,12 @@
 
 ``RealismCallback`` (on a schedule and at the end of training) generates seeded samples
 for training captions with the EMA model, strips the SolidMark border and scores the
-interiors with the exact IRS (``eidetic.irs``); it scores the real training interiors once
-for comparison. It logs curves (``realism/*`` scalars) and histograms (W&B) and writes the
-``realism`` section of ``summary.json``.
+interiors with both exact scores of ``eidetic.irs``, each named for what it is:
+``irs_paper_*`` (the published IRS, ``mode="paper"``) and ``irs_two_sided_*`` (the
+project's two-sided variant, ``mode="two_sided"``, which is not IRS); it scores the real
+training interiors once for comparison. It logs curves (``realism/*`` scalars) and
+histograms (W&B) and writes the ``realism`` section of ``summary.json``. The realism loss
+uses the configured reference (two-sided unless a saved paper-mode reference is given).
 
 ``RealismLoss`` is a ``LatentDiffusionModule.loss_hooks`` entry: ``weight * realism_loss``
 of the predicted clean image (decoded through the frozen VAE for latent models, border
@@ -27,6 +30,7 @@ from omegaconf import DictConfig
 from torchmetrics.aggregation import CatMetric
 
 from eidetic import irs
+from eidetic.irs import MODES
 from eidetic.borders import strip_border
 from eidetic.diffusion import generate, item_generator, noise_to_eps, randn_per_item
 from eidetic.io import update_summary
@@ -75,8 +79,9 @@ class RealismCallback(pl.Callback):
         self.train_ids, self.captions = list(train_ids), list(captions)
         if not self.captions:
             raise ValueError("RealismCallback needs at least one training caption to sample from")
-        self.reference: irs.IRSReference | None = None
-        self.real_scores: torch.Tensor | None = None
+        self.reference: irs.IRSReference | None = None  # the configured one (the loss's)
+        self.references: dict[str, irs.IRSReference] = {}  # mode -> reference, both modes
+        self.real_scores: dict[str, torch.Tensor] = {}
         self.loss_hook: RealismLoss | None = None
         self.history: list[dict] = []
         self._last_step = -1
@@ -97,18 +102,27 @@ class RealismCallback(pl.Callback):
             return
         real = self._real_interiors(pl_module)
         ref = self.s.reference
-        if ref == "train":
-            self.reference = irs.IRSReference.fit(real, source=f"{len(real)} training interiors")
-        elif ref == "builtin":
-            self.reference = irs.default_reference(self.resolution)
-        else:
-            self.reference = irs.IRSReference.load(ref)
-        if self.reference.resolution is not None and tuple(self.reference.resolution) != (self.resolution, self.resolution):
-            raise ValueError(f"IRS reference was fitted at {self.reference.resolution}, images are {self.resolution}px; "
-                             "refit it (realism.reference=train or builtin)")
-        self.real_scores = irs.image_realism_score(real, self.reference)
+        if ref not in ("train", "builtin"):
+            loaded = irs.IRSReference.load(ref)
+            self.references[loaded.mode] = loaded
+        for mode in MODES:
+            if mode in self.references:
+                continue
+            if ref == "builtin":
+                self.references[mode] = irs.default_reference(self.resolution, mode=mode)
+            else:  # train, or the mode a loaded reference does not cover
+                self.references[mode] = irs.IRSReference.fit(real, mode=mode, source=f"{len(real)} training interiors")
+        self.reference = self.references["two_sided"] if ref in ("train", "builtin") else loaded
+        for mode, reference in self.references.items():
+            if reference.resolution is not None and tuple(reference.resolution) != (self.resolution, self.resolution):
+                raise ValueError(f"IRS reference ({mode}) was fitted at {reference.resolution}, images are {self.resolution}px; "
+                                 "refit it (realism.reference=train or builtin)")
+            self.real_scores[mode] = irs.image_realism_score(real, reference)
         if trainer.is_global_zero and getattr(pl_module, "run_dir", None):
             self.reference.save(Path(pl_module.run_dir) / "irs_reference.json")
+            for mode, reference in self.references.items():
+                if reference is not self.reference:
+                    reference.save(Path(pl_module.run_dir) / f"irs_reference_{mode}.json")
         if self.s.loss.weight > 0:
             self.loss_hook = RealismLoss(self.reference, self.s.loss.weight, self.s.loss.t_min, self.s.loss.t_max, self.border)
             pl_module.loss_hooks.append(self.loss_hook)
@@ -149,31 +163,36 @@ class RealismCallback(pl.Callback):
         self._last_step = trainer.global_step
         rank, world = trainer.global_rank, max(1, trainer.world_size)
         mine = list(range(int(self.s.num_samples)))[rank::world]
-        scores = irs.image_realism_score(self.sample(pl_module, mine), self.reference) if mine else torch.zeros(0)
-        gather = CatMetric(nan_strategy="disable").to(pl_module.device)
-        gather.update(torch.stack([torch.tensor(mine, dtype=torch.float64), scores.double()], dim=1).to(pl_module.device))
-        rows = gather.compute().reshape(-1, 2).cpu()
-        generated = rows[torch.argsort(rows[:, 0]), 1].float()
-        thr = self.reference.threshold
-        row = {
-            "step": int(trainer.global_step),
-            "irs_generated_mean": float(generated.mean()),
-            "irs_generated_std": float(generated.std()) if generated.numel() > 1 else 0.0,
-            "irs_real_mean": float(self.real_scores.mean()),
-            "fake_rate": float((generated < thr).float().mean()) if thr is not None else None,
-            "real_fake_rate": float((self.real_scores < thr).float().mean()) if thr is not None else None,
-        }
+        images = self.sample(pl_module, mine)
+        row: dict = {"step": int(trainer.global_step)}
+        self._generated = {}
+        for mode in MODES:
+            reference = self.references[mode]
+            scores = irs.image_realism_score(images, reference) if mine else torch.zeros(0)
+            gather = CatMetric(nan_strategy="disable").to(pl_module.device)
+            gather.update(torch.stack([torch.tensor(mine, dtype=torch.float64), scores.double()], dim=1).to(pl_module.device))
+            rows = gather.compute().reshape(-1, 2).cpu()
+            generated = rows[torch.argsort(rows[:, 0]), 1].float()
+            real, thr = self.real_scores[mode], reference.threshold
+            self._generated[mode] = generated
+            row.update({
+                f"irs_{mode}_generated_mean": float(generated.mean()),
+                f"irs_{mode}_generated_std": float(generated.std()) if generated.numel() > 1 else 0.0,
+                f"irs_{mode}_real_mean": float(real.mean()),
+                f"fake_rate_{mode}": float((generated < thr).float().mean()) if thr is not None else None,
+                f"real_fake_rate_{mode}": float((real < thr).float().mean()) if thr is not None else None,
+            })
         self.history.append(row)
         if trainer.is_global_zero:
-            self._log(trainer, row, generated)
+            self._log(trainer, row)
             self._write_summary(pl_module, row)
         return row
 
-    def _log(self, trainer, row: dict, generated: torch.Tensor) -> None:
+    def _log(self, trainer, row: dict) -> None:
         log_scalars(trainer, {f"realism/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
         log_wandb(trainer, lambda wandb: {
-            "realism/irs_generated_hist": wandb.Histogram(generated.numpy()),
-            "realism/irs_real_hist": wandb.Histogram(self.real_scores.numpy()),
+            **{f"realism/irs_{m}_generated_hist": wandb.Histogram(g.numpy()) for m, g in self._generated.items()},
+            **{f"realism/irs_{m}_real_hist": wandb.Histogram(r.numpy()) for m, r in self.real_scores.items()},
         }, step=row["step"])
 
     def _write_summary(self, pl_module, row: dict) -> None:
@@ -183,12 +202,17 @@ class RealismCallback(pl.Callback):
         section = {
             **{k: v for k, v in row.items() if k != "step"},
             "step": row["step"],
-            "threshold": self.reference.threshold,
-            "threshold_rule": self.reference.threshold_rule,
-            "reference": self.reference.source or str(self.s.reference),
-            "mode": self.reference.mode,
+            "scores": {
+                "irs_paper": "the published Image Realism Score (mode=paper: r = s, ASM, angle 0, 256 levels, FFT with DC)",
+                "irs_two_sided": "not IRS: the project's two-sided variant (mode=two_sided: r = min(s, 1/s), own statistics)",
+            },
+            "references": {
+                mode: {"threshold": r.threshold, "threshold_rule": r.threshold_rule, "source": r.source or str(self.s.reference)}
+                for mode, r in self.references.items()
+            },
+            "loss_mode": self.reference.mode,
             "num_samples": int(self.s.num_samples),
-            "num_real": int(self.real_scores.numel()),
+            "num_real": int(self.real_scores["two_sided"].numel()),
             "history": self.history,
         }
         if self.loss_hook is not None:

@@ -39,5 +39,5 @@ def test_realism_callback_in_a_run(tiny_cfg):
 
     run_dir = run(tiny_cfg("realism.enabled=true", "realism.every_n_steps=3", "realism.num_samples=4", "realism.steps=2", "realism.max_real=8"))
     section = json.loads((run_dir / "summary.json").read_text())["realism"]
-    assert section["num_samples"] == 4 and 0 <= section["fake_rate"] <= 1
-    assert section["irs_generated_mean"] > 0 and section["irs_real_mean"] > 0
+    assert section["num_samples"] == 4 and 0 <= section["fake_rate_two_sided"] <= 1
+    assert section["irs_two_sided_generated_mean"] > 0 and section["irs_paper_real_mean"] > 0

@@ -14,7 +14,8 @@ import torch
 from eidetic import imitation
 
 NON_BLIND = ["gaussian_blur", "unsharp_mask", "tv_denoise", "bicubic_sr"]
-BLIND = ["blind_blur", "blind_noise"]
+RESTORATION = ["wavelet_denoise", "richardson_lucy"]
+DETERMINISTIC = NON_BLIND + RESTORATION + ["wavelet_denoise_blind"]
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +51,58 @@ def test_local_teachers_commute_with_cropping(name):
     np.testing.assert_allclose(on_crop[inner, inner], of_full[inner, inner], atol=2e-3)
 
 
-@pytest.mark.parametrize("name", BLIND)
-def test_blind_teacher_draws_per_image(name, patch):
-    teacher = imitation.build_teacher(name, seed=3)
-    assert teacher.blind is True
-    assert not np.array_equal(teacher(patch), teacher(patch))
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_every_builtin_model_teacher_is_deterministic(name, patch):
+    """Same input -> bitwise the same output, from the same object and from a fresh one
+    (a blind teacher adapts to its input, it does not draw)."""
+    teacher = imitation.build_teacher(name)
+    x = teacher.inputs.apply(patch, teacher.inputs.level, "patch") if teacher.inputs else patch
+    assert np.array_equal(x, teacher.inputs.apply(patch, teacher.inputs.level, "patch") if teacher.inputs else patch)
+    out = teacher(x)
+    assert np.array_equal(out, teacher(x)) and np.array_equal(out, imitation.build_teacher(name, seed=99)(x))
+    assert teacher.stochastic is False and teacher.kind in ("fixed", "blind")
+
+
+@pytest.mark.parametrize("name", RESTORATION)
+def test_restoration_teachers_restore_their_degraded_inputs(name, patch):
+    """The paper's setting: a restoration model on degraded inputs, not a degradation of a clean photo."""
+    teacher = imitation.build_teacher(name)
+    assert teacher.blind is False and teacher.inputs is not None
+    assert teacher.inputs.heldout_levels == (teacher.inputs.level,)  # non-blind: held-out inputs at the same level
+    clean = imitation.center_crop(imitation.load_image("camera"), 96)
+    degraded = teacher.inputs.apply(clean, teacher.inputs.level, "camera")
+    restored = teacher(degraded)
+    err = lambda a: float(np.mean((a - clean)[8:-8, 8:-8] ** 2))
+    assert err(restored) < 0.8 * err(degraded), (err(restored), err(degraded))
+
+
+def test_blind_denoiser_adapts_to_its_input_noise_level():
+    clean = imitation.center_crop(imitation.load_image("camera"), 128)
+    blind = imitation.build_teacher("wavelet_denoise_blind")
+    assert blind.blind is True and blind.inputs.level not in blind.inputs.heldout_levels
+    estimated, psnr = {}, {}
+    mse = lambda a: float(np.mean((a - clean) ** 2))
+    for level in (0.02, 0.1):
+        noisy = blind.inputs.apply(clean, level, "camera")
+        out = blind(noisy)
+        estimated[level] = blind.calls[-1]["estimated_sigma"]
+        # a denoiser fixed at the *other* level, the one a student would copy from an example there
+        other = 0.1 if level == 0.02 else 0.02
+        fixed = imitation.build_teacher("wavelet_denoise", {"sigma": other})(noisy)
+        psnr[level] = (-10 * np.log10(mse(out)), -10 * np.log10(mse(fixed)))
+    assert estimated[0.1] > 3 * estimated[0.02] and abs(estimated[0.02] - 0.02) < 0.01
+    for level, (adaptive, fixed) in psnr.items():
+        assert adaptive > fixed + 0.5, (level, psnr)
+
+
+def test_negative_control_is_labelled_and_random(patch):
+    control = imitation.build_teacher("random_noise_control", seed=3)
+    assert control.stochastic is True and "control" in control.name and "NEGATIVE CONTROL" in control.description
+    assert control.kind == "random (negative control)" and control.blind is None
+    assert not np.array_equal(control(patch), control(patch))
     # but a run is reproducible from its seed
-    assert np.array_equal(imitation.build_teacher(name, seed=3)(patch), imitation.build_teacher(name, seed=3)(patch))
+    assert np.array_equal(imitation.build_teacher("random_noise_control", seed=3)(patch),
+                          imitation.build_teacher("random_noise_control", seed=3)(patch))
 
 
 def test_teacher_parameters_and_callable_path(patch):
@@ -198,9 +244,12 @@ def test_imitate_writes_run_directory_with_size_sweep(tmp_path, render):
     for name in ("config.yaml", "report.md", "psnr_vs_example_size.png", "students/bicubic_sr_40.safetensors",
                  "logs/gaussian_blur_24/metrics.csv"):
         assert (tmp_path / name).is_file(), name
-    assert "| bicubic_sr | no | 40x40 |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| bicubic_sr | fixed | clean photograph | 40x40 |" in report
+    assert "**bicubic_sr, example 40x40**" in report and "| camera |" in report  # the per-image table
+    assert {"identity_psnr", "meets_bar"} <= set(sr["results"][0]["heldout"]["per_image"]["camera"])
     text = render(imitate_workflow.console_summary(tmp_path))
-    assert "student PSNR on held-out images" in text and "bicubic_sr no 40x40" in text
+    assert "student PSNR on held-out images" in text and "bicubic_sr fixed 40x40" in text
     assert imitation.load_student(tmp_path / "students/bicubic_sr_40.safetensors").config["scale"] == 2
 
 
@@ -229,6 +278,25 @@ def test_imitate_from_a_pair_of_files_and_its_errors(tmp_path, capsys):
     assert "did you mean 'train.steps'" in capsys.readouterr().err
 
 
+def test_imitate_with_restoration_blind_and_control_teachers(tmp_path):
+    import imitate
+
+    rc = imitate.main(["teacher=wavelet_denoise,wavelet_denoise_blind,random_noise_control", "example_size=32",
+                       f"run.dir={tmp_path}", *FAST])
+    assert rc == 0
+    teachers = json.loads((tmp_path / "summary.json").read_text())["imitation"]["teachers"]
+    blind = teachers["wavelet_denoise_blind"]
+    assert blind["kind"] == "blind" and blind["deterministic"] is True and blind["meets_psnr_bar"] is None
+    assert blind["inputs"] == {"degradation": "noise", "example_level": 0.05, "heldout_levels": [0.02, 0.1]}
+    assert "estimated_sigma" in blind["results"][0]["example_teacher_record"]
+    assert set(blind["results"][0]["heldout"]["per_image"]) == {f"{n} (noise σ={v})" for n in ("camera", "coins") for v in (0.02, 0.1)}
+    control = teachers["random_noise_control"]
+    assert control["negative_control"] is True and control["deterministic"] is False and control["meets_psnr_bar"] is None
+    assert teachers["wavelet_denoise"]["kind"] == "fixed" and teachers["wavelet_denoise"]["meets_psnr_bar"] is not None
+    report = (tmp_path / "report.md").read_text()
+    assert "NEGATIVE CONTROL" in report and "| camera (noise σ=0.1) |" in report
+
+
 # ---- the audit's bar ------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NON_BLIND)
@@ -244,12 +312,20 @@ def test_non_blind_classical_teachers_are_imitated_above_30db(name, tmp_path):
     assert section["teachers"][name]["meets_psnr_bar"] is True
 
 
-def test_blind_teacher_records_its_draws(patch):
-    teacher = imitation.build_teacher("blind_blur", {"sigma_min": 1.0, "sigma_max": 2.0})
-    pairs = imitation.heldout_pairs(teacher, ["camera", "coins"], crop=32)
-    sigmas = [p.draw["sigma"] for p in pairs]
-    assert len(teacher.draws) == 2 and all(1.0 <= s <= 2.0 for s in sigmas) and sigmas[0] != sigmas[1]
-    assert imitation.heldout_pairs(imitation.build_teacher("gaussian_blur"), ["camera"], crop=32)[0].draw is None
+def test_heldout_pairs_record_levels_and_teacher_records():
+    control = imitation.build_teacher("random_noise_control", {"sigma_min": 0.01, "sigma_max": 0.02})
+    pairs = imitation.heldout_pairs(control, ["camera", "coins"], crop=32)
+    sigmas = [p.record["sigma"] for p in pairs]
+    assert len(control.calls) == 2 and all(0.01 <= s <= 0.02 for s in sigmas) and sigmas[0] != sigmas[1]
+    assert imitation.heldout_pairs(imitation.build_teacher("gaussian_blur"), ["camera"], crop=32)[0].record is None
+    blind = imitation.build_teacher("wavelet_denoise_blind")
+    pairs = imitation.heldout_pairs(blind, ["camera", "coins"], crop=48)
+    assert [(p.photo, p.input_level) for p in pairs] == [("camera", 0.02), ("camera", 0.1), ("coins", 0.02), ("coins", 0.1)]
+    assert all("estimated_sigma" in p.record for p in pairs) and pairs[0].name == "camera (noise σ=0.02)"
+    result = imitation.evaluate_student(imitation.build_student("cnn", 4, 2, 3), pairs, scale=1)
+    assert result["n_images"] == 4 and 0 <= result["n_meeting_bar"] <= 4
+    for v in result["per_image"].values():  # each image beside its own identity baseline and the bar
+        assert {"psnr", "identity_psnr", "meets_bar", "input_level"} <= set(v)
 
 
 # ---- the project's diffusion model as a teacher --------------------------------------------
@@ -284,7 +360,7 @@ def test_diffusion_model_teacher(tiny_model_dir, patch, tmp_path):
     out = fixed(image)
     assert fixed.blind is False and out.shape == image.shape and np.array_equal(out, fixed(image))
     noisy = imitation.diffusion_teacher(model, timestep=200, noise=True)
-    assert noisy.blind is True and not np.array_equal(noisy(image), noisy(image))
+    assert noisy.stochastic is True and not np.array_equal(noisy(image), noisy(image))
     with pytest.raises(imitation.ImitationError, match="timestep"):
         imitation.diffusion_teacher(model, timestep=5000)
 

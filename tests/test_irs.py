@@ -211,12 +211,77 @@ def test_irs_ranks_real_photographs_above_degraded_copies(reference, heldout):
 
 
 def test_paper_mode_rewards_blur(photos, heldout):
-    """Why two-sided radii are the default: with the literal monotone radii, a blurred
+    """Why two-sided radii are the default: with the published monotone radii, a blurred
     image's tiny Laplacian variance enters inverted and dominates the area."""
     paper = irs.IRSReference.fit(irs.random_crops(photos, 128, SIZE, seed=0), mode="paper", threshold=None)
     real = irs.image_realism_score(heldout, paper)
     blurred = irs.image_realism_score(irs.degrade(heldout, "blur"), paper)
     assert _auc(real, blurred) < 0.3
+
+
+def _paper_irs_independently(u8_images: np.ndarray, u8_reference: np.ndarray) -> np.ndarray:
+    """The published IRS written out with numpy/scipy/scikit-image on uint8 (N, H, W, 3)
+    images, as the public reimplementation computes it except for edges (skimage's Canny on
+    the grey image / 255 instead of cv2.Canny, the one documented difference)."""
+    from scipy.ndimage import convolve
+
+    lap_kernel = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+    def measures(u8):
+        g = np.dot(u8[..., :3], [0.2989, 0.5870, 0.1140]).astype(np.uint8)
+        glcm = feature.graycomatrix(g, distances=[1], angles=[0.0], levels=256, symmetric=True, normed=True)
+        return np.array([
+            feature.canny(g / 255.0).mean(),
+            feature.graycoprops(glcm, "contrast")[0, 0],
+            feature.graycoprops(glcm, "ASM")[0, 0],
+            convolve(g.astype(np.float64), lap_kernel, mode="reflect").var(),
+            np.mean(np.abs(np.fft.fft2(g.astype(np.float64)))),
+        ])
+
+    means = np.mean([measures(u) for u in u8_reference], axis=0)
+    scores = []
+    for u in u8_images:
+        s = measures(u) / means
+        r = np.where([False, False, True, True, True], 1.0 / s, s)
+        scores.append(sum(0.5 * r[i] * r[(i + 1) % 5] * np.sin(2 * np.pi / 5) for i in range(5)))
+    return np.array(scores)
+
+
+def test_paper_mode_is_the_published_definition(photos):
+    """mode="paper" against an independent computation: GLCM ASM and contrast at angle 0,
+    256 levels (graycomatrix/graycoprops directly), scipy's Laplacian, numpy's fft2 with DC,
+    the reimplementation's uint8 grey conversion, r = s with the last three inverted."""
+    def uint8(x):
+        return ((x + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+    ref_u8, test_u8 = uint8(irs.random_crops(photos, 12, SIZE, seed=5)), uint8(irs.random_crops(photos, 8, SIZE, seed=6))
+    as_tensor = lambda u8: torch.from_numpy(u8.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    reference = irs.IRSReference.fit(as_tensor(ref_u8), mode="paper", threshold=None)
+    assert reference.settings == irs.IRSSettings.paper() and reference.settings.is_paper
+    ours = irs.image_realism_score(as_tensor(test_u8), reference).double().numpy()
+    expected = _paper_irs_independently(test_u8, ref_u8)
+    assert np.allclose(ours, expected, rtol=1e-5), (ours, expected)
+    # the statistics themselves are on the reimplementation's scale, not just proportional
+    stats = irs.image_statistics(as_tensor(test_u8[:1]), irs.IRSSettings.paper())[0].double().numpy()
+    g = np.dot(test_u8[0], [0.2989, 0.5870, 0.1140]).astype(np.uint8)
+    glcm = feature.graycomatrix(g, [1], [0.0], levels=256, symmetric=True, normed=True)
+    assert np.isclose(stats[2], feature.graycoprops(glcm, "ASM")[0, 0], rtol=1e-5)
+    assert np.isclose(stats[4], np.abs(np.fft.fft2(g.astype(np.float64))).mean(), rtol=1e-5)
+    # ...and the default differs from it exactly where the docs say: sqrt(ASM), 4 angles, 32 levels
+    default = irs.image_statistics(as_tensor(test_u8[:1]))[0].double().numpy()
+    gray = irs.to_grayscale(as_tensor(test_u8[:1]))[0].double().numpy()
+    q = np.clip(np.floor(gray * 32), 0, 31).astype(np.uint8)
+    glcm32 = feature.graycomatrix(q, [1], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=32, symmetric=True, normed=True)
+    assert np.isclose(default[2], feature.graycoprops(glcm32, "energy").mean(), rtol=1e-5)
+
+
+def test_paper_mode_needs_the_paper_statistics():
+    means = (1.0,) * 5
+    with pytest.raises(ValueError, match="IRSSettings.paper"):
+        irs.IRSReference(means, means, irs.IRSSettings(), mode="paper")
+    assert irs.IRSReference(means, means, irs.IRSSettings.paper(), mode="paper").mode == "paper"
+    with pytest.raises(ValueError, match="glcm_energy"):
+        irs.IRSSettings(glcm_energy="sqrt")
 
 
 def test_threshold_fitted_on_reference_separates_degraded(reference, heldout):
@@ -324,13 +389,18 @@ def test_realism_callback_and_loss_in_a_tiny_run(tiny_cfg):
                    "realism.loss.t_min=0", "realism.loss.t_max=999", "realism.enabled=true")
     run_dir = run(cfg)
     realism = json.loads((run_dir / "summary.json").read_text())["realism"]
-    assert {"irs_generated_mean", "irs_real_mean", "fake_rate"} <= set(realism)
+    for mode in ("paper", "two_sided"):  # both scores, each under its own name
+        assert {f"irs_{mode}_generated_mean", f"irs_{mode}_real_mean", f"fake_rate_{mode}"} <= set(realism)
+        assert 0 <= realism[f"fake_rate_{mode}"] <= 1 and realism[f"irs_{mode}_real_mean"] > 0
+    assert not any(k.startswith("irs_generated") for k in realism)  # no unnamed score
     assert [h["step"] for h in realism["history"]] == [3, 6]
-    assert 0 <= realism["fake_rate"] <= 1 and 0 < realism["irs_real_mean"] <= irs.max_score()
+    assert realism["irs_two_sided_real_mean"] <= irs.max_score() and realism["loss_mode"] == "two_sided"
     assert realism["loss"]["calls"] == 6 and realism["loss"]["seconds_total"] > 0
     assert irs.IRSReference.load(run_dir / "irs_reference.json").resolution == (16, 16)
+    assert irs.IRSReference.load(run_dir / "irs_reference_paper.json").settings.is_paper
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
-    assert "realism/irs_generated_mean" in header and "train/realism_loss" in header
+    assert "realism/irs_paper_generated_mean" in header and "realism/irs_two_sided_generated_mean" in header
+    assert "train/realism_loss" in header
 
 
 def test_realism_settings_validation():

@@ -103,9 +103,10 @@ def _row(name: str, summary: dict, delta: str, wall: float, q: dict) -> dict:
         row["verified_extractions"] = ex.get("verified_extractions")
     if summary.get("realism"):
         re = summary["realism"]
-        row["irs_generated_mean"] = re.get("irs_generated_mean")
-        row["irs_real_mean"] = re.get("irs_real_mean")
-        row["fake_rate"] = re.get("fake_rate")
+        for mode in ("paper", "two_sided"):
+            row[f"irs_{mode}_generated_mean"] = re.get(f"irs_{mode}_generated_mean")
+            row[f"irs_{mode}_real_mean"] = re.get(f"irs_{mode}_real_mean")
+            row[f"fake_rate_{mode}"] = re.get(f"fake_rate_{mode}")
         if re.get("loss"):
             row["realism_loss_seconds"] = re["loss"].get("seconds_total")
     row["frechet_distance"] = q.get("frechet_distance")

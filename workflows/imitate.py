@@ -26,7 +26,9 @@ from eidetic.errors import ConfigError, ModelLoadError
 from eidetic.pipelines import load_diffusion_model
 from eidetic.schema.imitate import ImitateConfig
 
-from .imitate_report import PASS_PSNR, render_report, write_plot
+from eidetic.imitation import PASS_PSNR
+
+from .imitate_report import render_report, write_plot
 from .rundir import RunDirectory
 
 __all__ = ["Schema", "load_config", "resolve_teachers", "train_one", "run", "done_message", "TEACHER_GROUPS"]
@@ -40,9 +42,11 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 TEACHER_GROUPS = {
     "classical": ["gaussian_blur", "unsharp_mask", "tv_denoise", "bicubic_sr"],
-    "blind": ["blind_blur", "blind_noise"],
+    "restoration": ["wavelet_denoise", "richardson_lucy"],
+    "blind": ["wavelet_denoise_blind"],
+    "control": ["random_noise_control"],
 }
-TEACHER_GROUPS["all"] = TEACHER_GROUPS["classical"] + TEACHER_GROUPS["blind"]
+TEACHER_GROUPS["all"] = [n for group in ("classical", "restoration", "blind", "control") for n in TEACHER_GROUPS[group]]
 
 
 def resolve_teachers(spec: str | None, has_pair: bool) -> list[str]:
@@ -170,37 +174,49 @@ def run(cfg: DictConfig) -> Path:
         if teacher is not None:
             heldout = imitation.heldout_pairs(teacher, list(cfg.eval.images), exclude=[source], crop=cfg.eval.crop)
         deterministic = None
-        if teacher is not None and teacher.blind is None:  # user callable: probe it
+        if teacher is not None and teacher.blind is None and not teacher.stochastic:  # user callable: probe it
             deterministic = imitation.is_deterministic(teacher, imitation.center_crop(source, min(64, *source.shape[:2])))
+        elif teacher is not None:
+            deterministic = not teacher.stochastic
         rows = []
         for size in sizes:
             if has_pair:
                 x_img, y_img = _center_pair(source, pair_out, size, pair_scale)
             else:
                 x_img = imitation.center_crop(source, size)
-                n_draws = len(teacher.draws)
+                if teacher.inputs is not None:  # restoration teacher: its input is a degraded photograph
+                    x_img = teacher.inputs.apply(x_img, teacher.inputs.level, key=f"example:{cfg.example}")
+                n_calls = len(teacher.calls)
                 y_img = teacher(x_img)
-            example_draw = teacher.draws[-1] if teacher is not None and not has_pair and len(teacher.draws) > n_draws else None
+            example_record = teacher.calls[-1] if teacher is not None and not has_pair and len(teacher.calls) > n_calls else None
             tag = f"{_slug(label)}_{x_img.shape[0]}" if size > 0 or len(sizes) > 1 else _slug(label)
             print(f"[imitate] {label}: example {x_img.shape[0]}x{x_img.shape[1]}, {cfg.train.steps} steps", flush=True)
             row = train_one(cfg, x_img, y_img, heldout, run_dir, tag)
-            if example_draw is not None:
-                row["example_teacher_draw"] = example_draw  # what the blind teacher did to the training example
+            if example_record is not None:
+                row["example_teacher_record"] = example_record  # what the teacher drew / estimated on the example
             if row["heldout"]:
                 print(f"[imitate] {label}: held-out PSNR {row['heldout']['psnr']:.2f} dB "
                       f"(identity {row['heldout']['identity_psnr']:.2f} dB), SSIM {row['heldout']['ssim']:.3f}", flush=True)
             rows.append(row)
         blind = teacher.blind if teacher is not None else None
+        stochastic = bool(teacher.stochastic) if teacher is not None else False
+        inputs = teacher.inputs if teacher is not None else None
         results[label] = {
             "teacher": teacher.name if teacher is not None else None,
             "description": teacher.description if teacher is not None else f"pair {cfg.input} -> {cfg.output}",
             "params": teacher.params if teacher is not None else {},
+            "kind": teacher.kind if teacher is not None else "unknown",
             "blind": blind,
+            "stochastic": stochastic,
+            "negative_control": stochastic,
             "deterministic": deterministic,
+            "inputs": ({"degradation": inputs.kind, "example_level": inputs.level, "heldout_levels": list(inputs.heldout_levels)}
+                       if inputs is not None else None),
             "results": rows,
-            # the audit's bar applies to fixed (non-blind) operators only
+            # the audit's bar (on the mean over held-out images) applies to fixed teachers only;
+            # every image is also checked against it (per_image[...]["meets_bar"])
             "meets_psnr_bar": (all(r["heldout"]["psnr"] >= PASS_PSNR for r in rows)
-                               if blind is False and all(r["heldout"] for r in rows) else None),
+                               if blind is False and not stochastic and all(r["heldout"] for r in rows) else None),
         }
 
     plot = None

@@ -4,8 +4,16 @@ Given exactly one (input, output) pair of a black-box image-to-image model (the 
 train a small *student* network with an L2 loss on random crops of that pair, then measure
 how well the student reproduces the teacher on images it has never seen. A fixed
 (non-blind) operator with a small receptive field turns one large image into many training
-examples, so a student can copy it; a blind operator (its parameters drawn per image)
-cannot be pinned down from one example.
+examples, so a student can copy it. A blind teacher -- a deterministic restoration model
+that adapts to an unknown degradation of its input, e.g. a denoiser that estimates the
+noise level -- is harder: one example shows it at one degradation level only. A teacher
+whose output is random is neither; the built-in one is a labelled negative control.
+
+Teachers come in three kinds: degradation operators applied to clean photographs
+(``gaussian_blur``, ``unsharp_mask``, ``tv_denoise``, ``bicubic_sr``); restoration
+models applied to degraded inputs, the paper's setting (``wavelet_denoise`` at a known
+noise level, ``richardson_lucy`` with a known blur, and the blind
+``wavelet_denoise_blind``); and ``random_noise_control``.
 
 Conventions (everything in this module):
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 from .crops import RandomCropSampler, check_pair, output_scale
 from .evaluation import (
+    PASS_PSNR,
     HeldoutPair,
     evaluate_student,
     heldout_pairs,
@@ -44,7 +53,9 @@ from .students import (
 )
 from .teachers import (
     BUILTIN_TEACHERS,
+    InputDegradation,
     Teacher,
+    gaussian_psf,
     build_teacher,
     diffusion_teacher,
     is_deterministic,
@@ -55,6 +66,9 @@ __all__ = [
     "ImitationError",
     "BUILTIN_TEACHERS",
     "Teacher",
+    "InputDegradation",
+    "gaussian_psf",
+    "PASS_PSNR",
     "build_teacher",
     "diffusion_teacher",
     "load_callable_teacher",

@@ -35,12 +35,17 @@ def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     }
 
 
+PASS_PSNR = 30.0  # the audit's bar for fixed teachers (Spingarn & Michaeli report ~31 dB+)
+
+
 @dataclass
 class HeldoutPair:
-    name: str
+    name: str  # the photograph, plus its input degradation for restoration teachers
     x: torch.Tensor  # (3, H, W) teacher input
     y: torch.Tensor  # (3, sH, sW) teacher output
-    draw: dict | None = None  # what a blind teacher drew for this image
+    record: dict | None = None  # what the teacher recorded for this input (drawn / estimated level)
+    photo: str = ""
+    input_level: float | None = None  # degradation level of the input (restoration teachers)
 
 
 def heldout_pairs(
@@ -53,7 +58,9 @@ def heldout_pairs(
 
     Any photograph pixel-identical to an image in ``exclude`` (the training example's source)
     is skipped, so aliases (``cat`` is ``chelsea``) cannot leak the example into the test set.
-    A blind teacher draws its parameters once per image here, as it would in deployment.
+    A restoration teacher gets each photograph degraded at every one of its held-out
+    levels (``teacher.inputs``): the example's level for a fixed teacher, other levels for
+    a blind one. The negative control draws afresh per image, as it would in deployment.
     """
     excluded = {_fingerprint(e) for e in exclude}
     pairs = []
@@ -61,11 +68,16 @@ def heldout_pairs(
         full = load_image(name)
         if _fingerprint(full) in excluded:
             continue
-        image = center_crop(full, min(crop, *full.shape[:2])) if crop > 0 else full
-        n_draws = len(teacher.draws)
-        output = teacher(image)
-        draw = teacher.draws[-1] if len(teacher.draws) > n_draws else None
-        pairs.append(HeldoutPair(name, to_tensor(image), to_tensor(output), draw))
+        clean = center_crop(full, min(crop, *full.shape[:2])) if crop > 0 else full
+        inputs = teacher.inputs
+        levels = inputs.heldout_levels if inputs is not None else (None,)
+        for level in levels:
+            image = clean if level is None else inputs.apply(clean, level, key=name)
+            label = name if level is None else f"{name} ({inputs.label(level)})"
+            n_calls = len(teacher.calls)
+            output = teacher(image)
+            record = teacher.calls[-1] if len(teacher.calls) > n_calls else None
+            pairs.append(HeldoutPair(label, to_tensor(image), to_tensor(output), record, name, level))
     if not pairs:
         raise ImitationError(
             "no held-out images left after excluding the training example: list more in eval.images"
@@ -74,9 +86,12 @@ def heldout_pairs(
 
 
 def evaluate_student(
-    student: nn.Module, pairs: Sequence[HeldoutPair], scale: int
+    student: nn.Module, pairs: Sequence[HeldoutPair], scale: int, bar_db: float = PASS_PSNR
 ) -> dict:
-    """Per-image and mean PSNR/SSIM of student(x) vs teacher(x), with the identity baseline."""
+    """Per-image and mean PSNR/SSIM of student(x) vs teacher(x), each image beside its
+    identity baseline (the input itself vs the teacher's output) and the ``bar_db`` bar."""
+    from eidetic.stats import mean_and_standard_error
+
     per_image = {}
     for pair in pairs:
         student_m = image_metrics(apply_student(student, pair.x), pair.y)
@@ -85,19 +100,28 @@ def evaluate_student(
             **student_m,
             "identity_psnr": identity_m["psnr"],
             "identity_ssim": identity_m["ssim"],
+            "meets_bar": bool(student_m["psnr"] >= bar_db),
+            "photo": pair.photo or pair.name,
         }
-        if pair.draw is not None:
-            per_image[pair.name]["teacher_draw"] = pair.draw
+        if pair.input_level is not None:
+            per_image[pair.name]["input_level"] = pair.input_level
+        if pair.record is not None:
+            per_image[pair.name]["teacher_record"] = pair.record
 
     def mean(key):
         return float(np.mean([v[key] for v in per_image.values()]))
 
+    _, psnr_se = mean_and_standard_error([v["psnr"] for v in per_image.values()])
     return {
         "psnr": mean("psnr"),
+        "psnr_se": psnr_se,
         "ssim": mean("ssim"),
         "psnr_min": float(min(v["psnr"] for v in per_image.values())),
         "identity_psnr": mean("identity_psnr"),
         "identity_ssim": mean("identity_ssim"),
+        "bar_db": bar_db,
+        "n_images": len(per_image),
+        "n_meeting_bar": int(sum(v["meets_bar"] for v in per_image.values())),
         "per_image": per_image,
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,12 +15,57 @@ from .crops import output_scale
 from .images import ImitationError, to_numpy, to_tensor
 
 
+INPUT_KINDS = ("noise", "blur")
+
+
+@dataclass(frozen=True)
+class InputDegradation:
+    """How a restoration teacher's inputs are made from clean photographs.
+
+    ``noise``: additive Gaussian noise of std ``level`` (on [0, 1]), clipped to [0, 1];
+    ``blur``: a Gaussian point-spread function of std ``level`` pixels (``gaussian_psf``).
+    The example input is degraded at ``level``; held-out inputs at each of
+    ``heldout_levels`` -- the example's level for a non-blind teacher (its degradation is
+    fixed and known), other levels for a blind one (it must adapt). Noise is seeded by
+    the image's key and the level, so the same image always gets the same noisy input.
+    """
+
+    kind: str
+    level: float
+    heldout_levels: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.kind not in INPUT_KINDS:
+            raise ImitationError(f"unknown input degradation {self.kind!r}; use one of {INPUT_KINDS}")
+        if self.level < 0 or any(v < 0 for v in self.heldout_levels) or not self.heldout_levels:
+            raise ImitationError(
+                f"degradation levels must be >= 0 with at least one held-out level, got {self.level}, {self.heldout_levels}"
+            )
+
+    def apply(self, image: np.ndarray, level: float, key: str) -> np.ndarray:
+        if self.kind == "blur":
+            return _convolve(image, gaussian_psf(level))
+        seed = [zlib.crc32(key.encode()), int(round(level * 1e6))]
+        noise = np.random.default_rng(seed).normal(0.0, level, size=image.shape)
+        return np.clip(image + noise, 0.0, 1.0).astype(np.float32)
+
+    def label(self, level: float) -> str:
+        return f"{self.kind} {'σ' if self.kind == 'noise' else 'psf σ'}={level:g}"
+
+
 @dataclass
 class Teacher:
     """An image-to-image function plus what the audit needs to know about it.
 
-    ``blind`` is True when the operator's parameters are drawn per image (so one example
-    cannot determine it), False for a fixed operator, None when unknown (user callables).
+    ``blind``: False for a fixed operator (one example can pin it down), True for a
+    deterministic restoration model that adapts to an unknown degradation of its input
+    (Spingarn & Michaeli's "blind"), None when unknown (user callables).
+    ``stochastic``: True only for the negative control, whose output is random (a fresh
+    draw per call), so no student can learn it; its name says so.
+    ``inputs``: for restoration teachers, how their inputs are degraded from clean
+    photographs (None: the teacher is applied to clean photographs).
+    ``calls``: what the teacher recorded per call (the control's drawn noise level, the
+    blind denoiser's estimated noise level), one entry per call.
     """
 
     name: str
@@ -27,9 +73,15 @@ class Teacher:
     blind: bool | None
     description: str
     params: dict = field(default_factory=dict)
-    draws: list = field(
-        default_factory=list
-    )  # blind built-ins: parameters drawn, one entry per call
+    calls: list = field(default_factory=list)
+    inputs: InputDegradation | None = None
+    stochastic: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.stochastic:
+            return "random (negative control)"
+        return {True: "blind", False: "fixed", None: "unknown"}[self.blind]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         out = self.fn(image)
@@ -45,6 +97,22 @@ class Teacher:
             )
         output_scale(image.shape[:2], out.shape[:2], what=f"teacher {self.name!r}")
         return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def gaussian_psf(sigma: float) -> np.ndarray:
+    """A normalised 2-D Gaussian point-spread function of std ``sigma`` px, radius ceil(3 sigma)."""
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / max(sigma, 1e-6)) ** 2)
+    psf = np.outer(k, k)
+    return psf / psf.sum()
+
+
+def _convolve(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import convolve
+
+    return np.stack([convolve(image[..., c].astype(np.float64), psf, mode="reflect") for c in range(image.shape[-1])],
+                    axis=-1).astype(np.float32)
 
 
 def _gaussian_blur(sigma: float):
@@ -81,72 +149,98 @@ def _bicubic_sr(scale: int):
     )
 
 
-def _blind_blur(sigma_min: float, sigma_max: float, seed: int, draws: list):
-    from skimage.filters import gaussian
-
-    rng = np.random.default_rng(seed)
+def _wavelet_denoise(sigma: float | None, calls: list | None = None):
+    """skimage's BayesShrink wavelet denoiser; ``sigma=None`` estimates the noise level of
+    each input (``estimate_sigma``, the robust median estimator on the finest wavelet
+    subband) -- the adaptive, blind form. Deterministic either way."""
+    from skimage.restoration import denoise_wavelet, estimate_sigma
 
     def fn(x):
-        sigma = float(rng.uniform(sigma_min, sigma_max))  # a fresh blur for every image
-        draws.append({"sigma": sigma})
-        return gaussian(
-            x, sigma=sigma, channel_axis=2, mode="reflect", preserve_range=True
-        )
+        if sigma is None:
+            estimated = float(estimate_sigma(x, channel_axis=2, average_sigmas=True))
+            if calls is not None:
+                calls.append({"estimated_sigma": estimated})
+            level = estimated
+        else:
+            level = sigma
+        return denoise_wavelet(x, sigma=level, channel_axis=2, method="BayesShrink", mode="soft", rescale_sigma=True)
 
     return fn
 
 
-def _blind_noise(sigma_min: float, sigma_max: float, seed: int, draws: list):
+def _richardson_lucy(blur_sigma: float, num_iter: int):
+    """Richardson-Lucy deconvolution with the known Gaussian PSF, per channel."""
+    from skimage.restoration import richardson_lucy
+
+    psf = gaussian_psf(blur_sigma)
+    return lambda x: np.stack(
+        [richardson_lucy(x[..., c].astype(np.float64), psf, num_iter=int(num_iter), clip=True) for c in range(x.shape[-1])],
+        axis=-1,
+    )
+
+
+def _random_noise_control(sigma_min: float, sigma_max: float, seed: int, calls: list):
     rng = np.random.default_rng(seed)
 
     def fn(x):
-        sigma = float(
-            rng.uniform(sigma_min, sigma_max)
-        )  # a fresh noise level for every image
-        draws.append({"sigma": sigma})
+        sigma = float(rng.uniform(sigma_min, sigma_max))  # fresh level and noise every call
+        calls.append({"sigma": sigma})
         return x + rng.normal(0.0, sigma, size=x.shape).astype(np.float32)
 
     return fn
 
 
-# name -> (builder(params, seed, draws), blind, description, default params); blind builders
-# append the parameters they draw to ``draws`` so reports can show what each image got.
-BUILTIN_TEACHERS: dict[str, tuple[Callable, bool, str, dict]] = {
+def _noise_inputs(p: dict, blind: bool) -> InputDegradation:
+    return InputDegradation("noise", float(p["sigma"]), tuple(float(v) for v in p["heldout_sigmas"]) if blind else (float(p["sigma"]),))
+
+
+# name -> (builder(params, seed, calls), blind, description, default params,
+#          inputs(params) -> InputDegradation | None, stochastic)
+BUILTIN_TEACHERS: dict[str, tuple] = {
     "gaussian_blur": (
-        lambda p, s, d: _gaussian_blur(p["sigma"]),
-        False,
-        "skimage.filters.gaussian, fixed sigma",
-        {"sigma": 2.0},
+        lambda p, s, c: _gaussian_blur(p["sigma"]), False,
+        "degradation: skimage.filters.gaussian with fixed sigma, applied to a clean photograph",
+        {"sigma": 2.0}, None, False,
     ),
     "unsharp_mask": (
-        lambda p, s, d: _unsharp_mask(p["radius"], p["amount"]),
-        False,
-        "skimage.filters.unsharp_mask, fixed radius/amount, clipped to [0,1]",
-        {"radius": 2.0, "amount": 1.0},
+        lambda p, s, c: _unsharp_mask(p["radius"], p["amount"]), False,
+        "operator: skimage.filters.unsharp_mask, fixed radius/amount, clipped to [0,1], on a clean photograph",
+        {"radius": 2.0, "amount": 1.0}, None, False,
     ),
     "tv_denoise": (
-        lambda p, s, d: _tv_denoise(p["weight"]),
-        False,
-        "skimage.restoration.denoise_tv_chambolle, fixed weight",
-        {"weight": 0.2},
+        lambda p, s, c: _tv_denoise(p["weight"]), False,
+        "operator: skimage.restoration.denoise_tv_chambolle with fixed weight, on a clean photograph",
+        {"weight": 0.2}, None, False,
     ),
     "bicubic_sr": (
-        lambda p, s, d: _bicubic_sr(p["scale"]),
-        False,
-        "skimage.transform.rescale order=3 (cubic), fixed integer scale",
-        {"scale": 2},
+        lambda p, s, c: _bicubic_sr(p["scale"]), False,
+        "operator: skimage.transform.rescale order=3 (cubic), fixed integer scale, on a clean photograph",
+        {"scale": 2}, None, False,
     ),
-    "blind_blur": (
-        lambda p, s, d: _blind_blur(p["sigma_min"], p["sigma_max"], s, d),
-        True,
-        "Gaussian blur, sigma ~ U[sigma_min, sigma_max] drawn per image",
-        {"sigma_min": 0.5, "sigma_max": 3.0},
+    "wavelet_denoise": (
+        lambda p, s, c: _wavelet_denoise(p["sigma"]), False,
+        "restoration: skimage.restoration.denoise_wavelet (BayesShrink) at the known noise level sigma, "
+        "on inputs with Gaussian noise of that sigma",
+        {"sigma": 0.05}, lambda p: _noise_inputs(p, blind=False), False,
     ),
-    "blind_noise": (
-        lambda p, s, d: _blind_noise(p["sigma_min"], p["sigma_max"], s, d),
-        True,
-        "additive Gaussian noise, level ~ U[sigma_min, sigma_max] drawn per image, clipped",
-        {"sigma_min": 0.0, "sigma_max": 0.1},
+    "richardson_lucy": (
+        lambda p, s, c: _richardson_lucy(p["blur_sigma"], p["num_iter"]), False,
+        "restoration: skimage.restoration.richardson_lucy with the known Gaussian PSF, "
+        "on inputs blurred by that PSF",
+        {"blur_sigma": 1.5, "num_iter": 10},
+        lambda p: InputDegradation("blur", float(p["blur_sigma"]), (float(p["blur_sigma"]),)), False,
+    ),
+    "wavelet_denoise_blind": (
+        lambda p, s, c: _wavelet_denoise(None, c), True,
+        "blind restoration: denoise_wavelet (BayesShrink) at the noise level it estimates from each input "
+        "(estimate_sigma); example noisy at sigma, held-out inputs at heldout_sigmas",
+        {"sigma": 0.05, "heldout_sigmas": [0.02, 0.1]}, lambda p: _noise_inputs(p, blind=True), False,
+    ),
+    "random_noise_control": (
+        lambda p, s, c: _random_noise_control(p["sigma_min"], p["sigma_max"], s, c), None,
+        "NEGATIVE CONTROL (random, not a model): fresh Gaussian noise, level ~ U[sigma_min, sigma_max], "
+        "drawn on every call, clipped",
+        {"sigma_min": 0.0, "sigma_max": 0.1}, None, True,
     ),
 }
 
@@ -186,23 +280,25 @@ def build_teacher(name: str, params: dict | None = None, seed: int = 0) -> Teach
     if name not in BUILTIN_TEACHERS:
         raise ImitationError(
             f"unknown teacher {name!r}: choose one of {', '.join(BUILTIN_TEACHERS)} (imitate.py also takes "
-            "diffusion, classical, blind, all) or give a callable as 'module:function'"
+            "diffusion, classical, restoration, blind, control, all) or give a callable as 'module:function'"
         )
-    builder, blind, description, defaults = BUILTIN_TEACHERS[name]
+    builder, blind, description, defaults, inputs, stochastic = BUILTIN_TEACHERS[name]
     merged = {**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
     unknown = set(merged) - set(defaults)
     if unknown:
         raise ImitationError(
             f"teacher {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(defaults)}"
         )
-    draws: list = []
+    calls: list = []
     return Teacher(
         name=name,
-        fn=builder(merged, seed, draws),
+        fn=builder(merged, seed, calls),
         blind=blind,
         description=description,
         params=merged,
-        draws=draws,
+        calls=calls,
+        inputs=inputs(merged) if inputs else None,
+        stochastic=stochastic,
     )
 
 
@@ -218,8 +314,8 @@ def diffusion_teacher(
 
     One-step denoising at a fixed ``timestep``: encode, form x_t = sqrt(a_t) z0 + sqrt(1-a_t) eps,
     predict x0 with the (optionally guided) noise prediction, decode. With ``noise=False`` eps is
-    zero, so the map is fixed (non-blind); with ``noise=True`` a fresh eps is drawn per image
-    (a blind teacher: the realisation in the example tells nothing about the next one).
+    zero, so the map is fixed (non-blind); with ``noise=True`` a fresh eps is drawn per call,
+    so the output is random: a stochastic teacher (like the negative control), not a blind one.
     Images are reflect-padded to a multiple of the model's total downsampling and cropped back.
     Cost grows with the image area (the UNet's self-attention is global): keep images small.
     """
@@ -255,7 +351,8 @@ def diffusion_teacher(
     return Teacher(
         name="diffusion",
         fn=fn,
-        blind=bool(noise),
+        blind=False,
+        stochastic=bool(noise),
         description=f"diffusion model, one-step denoising at t={timestep}"
         + (" with fresh noise" if noise else " without noise"),
         params={

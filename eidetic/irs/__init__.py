@@ -1,47 +1,60 @@
 """Image Realism Score (IRS, Chen et al. 2023): a non-learned, per-image realism metric.
 
 Five statistics of the grayscale image, each divided by its mean over a reference set
-of real photographs, become the radii of a pentagon; IRS is the pentagon's area,
-``sum_i 1/2 * r_i * r_{i+1} * sin(72 deg)``:
+of real photographs, become the radii of a pentagon; the score is the pentagon's area,
+``sum_i 1/2 * r_i * r_{i+1} * sin(72 deg)``. Two scores are offered (``IRSReference.mode``),
+and every report names which one it shows:
 
-====================  =======================================================  ========
-statistic             definition here                                          inverted
-====================  =======================================================  ========
-edge_density          fraction of pixels on a Canny edge (skimage algorithm)   no
-glcm_contrast         GLCM contrast, distance 1, 4 angles, symmetric, mean     no
-glcm_energy           GLCM energy = sqrt(ASM) (skimage's ``energy``), mean     yes
-laplacian_variance    population variance of the 3x3 Laplacian                 yes
-fft_magnitude         mean |DFT| (orthonormal, DC removed)                     yes
-====================  =======================================================  ========
+* ``"paper"`` -- **IRS**, the published definition as the public reimplementation
+  (WorldFoundry's ``irs`` metric, after arXiv:2309.14756) computes it: radius ``r = s``
+  with ``s = x / mean`` for edge density and GLCM contrast and ``s = mean / x`` for GLCM
+  energy, Laplacian variance and FFT magnitude; statistics from
+  :meth:`IRSSettings.paper`. Reported as ``irs_paper``.
+* ``"two_sided"`` (default) -- **not IRS**: a two-sided variant, ``r = min(s, 1/s) =
+  exp(-|log s|)``, with the project's statistics (below). Reported as ``irs_two_sided``.
 
-The statistic list and the pentagon come from a public reimplementation; the paper text
-itself could not be checked (see /work/shared/RESEARCH.md section 3).
+The statistics (in pentagon order; the last three enter inverted), paper / default:
 
-Two ways to turn a normalised statistic ``s`` (``x / mean``, or ``mean / x`` for the
-inverted three) into a radius (``IRSReference.mode``):
+* edge_density: fraction of pixels on a Canny edge (skimage algorithm, see below) / same;
+* glcm_contrast: GLCM contrast, distance 1, angle 0, 256 levels / distance 1, averaged
+  over 0, 45, 90, 135 degrees, 32 levels;
+* glcm_energy: GLCM angular second moment (ASM), angle 0, 256 levels / sqrt(ASM)
+  (skimage's ``energy``), four angles, 32 levels;
+* laplacian_variance: population variance of the 3x3 Laplacian, on the 0-255 scale / on
+  the [0, 1] scale;
+* fft_magnitude: mean |fft2| including DC, unnormalised, 0-255 image / mean |DFT|,
+  orthonormal, DC removed.
 
-* ``"paper"``: ``r = s``. Monotone: more edges/contrast, less energy, less Laplacian
-  variance and less spectral magnitude always mean "more real". This rewards blur
-  without bound (a blurred image has a tiny Laplacian variance, so ``1/s`` explodes), so
-  it cannot rank real photographs above blurred copies -- measured in tests/test_irs.py.
-* ``"two_sided"`` (default): ``r = min(s, 1/s) = exp(-|log s|)``. A radius is 1 exactly
-  at the reference mean and shrinks for a deviation either way, so IRS is largest
-  (``5/2 * sin 72 = 2.378``) for an image whose statistics match real photographs and
-  every departure (blur, noise, JPEG blocking, flattening) lowers it. Inversion is a
-  no-op here (``min(s, 1/s)`` is symmetric); it is kept so both modes share one table.
+Grey image: paper mode rounds RGB to uint8 and converts as the reimplementation does
+(``np.dot(rgb, (0.2989, 0.587, 0.114)).astype(uint8)``, a truncation); the default uses
+float BT.601 luma (0.299, 0.587, 0.114) of the [0, 1] image. Single-channel input is used
+as is. Both GLCMs are symmetric and normalised.
 
-Grayscale: images are (B, 3, H, W) in [-1, 1]; they are mapped to [0, 1] and combined
-with the ITU-R BT.601 luma weights (0.299, 0.587, 0.114), the weights OpenCV's
-``cvtColor(..., GRAY)`` uses (the public reimplementation reads images with OpenCV).
-Single-channel (B, 1, H, W) input is used as is.
+Paper mode differs from the reimplementation in one statistic: edges. The reimplementation
+calls ``cv2.Canny(gray_uint8, 100, 200)`` (no Gaussian smoothing, L1 gradient, OpenCV's
+border rules); OpenCV is not a dependency, so both modes use scikit-image's Canny
+algorithm (Gaussian sigma 1, thresholds 0.1/0.2 on the Sobel magnitude of the [0, 1]
+image), reimplemented here in torch. Minor: the reimplementation floors reference means
+(e.g. at 1.0 for contrast) and inverted ratios at 1e-8; this package clamps statistics at
+1e-12 -- only a constant reference or image tells them apart.
 
-Deliberate differences from the public OpenCV-based reimplementation (all options):
-Canny follows scikit-image (Gaussian sigma 1, thresholds 0.1/0.2 on the Sobel magnitude
-of a [0, 1] image) rather than ``cv2.Canny(100, 200)`` on uint8; the GLCM uses 32 grey
-levels, not 256, because at the 32-64 px images this project trains on a 256-level
-co-occurrence matrix has ~4000 pairs for 65536 cells and its energy measures the pixel
-count, not texture; the FFT statistic drops the DC term and uses the orthonormal DFT so
-overall brightness and image size do not enter it.
+Why the default departs from the paper (each a deliberate choice, each an option):
+
+* two-sided radii: with ``r = s`` the score is monotone -- more edges/contrast, less
+  energy, less Laplacian variance and less spectral magnitude always look "more real" --
+  so blur, which shrinks the Laplacian variance, raises it without bound; it cannot rank
+  real photographs above blurred copies (measured in tests/test_irs.py). With
+  ``min(s, 1/s)`` a radius is 1 exactly at the reference mean and shrinks for a deviation
+  either way, so the score is largest (``5/2 * sin 72 = 2.378``) for an image whose
+  statistics match real photographs and every departure (blur, noise, JPEG blocking,
+  flattening) lowers it. Inversion is a no-op there (``min(s, 1/s)`` is symmetric);
+* 32 grey levels: at the 32-64 px images this project trains on, a 256-level
+  co-occurrence matrix has ~4000 pairs for 65536 cells, so its energy measures the pixel
+  count, not texture;
+* sqrt(ASM) and four angles: skimage's ``energy`` and a rotation-averaged texture;
+* no DC, orthonormal DFT, [0, 1] scale: overall brightness and image size do not enter
+  the spectral statistic (scale factors cancel in the normalisation anyway);
+* float luma: generated images are floats; rounding to uint8 first adds quantisation.
 
 Everything is batched torch (any device, float32 or float64). On CPU the exact statistics
 run on groups of images sized for the L2 cache, with every buffer and shifted view made

@@ -12,11 +12,16 @@ from functools import lru_cache, wraps
 import torch
 import torch.nn.functional as F
 
-from .settings import LUMA_BT601, IRSSettings
+from .settings import LUMA_BT601, LUMA_PAPER, IRSSettings
 
 
-def to_grayscale(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) or (B, 1, H, W) images in [-1, 1] -> (B, H, W) luma in [0, 1] (BT.601)."""
+def to_grayscale(images: torch.Tensor, gray: str = "bt601") -> torch.Tensor:
+    """(B, 3, H, W) or (B, 1, H, W) images in [-1, 1] -> (B, H, W) luma in [0, 1].
+
+    ``gray="bt601"``: float BT.601 luma. ``gray="paper_uint8"``: the public
+    reimplementation's grey image divided by 255 -- RGB rounded to uint8, combined with
+    ``LUMA_PAPER`` in float64 and truncated, so every value is k / 255 for an integer k.
+    """
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] not in (1, 3):
         shape = (
             tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
@@ -32,6 +37,8 @@ def to_grayscale(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"IRS expects float images in [-1, 1], got dtype {images.dtype}; convert with x/127.5-1"
         )
+    if gray == "paper_uint8":
+        return _paper_gray(images)
     if images.shape[1] == 1:
         return (images[:, 0] + 1.0) * 0.5
     # 0.5 + sum_c (w_c / 2) x_c (the weights sum to 1): one batched matrix product instead
@@ -39,6 +46,16 @@ def to_grayscale(images: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor(LUMA_BT601, dtype=images.dtype, device=images.device) * 0.5
     b, _, h, w = images.shape
     return torch.matmul(weights, images.reshape(b, 3, h * w)).add_(0.5).view(b, h, w)
+
+
+def _paper_gray(images: torch.Tensor) -> torch.Tensor:
+    rgb8 = ((images.double() + 1.0) * 127.5).round_().clamp_(0, 255)
+    if rgb8.shape[1] == 1:
+        luma = rgb8[:, 0]
+    else:
+        w = LUMA_PAPER
+        luma = (rgb8[:, 0] * w[0] + rgb8[:, 1] * w[1] + rgb8[:, 2] * w[2]).floor_()
+    return (luma / 255.0).to(images.dtype)
 
 
 def _constant_cache(maxsize: int):
@@ -495,8 +512,10 @@ def quantize(gray: torch.Tensor, levels: int) -> torch.Tensor:
     return (gray * levels).floor_().clamp_(0, levels - 1).int()
 
 
-def _glcm_offsets(distance: int) -> list[tuple[int, int]]:
+def _glcm_offsets(distance: int, angles: str = "four") -> list[tuple[int, int]]:
     # angles 0, 45, 90, 135 degrees; with a symmetric GLCM the sign of an offset is irrelevant
+    if angles == "zero":
+        return [(0, distance)]
     return [(0, distance), (distance, distance), (distance, 0), (distance, -distance)]
 
 
@@ -508,15 +527,21 @@ def _pairs(x: torch.Tensor, di: int, dj: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def glcm_contrast_energy(
-    gray: torch.Tensor, levels: int = 32, distance: int = 1
+    gray: torch.Tensor,
+    levels: int = 32,
+    distance: int = 1,
+    angles: str = "four",
+    energy: str = "sqrt_asm",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GLCM contrast and energy (sqrt of the angular second moment) of (B, H, W) images.
+    """GLCM contrast and energy of (B, H, W) images.
 
-    As ``graycoprops(graycomatrix(quantize(g), [distance], [0, pi/4, pi/2, 3pi/4],
-    levels, symmetric=True, normed=True), prop)``, averaged over the four angles.
+    As ``graycoprops(graycomatrix(quantize(g), [distance], A, levels, symmetric=True,
+    normed=True), prop)`` averaged over the angles ``A`` (``angles="four"``: 0, pi/4,
+    pi/2, 3pi/4; ``"zero"``: 0 only), with ``prop`` "energy" (sqrt of the angular second
+    moment, ``energy="sqrt_asm"``) or "ASM" (``energy="asm"``).
     """
     b, h, w = gray.shape
-    offsets = _glcm_offsets(distance)
+    offsets = _glcm_offsets(distance, angles)
     # per offset and image: sum_ij U_ij (i - j)^2, sum_ij U_ij^2, sum_i U_ii^2 (see _GLCMSums)
     sums = torch.empty(3, len(offsets), b, dtype=gray.dtype, device=gray.device)
     workers: dict[int, _GLCMSums] = {}  # one per group size: at most two per call
@@ -541,8 +566,9 @@ def glcm_contrast_energy(
     )
     n_pairs = n_pairs.view(-1, 1)
     contrast = (sums[0] / n_pairs).mean(0)
-    energy = (torch.sqrt(2 * (sums[1] + sums[2])) / (2 * n_pairs)).mean(0)
-    return contrast, energy
+    asm = 2 * (sums[1] + sums[2]) / (2 * n_pairs) ** 2
+    energy_ = (asm if energy == "asm" else torch.sqrt(asm)).mean(0)
+    return contrast, energy_
 
 
 @_constant_cache(maxsize=16)
@@ -696,28 +722,29 @@ def _laplacian_variance(gray: torch.Tensor) -> torch.Tensor:
 
 
 @_constant_cache(maxsize=16)
-def _rfft_weights(h: int, w: int) -> torch.Tensor:
+def _rfft_weights(h: int, w: int, dc: bool = False) -> torch.Tensor:
     # multiplicity of each rfft2 coefficient in the full spectrum: columns 1..(w-1)//2 have
     # a conjugate mirror column (same modulus) in the half rfft2 leaves out
     weights = torch.ones(h, w // 2 + 1, dtype=torch.float64)
     weights[:, 1 : (w - 1) // 2 + 1] = 2
-    weights[0, 0] = 0  # DC: the mean, removed
+    if not dc:
+        weights[0, 0] = 0  # DC: the mean, removed
     return weights.view(-1)
 
 
-def fft_magnitude(gray: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """Mean modulus of the orthonormal 2-D DFT of the mean-subtracted image.
+def fft_magnitude(gray: torch.Tensor, eps: float = 0.0, dc: bool = False) -> torch.Tensor:
+    """Mean modulus of the orthonormal 2-D DFT, without (default) or with the DC term.
 
     Computed from the half spectrum of ``rfft2`` (a real image's spectrum is conjugate
-    symmetric), with the DC coefficient -- the only one the mean enters -- left out.
-    ``eps > 0`` smooths the modulus as sqrt(|F|^2 + eps^2) so its gradient is finite at
-    zero (the surrogate uses this).
+    symmetric). Without DC -- the only coefficient the mean enters -- it is the spectrum
+    of the mean-subtracted image. ``eps > 0`` smooths the modulus as sqrt(|F|^2 + eps^2)
+    so its gradient is finite at zero (the surrogate uses this).
     """
     h, w = gray.shape[-2:]
     spec = torch.view_as_real(torch.fft.rfft2(gray, norm="ortho")).square_()
     power = spec[..., 0] + spec[..., 1]
     mod = power.add_(eps * eps).sqrt_() if eps > 0 else power.sqrt_()
-    weights = _rfft_weights(h, w).to(dtype=mod.dtype, device=mod.device)
+    weights = _rfft_weights(h, w, bool(dc)).to(dtype=mod.dtype, device=mod.device)
     return (mod.flatten(1) @ weights) / (h * w)
 
 
@@ -730,18 +757,31 @@ def image_statistics(
     # several hundred small ops, ~8% faster on CPU. The result is cloned out of it, so
     # callers get an ordinary tensor (one they may modify in place or use with autograd).
     with torch.inference_mode():
-        gray = to_grayscale(images)
+        gray = to_grayscale(images, s.gray)
         h, w = gray.shape[-2:]
         edges = _canny(gray, s.canny_sigma, s.canny_low, s.canny_high)
-        contrast, energy = glcm_contrast_energy(gray, s.glcm_levels, s.glcm_distance)
+        contrast, energy = glcm_contrast_energy(
+            gray, s.glcm_levels, s.glcm_distance, s.glcm_angles, s.glcm_energy
+        )
+        lap_scale, fft_scale = paper_scales(s, h, w)
         stats = torch.stack(
             [
                 _edge_density(edges, h, w, gray.dtype),
                 contrast,
                 energy,
-                laplacian_variance(gray),
-                fft_magnitude(gray),
+                laplacian_variance(gray) * lap_scale,
+                fft_magnitude(gray, dc=s.fft_dc) * fft_scale,
             ],
             dim=1,
         )
     return stats.clone()
+
+
+def paper_scales(settings: IRSSettings, h: int, w: int) -> tuple[float, float]:
+    """Factors that put the Laplacian variance and the FFT magnitude of a [0, 1] image on
+    the reimplementation's scale (a 0-255 image, numpy's unnormalised ``fft2``) for
+    ``gray="paper_uint8"``; 1 otherwise. Constant factors cancel in the normalisation by
+    the reference means, so they change the reported statistics, never the score."""
+    if settings.gray != "paper_uint8":
+        return 1.0, 1.0
+    return 255.0**2, 255.0 * (h * w) ** 0.5

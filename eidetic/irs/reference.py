@@ -62,6 +62,12 @@ class IRSReference:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown IRS mode {self.mode!r}; use one of {MODES}")
+        if self.mode == "paper" and not self.settings.is_paper:
+            raise ValueError(
+                "mode 'paper' is the published IRS and needs its statistics: use "
+                "settings=IRSSettings.paper() (or leave settings unset when fitting); "
+                "other settings go with mode 'two_sided'"
+            )
         for name, values in (("means", self.means), ("soft_means", self.soft_means)):
             if len(values) != len(STATISTICS) or not all(
                 math.isfinite(v) and v > 0 for v in values
@@ -101,7 +107,8 @@ class IRSReference:
             raise ValueError(
                 f"threshold must be 'youden', 'quantile' or None, got {threshold!r}"
             )
-        settings = settings or IRSSettings()
+        if settings is None:
+            settings = IRSSettings.paper() if mode == "paper" else IRSSettings()
         exact, soft, fakes, resolution = [], [], [], None
         for batch in _batches(images, batch_size):
             resolution = tuple(batch.shape[-2:])
@@ -288,7 +295,8 @@ def default_reference(
     seed: int = 0,
     mode: str = "two_sided",
 ) -> IRSReference:
-    """The built-in reference at a resolution: fitted on demand from ``n_crops`` random
+    """The built-in reference at a resolution (``mode="paper"``: with the paper's
+    statistics, :meth:`IRSSettings.paper`): fitted on demand from ``n_crops`` random
     crops of the scikit-image photographs and cached in memory (statistics such as the
     Laplacian variance depend on the image size, so one shipped file could not serve
     every resolution). Threshold: Youden-optimal between the crops and their degraded

@@ -11,6 +11,7 @@ from .kernels import (
     _sobel,
     fft_magnitude,
     laplacian_variance,
+    paper_scales,
     to_grayscale,
 )
 from .settings import IRSSettings
@@ -39,7 +40,10 @@ def soft_image_statistics(
     scale differences from the exact statistics cancel in the normalisation.
     """
     s = settings or IRSSettings()
+    # the paper's uint8 rounding has no gradient: the surrogate uses the continuous luma
     gray = to_grayscale(images)
+    h, w = gray.shape[-2:]
+    lap_scale, fft_scale = paper_scales(s, h, w)
     isobel, jsobel = _sobel(_smooth(gray, s.canny_sigma))
     mag = torch.sqrt(isobel * isobel + jsobel * jsobel + 1e-12)
     centre = 0.5 * (s.canny_low + s.canny_high)
@@ -51,14 +55,15 @@ def soft_image_statistics(
     sq_dist = (levels.view(-1, 1) - levels.view(1, -1)) ** 2
     contrast = torch.zeros(gray.shape[0], dtype=gray.dtype, device=gray.device)
     energy = torch.zeros_like(contrast)
-    offsets = _glcm_offsets(s.glcm_distance)
+    offsets = _glcm_offsets(s.glcm_distance, s.glcm_angles)
     for di, dj in offsets:
         a, c = _pairs(soft.movedim(-1, 1), di, dj)  # (B, L, h', w')
         a, c = a.flatten(2), c.flatten(2)
         glcm = torch.bmm(a, c.transpose(1, 2))  # (B, L, L) soft counts
         glcm = glcm + glcm.transpose(1, 2)
         p = glcm / glcm.sum(dim=(1, 2), keepdim=True)
-        energy = energy + torch.sqrt((p * p).sum(dim=(1, 2)))
+        asm = (p * p).sum(dim=(1, 2))
+        energy = energy + (asm if s.glcm_energy == "asm" else torch.sqrt(asm))
         contrast = contrast + (p * sq_dist).sum(dim=(1, 2))
     contrast, energy = contrast / len(offsets), energy / len(offsets)
     return torch.stack(
@@ -66,8 +71,8 @@ def soft_image_statistics(
             edges,
             contrast,
             energy,
-            laplacian_variance(gray),
-            fft_magnitude(gray, eps=1e-4),
+            laplacian_variance(gray) * lap_scale,
+            fft_magnitude(gray, eps=1e-4, dc=s.fft_dc) * fft_scale,
         ],
         dim=1,
     )

@@ -40,13 +40,24 @@ class BicubicSRTeacher(Section):
 
 
 @dataclass
-class BlindRangeTeacher(Section):
-    sigma_min: float = 0.5
-    sigma_max: float = 3.0
+class WaveletDenoiseTeacher(Section):
+    sigma: float = 0.05  # noise std of its inputs (on [0, 1]), known to the denoiser
 
 
 @dataclass
-class BlindNoiseTeacher(Section):
+class RichardsonLucyTeacher(Section):
+    blur_sigma: float = 1.5  # Gaussian PSF std (px) of its inputs' blur, known to the deconvolution
+    num_iter: int = 10
+
+
+@dataclass
+class BlindWaveletDenoiseTeacher(Section):
+    sigma: float = 0.05  # noise std of the example's input; the denoiser estimates it per input
+    heldout_sigmas: list[float] = field(default_factory=lambda: [0.02, 0.1])  # held-out inputs' noise levels
+
+
+@dataclass
+class RandomNoiseControl(Section):
     sigma_min: float = 0.0
     sigma_max: float = 0.1
 
@@ -70,8 +81,10 @@ class TeacherSettings(Section):
     unsharp_mask: UnsharpMaskTeacher = field(default_factory=UnsharpMaskTeacher)
     tv_denoise: TVDenoiseTeacher = field(default_factory=TVDenoiseTeacher)
     bicubic_sr: BicubicSRTeacher = field(default_factory=BicubicSRTeacher)
-    blind_blur: BlindRangeTeacher = field(default_factory=BlindRangeTeacher)
-    blind_noise: BlindNoiseTeacher = field(default_factory=BlindNoiseTeacher)
+    wavelet_denoise: WaveletDenoiseTeacher = field(default_factory=WaveletDenoiseTeacher)
+    richardson_lucy: RichardsonLucyTeacher = field(default_factory=RichardsonLucyTeacher)
+    wavelet_denoise_blind: BlindWaveletDenoiseTeacher = field(default_factory=BlindWaveletDenoiseTeacher)
+    random_noise_control: RandomNoiseControl = field(default_factory=RandomNoiseControl)
     diffusion: DiffusionTeacher = field(default_factory=DiffusionTeacher)
 
 
@@ -136,10 +149,12 @@ class ImitationTrainerSettings(Section):
 class ImitateConfig(Section):
     seed: int = 0
     run: RunSettings = field(default_factory=lambda: RunSettings(name="imitate"))
-    # Which model to imitate: a built-in name (gaussian_blur, unsharp_mask, tv_denoise, bicubic_sr,
-    # blind_blur, blind_noise, diffusion), "module:function" (numpy (H,W,3) float in [0,1] -> same
-    # layout), a comma-separated list of those, "classical" (the four non-blind built-ins), "blind"
-    # or "all". Default: gaussian_blur. With input/output files the teacher is not queried for
+    # Which model to imitate: a built-in name (operators on clean photographs: gaussian_blur,
+    # unsharp_mask, tv_denoise, bicubic_sr; restoration on degraded inputs: wavelet_denoise,
+    # richardson_lucy; blind restoration: wavelet_denoise_blind; negative control:
+    # random_noise_control; diffusion), "module:function" (numpy (H,W,3) float in [0,1] -> same
+    # layout), a comma-separated list of those, or a group: "classical" (the four operators),
+    # "restoration", "blind", "control", "all". Default: gaussian_blur. With input/output files the teacher is not queried for
     # training; if given it is the reference for held-out evaluation.
     teacher: Optional[str] = None
     example: str = "astronaut"  # the teacher's input: a scikit-image photograph name or an image file

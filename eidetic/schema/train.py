@@ -435,7 +435,7 @@ class RealismSettings(Section):
     guidance: float = 3.0
     sampler: str = "ddim"  # ddim | ddpm
     reference: str = "train"  # train (fit on training interiors) | builtin (skimage photographs) | path to irs_reference.json
-    max_real: int = 256  # training interiors scored for irs_real_mean (and fitted on, for reference=train)
+    max_real: int = 256  # training interiors scored for irs_{paper,two_sided}_real_mean (and fitted on, for reference=train)
     loss: RealismLossSettings = field(default_factory=RealismLossSettings)
 
     def problems(self) -> list[str]:
