@@ -61,16 +61,20 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 
 # ---- quality ----------------------------------------------------------------------------------
-def quality(run_dir: Path, train_cfg: DictConfig, q) -> dict:
+def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = None) -> dict:
     """Fréchet distance of ``q.num_samples`` seeded samples vs the unmitigated training canvases."""
     import torch
 
     from eidetic.diffusion import generate
-    from eidetic.pipelines import load_diffusion_model
+    from eidetic.pipelines import load_components
     from eidetic.quality import frechet_distance
     from lightning_modules.data import SolidMarkDataModule
 
-    model = load_diffusion_model(run_dir / "model")
+    from eidetic.inference_mitigations import InferenceMitigation, mitigate
+
+    # an inference-time setting samples the model it evaluates with its own query-time mitigation
+    parts = load_components(model_dir or run_dir / "model")
+    model = mitigate(parts.diffusion_model(), InferenceMitigation.from_settings(train_cfg.inference_mitigation), tokenizer=parts.tokenizer)
     dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)  # the reference: no mitigation
     train = [r for r in dm.records if r.split == "train"]
     real = dm.canvases([r.id for r in train])
