@@ -347,15 +347,16 @@ class MitigatedDiffusionModel:
             cond = self._wen(x_t, timesteps, cond)
         guided = uncond is not None and guidance != 1.0
         if m.delayed_guidance and guided:
-            t = torch.as_tensor(timesteps).reshape(-1)
+            t = torch.as_tensor(timesteps).reshape(-1).cpu()
             if t.numel() > 1 and not bool((t == t[0]).all()):
                 # per-item timesteps: split by the side of the transition each is on
-                late = t.to(x_t.device) <= m.transition
-                out = torch.empty_like(x_t, dtype=torch.float32 if x_t.dtype == torch.float32 else x_t.dtype)
+                late = t <= m.transition
+                out = torch.empty_like(x_t)
                 u = uncond if uncond.shape[0] != 1 else uncond.expand(x_t.shape[0], *uncond.shape[1:])
                 for mask, g in ((late, guidance), (~late, m.guidance_before)):
                     if mask.any():
-                        out[mask] = self._predict(x_t[mask], t[mask.cpu()], cond[mask], u[mask], g)
+                        rows = mask.to(x_t.device)
+                        out[rows] = self._predict(x_t[rows], t[mask].to(x_t.device), cond[rows], u[rows], g).to(out.dtype)
                 return out
             guidance = guidance_at(int(t[0]), guidance, m.transition, m.guidance_before)
         return self._predict(x_t, timesteps, cond, uncond, guidance)

@@ -237,3 +237,14 @@ def test_settings_validate_and_convert():
                          ("inference_mitigation.wen.stepz=3", "did you mean")):
         with pytest.raises(ConfigError, match=message):
             load(TrainConfig, [], [bad])
+
+
+def test_delayed_guidance_with_per_item_timesteps_splits_at_the_transition(tiny):
+    model, _ = tiny
+    m = im.mitigate(model, im.InferenceMitigation(delayed_guidance=True, transition=500, guidance_before=0.0))
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    cond, uncond = model.encode_prompt(CAPTIONS), model.encode_prompt([""])
+    out = m.predict_noise(x, torch.tensor([900, 300, 700]), cond, uncond, 3.0)
+    for k, (t, g) in enumerate(((900, 0.0), (300, 3.0), (700, 0.0))):
+        one = model.predict_noise(x[k : k + 1], t, cond[k : k + 1], uncond, g)
+        assert torch.allclose(out[k], one[0], atol=1e-5)

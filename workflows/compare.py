@@ -14,6 +14,12 @@ comparison's name), then is scored the same way:
   seeded samples of the exported model and the training canvases of the unmitigated data;
 * final training loss and wall time.
 
+With ``seeds`` every setting runs once per seed (``OUT/<setting>-seed<k>/``); ``workers``
+runs them in parallel single-thread processes. A setting with ``model_of`` is an
+inference-time setting: it trains nothing and evaluates that setting's final checkpoint (same
+seed) with its own ``inference_mitigation`` / ``solidmark`` / ``extraction`` overrides
+(:func:`workflows.train.evaluate`).
+
 Same config and seed, same table (wall time aside). ``resume=true`` keeps the settings that
 already finished (their row is in their summary's ``compare`` section) and reruns the rest.
 """
