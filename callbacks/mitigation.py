@@ -43,6 +43,8 @@ class MitigationCallback(pl.Callback):
         self.wen_skipped = 0
         self.wen_norms: list[float] = []
         self._installed = False
+        self._tokenizer = None
+        self._token_pool = None
 
     def setup(self, trainer, pl_module, stage=None):
         if self._installed:
@@ -51,6 +53,11 @@ class MitigationCallback(pl.Callback):
         m = self.cfg
         if m.caption.methods:
             mitigations.perturb_captions([], list(m.caption.methods), float(m.caption.prob), mitigations.step_rng(0, 0))  # validate early
+            if "random_word" in m.caption.methods:  # random token addition draws from the model's own tokenizer
+                from eidetic.inference_mitigations import token_id_pool
+
+                self._tokenizer = pl_module.text.tokenizer
+                self._token_pool = token_id_pool(self._tokenizer)
             pl_module.batch_transforms.append(self._captions)
         if m.augment.flip > 0:
             pl_module.batch_transforms.append(self._flip)
@@ -62,7 +69,8 @@ class MitigationCallback(pl.Callback):
     # ---- the hooks --------------------------------------------------------------------------
     def _captions(self, module, batch, batch_idx):
         rng = mitigations.step_rng(module.cfg.seed, module.global_step, _micro(module, batch_idx), salt=1)
-        new, changed = mitigations.perturb_captions(batch["caption"], list(self.cfg.caption.methods), float(self.cfg.caption.prob), rng, self.vocabulary)
+        new, changed = mitigations.perturb_captions(batch["caption"], list(self.cfg.caption.methods), float(self.cfg.caption.prob), rng, self.vocabulary,
+                                                    tokenizer=self._tokenizer, token_pool=self._token_pool)
         self.captions_seen += len(new)
         self.captions_changed += sum(changed)
         return {**batch, "caption": new}

@@ -59,7 +59,7 @@ class RealismLoss:
         mask = (t >= self.t_min) & (t <= self.t_max)
         if not mask.any():
             return pred.new_zeros(())
-        model = module.diffusion_model(ema=False)
+        model = module.diffusion_model(ema=False, mitigated=False)
         a = model.alphas_cumprod.to(pred.device)[t[mask]].to(pred.dtype)
         eps = noise_to_eps(pred[mask], x_t[mask], a, model.prediction_type)
         images = strip_border(model.decode_latents(model.predict_x0(x_t[mask], t[mask], eps)).float(), self.border)

@@ -5,7 +5,10 @@ Copying in Diffusion Models", NeurIPS 2023, Sec. 6): at training time a caption 
 perturbed with probability ``prob``:
 
 * ``random_number``  – "random numbers addition": append a random integer as a word;
-* ``random_word``    – "random token addition": insert a random word from a vocabulary;
+* ``random_word``    – "random token addition": insert the decoded text of a random token id
+  of the tokenizer's vocabulary (their code: ``tokenizer.decode(randint(49400))``);
+* ``caption_word``   – a variant of it (not the papers'): insert a random word of the
+  dataset's caption vocabulary;
 * ``repeat_word``    – "caption word repetition": repeat one word of the caption at a random
   position;
 * ``randomize``      – "random caption replacement": replace the caption by random words;
@@ -39,6 +42,7 @@ __all__ = [
     "CAPTION_METHODS",
     "random_number_addition",
     "random_word_addition",
+    "random_token_addition",
     "repeat_word",
     "randomize_caption",
     "drop_caption",
@@ -74,8 +78,18 @@ def random_number_addition(caption: str, rng: random.Random, low: int = 0, high:
     return " ".join(words)
 
 
+def random_token_addition(caption: str, rng: random.Random, tokenizer, pool: Sequence[int] | None = None) -> str:
+    """Insert the decoded text of one random token id (the vocabulary's non-special ids, or
+    ``pool``) at a random position (Somepalli et al. 2023's random token addition)."""
+    from eidetic.inference_mitigations import random_token_addition as insert_tokens, token_id_pool
+
+    words = caption.split()  # same word split as the other training-time changes
+    pool = list(pool) if pool is not None else token_id_pool(tokenizer)
+    return insert_tokens(" ".join(words), rng, tokenizer, count=1, pool=pool)[0]
+
+
 def random_word_addition(caption: str, rng: random.Random, vocabulary: Sequence[str]) -> str:
-    """Insert a random word of ``vocabulary`` at a random position (Somepalli et al. 2023)."""
+    """Insert a random word of ``vocabulary`` at a random position (the caption-vocabulary variant)."""
     if not vocabulary:
         raise ValueError("random_word_addition needs a non-empty vocabulary")
     words = caption.split()
@@ -106,13 +120,17 @@ def drop_caption(caption: str, rng: random.Random) -> str:
     return ""
 
 
-CAPTION_METHODS = ("random_number", "random_word", "repeat_word", "randomize", "dropout")
+CAPTION_METHODS = ("random_number", "random_word", "caption_word", "repeat_word", "randomize", "dropout")
 
 
 def perturb_captions(
-    captions: Sequence[str], methods: Sequence[str], prob: float, rng: random.Random, vocabulary: Sequence[str] = ()
+    captions: Sequence[str], methods: Sequence[str], prob: float, rng: random.Random, vocabulary: Sequence[str] = (),
+    tokenizer=None, token_pool: Sequence[int] | None = None,
 ) -> tuple[list[str], list[bool]]:
     """Apply each of ``methods`` (composed, in order) to each caption with probability ``prob``.
+
+    ``random_word`` needs the model's ``tokenizer`` (ids drawn from ``token_pool``, default its
+    non-special ids); ``caption_word`` and ``randomize`` need ``vocabulary``.
 
     Returns the new captions and, per caption, whether any method changed it.
     """
@@ -130,6 +148,10 @@ def perturb_captions(
             if method == "random_number":
                 new = random_number_addition(new, rng)
             elif method == "random_word":
+                if tokenizer is None:
+                    raise ValueError("random_word (random token addition) needs the model's tokenizer")
+                new = random_token_addition(new, rng, tokenizer, token_pool)
+            elif method == "caption_word":
                 new = random_word_addition(new, rng, vocabulary)
             elif method == "repeat_word":
                 new = repeat_word(new, rng)

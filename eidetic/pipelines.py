@@ -39,11 +39,15 @@ class PixelTextToImagePipeline(DiffusionPipeline):
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
     @torch.no_grad()
-    def __call__(self, prompt, num_inference_steps: int = 50, guidance_scale: float = 3.0, generator=None, output_type: str = "pil"):
+    def __call__(self, prompt, num_inference_steps: int = 50, guidance_scale: float = 3.0, generator=None, output_type: str = "pil",
+                 mitigation=None):
+        """``mitigation``: an :class:`eidetic.inference_mitigations.InferenceMitigation` applied while sampling."""
         from eidetic.diffusion import DiffusionModel, generate
+        from eidetic.inference_mitigations import mitigate
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         model = DiffusionModel(unet=self.unet, scheduler=self.scheduler, encode_prompt=TextStack(self.tokenizer, self.text_encoder))
+        model = mitigate(model, mitigation, tokenizer=self.tokenizer)
         size = self.unet.config.sample_size
         images = generate(model, prompts, (size, size), steps=num_inference_steps, guidance=guidance_scale, generator=generator)
         images = (images / 2 + 0.5).clamp(0, 1)

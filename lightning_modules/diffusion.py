@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from eidetic.diffusion import DiffusionModel
 from eidetic.ema import EMA
+from eidetic.inference_mitigations import InferenceMitigation, mitigate
 from eidetic.errors import ConfigError
 from eidetic.losses import diffusion_target, min_snr_weights, offset_noise
 
@@ -137,11 +138,16 @@ class LatentDiffusionModule(pl.LightningModule):
         self.train()
 
     # ---- model access ------------------------------------------------------------------
-    def diffusion_model(self, ema: bool = True) -> DiffusionModel:
-        """The model as every memorization algorithm sees it (EMA weights by default)."""
+    def diffusion_model(self, ema: bool = True, mitigated: bool = True) -> DiffusionModel:
+        """The model as every memorization algorithm sees it (EMA weights by default), with the
+        ``inference_mitigation`` section applied (``mitigated=False``: the model as it is)."""
         unet = self.ema_unet.shadow if (ema and self.ema_unet is not None) else self.unet
         encoder = self.ema_text.shadow if (ema and self.ema_text is not None) else self.text.text_encoder
-        return DiffusionModel(unet=unet, scheduler=self.scheduler, encode_prompt=lambda captions: self.text(captions, encoder=encoder), vae=self.vae)
+        model = DiffusionModel(unet=unet, scheduler=self.scheduler, encode_prompt=lambda captions: self.text(captions, encoder=encoder), vae=self.vae)
+        # query-time mitigations apply to every evaluation that samples through this model
+        if not mitigated:
+            return model
+        return mitigate(model, InferenceMitigation.from_settings(self.cfg.inference_mitigation), tokenizer=self.text.tokenizer)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer holds: the UNet's (and a trained text encoder's) parameters that

@@ -118,3 +118,68 @@ def test_summary_rows_are_what_the_table_shows(finished):
     table = _table(finished / "comparison.csv")[0]
     assert table["setting"] == row["setting"] == "baseline"
     assert float(table["final_loss"]) == pytest.approx(row["final_loss"], rel=1e-3)
+
+
+# ---- seeds, parallel processes and inference-time settings on a trained setting's model ------
+TINY_INFERENCE = str(workflow.ROOT / "configs" / "compare" / "tiny_inference.yaml")
+
+
+def test_inference_time_settings_evaluate_the_baselines_model_at_every_seed_in_parallel(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(open(TINY_INFERENCE).read() + "  - name: same\n    model_of: baseline\n    overrides: []\n")
+    out = tmp_path / "ti"
+    assert compare.main(["--config", str(cfg_file), f"out={out}"]) == 0
+    rows = _table(out / "comparison.csv")
+    assert [r["setting"] for r in rows] == [f"{n}-seed{s}" for n in ("baseline", "query_random_token", "delayed_guidance", "same") for s in (0, 1)]
+    by = {r["setting"]: r for r in rows}
+    for s in (0, 1):
+        base = by[f"baseline-seed{s}"]
+        for name in ("query_random_token", "delayed_guidance", "same"):
+            row = by[f"{name}-seed{s}"]
+            assert row["model_of"] == f"baseline-seed{s}" and row["seed"] == str(s)
+            assert row["final_loss"] == base["final_loss"]  # no training of its own: the baseline's model
+            assert not (out / f"{name}-seed{s}" / "checkpoints").exists()
+        # with nothing changed at query time the evaluation reproduces the baseline's own scores
+        same = _table(out / f"same-seed{s}" / "solidmark.csv")
+        assert [r["pred_key"] for r in same] == [r["pred_key"] for r in _table(out / f"baseline-seed{s}" / "solidmark.csv")]
+        assert by[f"same-seed{s}"]["frechet_distance"] == base["frechet_distance"]
+        changed = _table(out / f"query_random_token-seed{s}" / "solidmark.csv")
+        assert [r["pred_key"] for r in changed] != [r["pred_key"] for r in same]
+    assert float(by["baseline-seed0"]["final_loss"]) != float(by["baseline-seed1"]["final_loss"])  # the seeds differ
+    # resume keeps every finished run
+    stamp = (out / "same-seed1" / "summary.json").stat().st_mtime_ns
+    assert compare.main(["--config", str(cfg_file), f"out={out}", "resume=true", "workers=1"]) == 0
+    assert (out / "same-seed1" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_inference_settings_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("settings:\n  - {name: a, overrides: []}\n  - {name: b, model_of: c, overrides: []}\n")
+    with pytest.raises(ConfigError, match="model_of='c' must name a training setting"):
+        workflow.load_config([bad], [])
+    training = tmp_path / "training.yaml"
+    training.write_text("settings:\n  - {name: a, overrides: []}\n  - {name: b, model_of: a, overrides: [train.lr=0.1]}\n")
+    with pytest.raises(ConfigError, match="may only override"):
+        workflow.load_config([training], [])
+    with pytest.raises(ConfigError, match="workers"):
+        workflow.load_config([TINY], ["workers=0"])
+
+
+def test_the_selective_comparison_config_loads_and_validates(tmp_path):
+    cfg = workflow.load_config([workflow.ROOT / "configs" / "compare" / "selective.yaml"], [f"out={tmp_path}"])
+    jobs = workflow.jobs_of(cfg)
+    trained = [j for j in jobs if j.base is None]
+    inference = [j for j in jobs if j.base is not None]
+    assert len(cfg.seeds) >= 3 and {j.seed for j in trained} == set(cfg.seeds)
+    assert {j.setting.name for j in trained} >= {"baseline", "random_number", "random_word", "repeat_word", "text_noise", "wen_filter"}
+    assert all(j.setting.model_of == "baseline" for j in inference)
+    assert {j.setting.name for j in inference} >= {"query_random_number", "query_random_token", "query_repeat_word", "query_text_noise",
+                                                  "wen_adjust", "delayed_guidance", "opposite_guidance"}
+    from workflows import train
+
+    for job in jobs:  # every run's training config validates
+        name = job.setting.model_of or job.setting.name
+        own = [*({s.name: s for s in cfg.settings}[name].overrides), *(job.setting.overrides if job.setting.model_of else [])]
+        c = train.load_config([workflow.ROOT / f for f in cfg.base], [*cfg.overrides, *own])
+        assert c.data.source == "tiles" and c.model.space == "pixel"
+    assert list(c.inference_mitigation.captions) == [] and c.inference_mitigation.delayed_guidance.guidance_before == -2.0

@@ -33,6 +33,25 @@ def test_random_word_addition_inserts_a_vocabulary_word():
     assert out == CAPTION.split()
 
 
+def test_training_random_word_draws_tokenizer_ids_not_caption_words(tmp_path):
+    from lightning_modules.models import build_tokenizer
+
+    tok = build_tokenizer([CAPTION, "a dog on a red sofa"], 600, 16, tmp_path / "tok")
+    special = set(tok.all_special_ids)
+    decoded = {tok.decode([i]) for i in range(len(tok)) if i not in special}
+    new, changed = mitigations.perturb_captions([CAPTION] * 200, ["random_word"], 1.0, random.Random(0), tokenizer=tok)
+    assert all(changed)
+    inserted = set()
+    for caption in new:
+        words = caption.split(" ")
+        for w in CAPTION.split():  # exactly one token's text was inserted, the caption's words kept in order
+            words.remove(w)
+        inserted.add(" ".join(words))
+    assert inserted <= decoded and len(inserted) > 50  # many distinct vocabulary ids, not the captions' few words
+    with pytest.raises(ValueError, match="tokenizer"):
+        mitigations.perturb_captions([CAPTION], ["random_word"], 1.0, random.Random(0), VOCAB)
+
+
 def test_repeat_word_repeats_a_caption_word():
     for seed in range(20):
         out = mitigations.repeat_word(CAPTION, random.Random(seed)).split()
@@ -52,9 +71,9 @@ def test_perturb_captions_probability_and_composition():
     rate = sum(changed) / len(captions)
     assert 0.26 < rate < 0.34
     assert all((a != b) == c for a, b, c in zip(captions, new, changed))
-    none, changed0 = mitigations.perturb_captions(captions[:50], ["repeat_word", "random_word"], 0.0, random.Random(0), VOCAB)
+    none, changed0 = mitigations.perturb_captions(captions[:50], ["repeat_word", "caption_word"], 0.0, random.Random(0), VOCAB)
     assert none == captions[:50] and not any(changed0)
-    both, _ = mitigations.perturb_captions([CAPTION], ["repeat_word", "random_word"], 1.0, random.Random(0), VOCAB)
+    both, _ = mitigations.perturb_captions([CAPTION], ["repeat_word", "caption_word"], 1.0, random.Random(0), VOCAB)
     assert len(both[0].split()) == len(CAPTION.split()) + 2
     dropped, _ = mitigations.perturb_captions([CAPTION] * 3, ["dropout"], 1.0, random.Random(0))
     assert dropped == ["", "", ""]

@@ -14,6 +14,12 @@ comparison's name), then is scored the same way:
   seeded samples of the exported model and the training canvases of the unmitigated data;
 * final training loss and wall time.
 
+With ``seeds`` every setting runs once per seed (``OUT/<setting>-seed<k>/``); ``workers``
+runs them in parallel single-thread processes. A setting with ``model_of`` is an
+inference-time setting: it trains nothing and evaluates that setting's final checkpoint (same
+seed) with its own ``inference_mitigation`` / ``solidmark`` / ``extraction`` overrides
+(:func:`workflows.train.evaluate`).
+
 Same config and seed, same table (wall time aside). ``resume=true`` keeps the settings that
 already finished (their row is in their summary's ``compare`` section) and reruns the rest.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +41,7 @@ from eidetic.schema.compare import CompareConfig
 from .compare_report import write_outputs
 from .rundir import RunDirectory
 
-__all__ = ["Schema", "load_config", "run", "quality", "finished_row", "done_message", "ROOT"]
+__all__ = ["Schema", "load_config", "run", "jobs_of", "quality", "finished_row", "done_message", "ROOT"]
 
 Schema = CompareConfig
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,16 +68,20 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 
 # ---- quality ----------------------------------------------------------------------------------
-def quality(run_dir: Path, train_cfg: DictConfig, q) -> dict:
+def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = None) -> dict:
     """Fréchet distance of ``q.num_samples`` seeded samples vs the unmitigated training canvases."""
     import torch
 
     from eidetic.diffusion import generate
-    from eidetic.pipelines import load_diffusion_model
+    from eidetic.pipelines import load_components
     from eidetic.quality import frechet_distance
     from lightning_modules.data import SolidMarkDataModule
 
-    model = load_diffusion_model(run_dir / "model")
+    from eidetic.inference_mitigations import InferenceMitigation, mitigate
+
+    # an inference-time setting samples the model it evaluates with its own query-time mitigation
+    parts = load_components(model_dir or run_dir / "model")
+    model = mitigate(parts.diffusion_model(), InferenceMitigation.from_settings(train_cfg.inference_mitigation), tokenizer=parts.tokenizer)
     dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)  # the reference: no mitigation
     train = [r for r in dm.records if r.split == "train"]
     real = dm.canvases([r.id for r in train])
@@ -144,28 +155,94 @@ def _shared_autoencoder(train_cfg: DictConfig, directory: Path) -> str:
 
 
 # ---- the comparison ---------------------------------------------------------------------------
+@dataclass
+class _Job:
+    """One run of the comparison: a setting at one seed, trained, or (``base``) evaluated on the
+    model another job trained."""
+
+    setting: object
+    seed: int
+    name: str  # its directory under OUT and its row's name
+    base: str | None = None  # the training job whose model an inference-time setting evaluates
+    cfg: DictConfig | None = None
+
+
+def jobs_of(cfg: DictConfig) -> list[_Job]:
+    """Every (setting, seed) run, in table order; with several seeds directories are NAME-seedK."""
+    seeds = [int(s) for s in cfg.seeds] or [int(cfg.seed)]
+    many = len(seeds) > 1
+
+    def name(setting_name: str, seed: int) -> str:
+        return f"{setting_name}-seed{seed}" if many else setting_name
+
+    return [_Job(setting=s, seed=seed, name=name(s.name, seed), base=name(s.model_of, seed) if s.model_of else None)
+            for s in cfg.settings for seed in seeds]
+
+
+def _single_thread() -> None:
+    """Worker initializer: parallel runs share the cores, one thread each."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _execute(job: _Job, out: Path, delta: str, quality_cfg) -> dict:
+    """Train (or evaluate) one job, score it, and record its row in its summary."""
+    from . import train
+
+    run_dir = out / job.name
+    started = time.perf_counter()
+    if job.base is None:
+        train.run(job.cfg)
+        summary_extra = {}
+        model_dir = None
+    else:
+        base = out / job.base
+        train.evaluate(job.cfg, base / "checkpoints" / "last.ckpt")
+        base_summary = RunDirectory(base).summary
+        summary_extra = {k: base_summary[k] for k in ("train", "mitigation") if k in base_summary}  # the model's own training
+        model_dir = base / "model"
+    wall = time.perf_counter() - started
+    q = quality(run_dir, job.cfg, quality_cfg, model_dir=model_dir) if quality_cfg.enabled else {}
+    row = _row(job.name, {**summary_extra, **RunDirectory(run_dir).summary}, delta, wall, q)
+    row = {"setting": row.pop("setting"), "seed": job.seed, "model_of": job.base, **row}
+    RunDirectory(run_dir).update_summary("compare", row)  # marks the job finished (resume=true keeps it)
+    return row
+
+
 def run(cfg: DictConfig) -> Path:
-    """Train and score every setting; returns the comparison directory."""
+    """Train and score every setting at every seed (inference-time settings: evaluate the model
+    their ``model_of`` setting trained); returns the comparison directory."""
     from . import train
 
     out = Path(cfg.out or f"runs/compare-{cfg.name}").resolve()
     base = [f if Path(f).is_absolute() else ROOT / f for f in cfg.base]
+    by_name = {s.name: s for s in cfg.settings}
+    jobs = jobs_of(cfg)
 
-    def overrides_of(setting):
+    def overrides_of(job: _Job):
+        own = [*job.setting.overrides]
+        if job.setting.model_of:  # the trained setting's own overrides first, then the query-time ones
+            own = [*by_name[job.setting.model_of].overrides, *own]
         return [
-            *cfg.overrides, *setting.overrides, f"seed={cfg.seed}", f"run.dir={out / setting.name}", f"run.name={setting.name}",
+            *cfg.overrides, *own, f"seed={job.seed}", f"run.dir={out / job.name}", f"run.name={job.name}",
             f"logging.wandb.group={cfg.name}",
         ]
 
-    configs = [train.load_config(base, overrides_of(s)) for s in cfg.settings]  # every setting validated before any trains
+    for job in jobs:  # every run validated before any trains
+        job.cfg = train.load_config(base, overrides_of(job))
     delta = f"{float(cfg.delta):g}"
-    for s, c in zip(cfg.settings, configs):
+    for job in jobs:
+        c = job.cfg
         if c.solidmark.enabled and delta not in {f"{float(d):g}" for d in c.solidmark.deltas}:
-            raise ConfigError(f"delta={cfg.delta} is not one of setting {s.name!r}'s solidmark.deltas {list(c.solidmark.deltas)}: "
+            raise ConfigError(f"delta={cfg.delta} is not one of setting {job.setting.name!r}'s solidmark.deltas {list(c.solidmark.deltas)}: "
                               "pick one of them or add it to solidmark.deltas")
-    done = {s.name: finished_row(out / s.name) for s in cfg.settings} if cfg.resume else {}
+    done = {j.name: finished_row(out / j.name) for j in jobs} if cfg.resume else {}
     done = {k: v for k, v in done.items() if v is not None}
-    existing = [n for n in [s.name for s in cfg.settings] + ["shared"] if (out / n).exists() and n not in done]
+    existing = [n for n in [j.name for j in jobs] + ["shared"] if (out / n).exists() and n not in done]
     if cfg.resume and "shared" in existing and (out / "shared" / "autoencoder").exists():
         existing.remove("shared")  # a finished shared autoencoder is reused as it is
     if existing and not (cfg.overwrite or cfg.resume):
@@ -174,31 +251,39 @@ def run(cfg: DictConfig) -> Path:
     for name in existing:
         shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
-    first = configs[0]
+    first = jobs[0].cfg
     if cfg.share_autoencoder and first.model.space == "latent" and not (first.model.pretrained or first.model.vae.pretrained):
         # One autoencoder for every setting, trained before any of them: fairer and cheaper, and every
         # setting then starts from the same UNet initialisation (training an autoencoder in-run
         # consumes global RNG before the UNet is built).
         shared = out / "shared"
         shared_vae = str(shared / "autoencoder") if (shared / "autoencoder").exists() else _shared_autoencoder(first, shared)
-        for c in configs:
-            if not (c.model.pretrained or c.model.vae.pretrained):
-                c.model.vae.pretrained = shared_vae
-    rows = []
-    for setting, train_cfg in zip(cfg.settings, configs):
-        run_dir = out / setting.name
-        if setting.name in done:
-            rows.append(done[setting.name])
-            continue
-        started = time.perf_counter()
-        train.run(train_cfg)
-        wall = time.perf_counter() - started
-        q = quality(run_dir, train_cfg, cfg.quality) if cfg.quality.enabled else {}
-        row = _row(setting.name, RunDirectory(run_dir).summary, delta, wall, q)
-        RunDirectory(run_dir).update_summary("compare", row)  # marks the setting finished (resume=true keeps it)
-        rows.append(row)
-        write_outputs(out, rows, cfg)  # partial results survive a crash of a later setting
-    write_outputs(out, rows, cfg)
+        for job in jobs:
+            if not (job.cfg.model.pretrained or job.cfg.model.vae.pretrained):
+                job.cfg.model.vae.pretrained = shared_vae
+    rows = dict(done)
+
+    def table() -> list[dict]:
+        return [rows[j.name] for j in jobs if j.name in rows]
+
+    # training runs first, then the inference-time settings on the models they trained
+    for phase in ([j for j in jobs if j.base is None], [j for j in jobs if j.base is not None]):
+        todo = [j for j in phase if j.name not in done]
+        if int(cfg.workers) <= 1 or len(todo) <= 1:
+            for job in todo:
+                rows[job.name] = _execute(job, out, delta, cfg.quality)
+                write_outputs(out, table(), cfg)  # partial results survive a crash of a later setting
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(max_workers=int(cfg.workers), mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_single_thread) as pool:
+                futures = {pool.submit(_execute, job, out, delta, cfg.quality): job for job in todo}
+                for future in as_completed(futures):
+                    rows[futures[future].name] = future.result()
+                    write_outputs(out, table(), cfg)
+    write_outputs(out, table(), cfg)
     return out
 
 

@@ -22,7 +22,7 @@ def _fmt(v) -> str:
 # Column order of the table, as _row builds a row. Rows of settings kept by resume=true come
 # back from summary.json with their keys sorted, so the order is imposed here, not inherited.
 COLUMNS = (
-    "setting", "eidetic", "chance", "p_value", "solidmark_auc_heldout", "<detector AUCs>", "verified_extractions",
+    "setting", "seed", "model_of", "eidetic", "chance", "p_value", "solidmark_auc_heldout", "<detector AUCs>", "verified_extractions",
     "irs_paper_generated_mean", "irs_paper_real_mean", "fake_rate_paper",
     "irs_two_sided_generated_mean", "irs_two_sided_real_mean", "fake_rate_two_sided", "realism_loss_seconds", "frechet_distance", "final_loss",
     "global_step", "captions_changed", "wen_skipped", "near_duplicates_removed", "stopped_at", "excluded", "wall_time_s",

@@ -24,7 +24,7 @@ from eidetic.schema.train import TrainConfig
 
 from .rundir import RunDirectory, environment, global_rank
 
-__all__ = ["Schema", "load_config", "resolve_run_dir", "build", "train_autoencoder", "fit", "run", "done_message", "console_summary"]
+__all__ = ["Schema", "load_config", "resolve_run_dir", "build", "train_autoencoder", "fit", "run", "evaluate", "done_message", "console_summary"]
 
 log = logging.getLogger("eidetic")
 Schema = TrainConfig
@@ -287,6 +287,50 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Path:
                 from .report import write_report_safely
 
                 write_report_safely(run_dir.path)
+    return run_dir.path
+
+
+class _EvaluationTrainer:
+    """What the monitors read from a Lightning trainer, for evaluating a finished model in one
+    process without training it (no loggers: the results go to the run directory)."""
+
+    global_rank, world_size, is_global_zero = 0, 1, True
+
+    class strategy:  # noqa: N801 - stands in for the trainer's strategy
+        @staticmethod
+        def reduce(value, reduce_op="sum"):
+            return value
+
+    def __init__(self, datamodule, module, global_step: int, epoch: int):
+        self.datamodule, self.lightning_module = datamodule, module
+        self.global_step, self.current_epoch = int(global_step), int(epoch)
+        self.loggers: list = []
+
+
+def evaluate(cfg: DictConfig, checkpoint: str | Path) -> Path:
+    """Score the trained weights in ``checkpoint`` with ``cfg``'s monitors (SolidMark, extraction
+    probes) into ``cfg.run.dir``, training nothing: how an inference-time setting (its
+    ``inference_mitigation`` section) is evaluated on another run's model."""
+    import torch
+
+    run_dir = resolve_run_dir(cfg)
+    run_dir.create()
+    run_dir.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    with run_dir:
+        dm, module = build(cfg, run_dir)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"], strict=module.strict_loading)
+        module.eval()
+        trainer = _EvaluationTrainer(dm, module, state.get("global_step", 0), state.get("epoch", 0))
+        if cfg.solidmark.enabled:
+            from callbacks.solidmark import SolidMarkCallback
+
+            SolidMarkCallback(cfg.solidmark).evaluate(trainer, module)
+        if cfg.extraction.enabled:
+            from callbacks.extraction import ExtractionProbeCallback
+
+            ExtractionProbeCallback(cfg.extraction, border=cfg.data.border).probe(trainer, module)
+        run_dir.update_summary("evaluated", {"checkpoint": str(checkpoint), "global_step": trainer.global_step})
     return run_dir.path
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 from eidetic.config import Section
 
-__all__ = ["CompareConfig", "ComparisonSetting", "QualitySettings"]
+__all__ = ["CompareConfig", "ComparisonSetting", "QualitySettings", "QUERY_SECTIONS"]
 
 
 @dataclass
@@ -24,16 +24,28 @@ class QualitySettings(Section):
         return [f"{n} must be >= 1, got {getattr(self, n)}" for n in ("num_samples", "steps", "batch_size") if getattr(self, n) < 1]
 
 
+# what an inference-time setting may change: how the trained model is queried, not how it trains
+QUERY_SECTIONS = ("inference_mitigation", "solidmark", "extraction")
+
+
 @dataclass
 class ComparisonSetting(Section):
     name: str = "baseline"
     overrides: list[str] = field(default_factory=list)  # training key=value overrides of this setting only
+    # an inference-time setting: evaluate the trained model of the setting named here (same seed) with
+    # this setting's overrides, which may only touch inference_mitigation / solidmark / extraction keys;
+    # it trains nothing
+    model_of: Optional[str] = None
 
     def problems(self) -> list[str]:
         bad = [o for o in self.overrides if "=" not in o]
         out = [f"overrides must be key=value strings, got {bad}"] if bad else []
         if not self.name or "/" in self.name:
             out.append(f"name must be a non-empty name without '/', got {self.name!r}")
+        if self.model_of is not None:
+            training = [o for o in self.overrides if o.split("=", 1)[0].split(".", 1)[0] not in QUERY_SECTIONS]
+            if training:
+                out.append(f"an inference-time setting (model_of={self.model_of}) may only override {', '.join(QUERY_SECTIONS)} keys, got {training}")
         return out
 
 
@@ -44,6 +56,8 @@ class CompareConfig(Section):
     overwrite: bool = False  # replace existing setting runs in out (otherwise an error)
     resume: bool = False  # keep settings that already finished in out, run the rest
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # several training seeds: every setting runs once per seed (empty: [seed])
+    workers: int = 1  # settings run in this many single-threaded processes at once (1: in this process)
     base: list[str] = field(default_factory=list)  # training config files (relative to the repository root)
     overrides: list[str] = field(default_factory=list)  # training overrides shared by every setting
     share_autoencoder: bool = True  # train the first-stage autoencoder once (OUT/shared/) and use it in every setting
@@ -58,4 +72,12 @@ class CompareConfig(Section):
         names = [s.name for s in self.settings]
         if len(set(names)) != len(names):
             out.append(f"setting names must be unique, got {names}")
+        trained = {s.name for s in self.settings if s.model_of is None}
+        for s in self.settings:
+            if s.model_of is not None and s.model_of not in trained:
+                out.append(f"setting {s.name!r}: model_of={s.model_of!r} must name a training setting (one without model_of) of {sorted(trained)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            out.append(f"seeds must be distinct, got {list(self.seeds)}")
+        if self.workers < 1:
+            out.append(f"workers must be >= 1, got {self.workers}")
         return out

@@ -19,7 +19,7 @@ __all__ = [
     "UNetSettings", "TextSettings", "TrainSettings", "EMASettings", "CheckpointSettings", "TrainerSettings",
     "ValidationSettings", "ExtractionSettings", "EdgeSettings", "WenProbeSettings", "CliqueSettings",
     "VerifySettings", "ConfidenceSettings", "AnisotropySettings", "RealismSettings", "RealismLossSettings", "SolidMarkSettings", "MitigationSettings",
-    "CaptionMitigation", "NearDedupSettings", "AugmentSettings", "WenFilterSettings", "ControlsSettings",
+    "CaptionMitigation", "InferenceMitigationSettings", "DelayedGuidanceSettings", "WenAdjustSettings", "NearDedupSettings", "AugmentSettings", "WenFilterSettings", "ControlsSettings",
     "StopSettings", "FlaggedSettings", "LoRASettings", "SAMPLERS", "OPTIMIZERS",
 ]
 
@@ -517,7 +517,9 @@ class SolidMarkSettings(Section):
 # ---- mitigations and controls -----------------------------------------------------------------
 @dataclass
 class CaptionMitigation(Section):
-    # composable, in order: random_number | random_word | repeat_word | randomize | dropout (Somepalli et al. 2023)
+    # composable, in order (Somepalli et al. 2023): random_number | random_word (a random token id of the
+    # tokenizer's vocabulary, as their code) | caption_word (a random word of the captions; not theirs) |
+    # repeat_word | randomize | dropout
     methods: list[str] = field(default_factory=list)
     prob: float = 0.1  # per caption and method
 
@@ -572,6 +574,61 @@ class MitigationSettings(Section):
 
 
 @dataclass
+class DelayedGuidanceSettings(Section):
+    """Jain et al. (CVPR 2025), static transition point: classifier-free guidance only from
+    ``transition`` on (t <= transition); before it the scale is ``guidance_before``."""
+
+    enabled: bool = False
+    transition: int = 500  # their static default (of 1000 training timesteps); >= 999: no delay; -1: never guided
+    guidance_before: float = 0.0  # their code: 0 = the unconditional prediction; < 0: "opposite guidance" (their -2)
+
+    def problems(self) -> list[str]:
+        return [] if self.transition >= -1 else [f"transition must be >= -1, got {self.transition}"]
+
+
+@dataclass
+class WenAdjustSettings(Section):
+    """Wen et al. (ICLR 2024) inference-time mitigation: AdamW steps on the prompt embedding that
+    lower ||eps(x_T, c) - eps(x_T, '')|| at the first sampling step, before sampling."""
+
+    enabled: bool = False
+    steps: int = 10  # their optim_iters
+    lr: float = 0.05  # their optim_lr
+    target_loss: Optional[float] = 3.0  # stop once the norm is at most this (their README: 3, on SD v1 latents); null: always all steps
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "steps")
+        if self.lr <= 0:
+            out.append(f"lr must be > 0, got {self.lr}")
+        if self.target_loss is not None and self.target_loss <= 0:
+            out.append(f"target_loss must be > 0 or null, got {self.target_loss}")
+        return out
+
+
+@dataclass
+class InferenceMitigationSettings(Section):
+    """Mitigations applied at query time, wherever the model generates (SolidMark outpainting,
+    extraction probes, validation and realism samples, the comparison's quality samples); see
+    :mod:`eidetic.inference_mitigations`. The defaults change nothing."""
+
+    # caption changes, in order: random_number | random_token | repeat_word (SolidMark's RNA, RWA, CWR)
+    captions: list[str] = field(default_factory=list)
+    count: int = 2  # words inserted per change (their repeat_num; SolidMark's default 2, Wen et al.'s RWA baseline 4)
+    number_high: int = 100000  # random_number draws integers in [0, number_high)
+    text_noise_sigma: float = 0.0  # Gaussian noise on the conditional text embedding (SolidMark: strength / 10)
+    delayed_guidance: DelayedGuidanceSettings = field(default_factory=DelayedGuidanceSettings)
+    wen: WenAdjustSettings = field(default_factory=WenAdjustSettings)
+    seed: int = 0  # every draw is a function of (seed, caption)
+
+    def problems(self) -> list[str]:
+        from eidetic.inference_mitigations import CAPTION_CHANGES
+
+        out = [p for m in self.captions for p in choice_problem("captions", m, CAPTION_CHANGES)]
+        out += _positive(self, "count", "number_high") + _non_negative(self, "text_noise_sigma")
+        return out
+
+
+@dataclass
 class StopSettings(Section):
     margin: Optional[float] = None  # stop when eidetic - chance > margin (null: off)
     p_value: Optional[float] = None  # stop when the SolidMark p-value < this bound (null: off)
@@ -618,6 +675,7 @@ class TrainConfig(Section):
     realism: RealismSettings = field(default_factory=RealismSettings)
     solidmark: SolidMarkSettings = field(default_factory=SolidMarkSettings)
     mitigation: MitigationSettings = field(default_factory=MitigationSettings)
+    inference_mitigation: InferenceMitigationSettings = field(default_factory=InferenceMitigationSettings)
     controls: ControlsSettings = field(default_factory=ControlsSettings)
 
     def problems(self) -> list[str]:
