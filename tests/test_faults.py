@@ -259,7 +259,7 @@ FAILING = {
     "model kind changed on resume": (["train.resume=last", "model.space=pixel"], ["does not fit this config", "vae.encoder.conv_in.weight",
                                                                                   "model.space: 'latent' -> 'pixel'"]),
     "typo'd key": (["train.resume=last", "train.lrr=0.1"], ["unknown config key 'train.lrr': did you mean 'train.lr'?"]),
-    "checkpoint not found": (["train.resume={root}/nope.ckpt"], ["checkpoint not found", "last.ckpt"]),
+    "checkpoint not found": (["train.resume={root}/nope.ckpt"], ["checkpoint not found", "last.ckpt", "train.resume=last"]),
     "unreadable checkpoint": (["train.resume={garbage}"], ["cannot read the checkpoint", "train.resume=PATH"]),
     "a finished run reused": (["--config", str(TINY)], ["already holds a run", "train.resume=last", "run.overwrite=true"]),
 }
@@ -302,3 +302,33 @@ def test_overwrite_moves_the_old_run_aside(finished_run, tmp_path):
     assert _digest(old) == before, "the old run was not kept as it was"
     assert sorted(p.name for p in (target / "checkpoints").iterdir()) == ["last.ckpt", "step-000001.ckpt"], "files of the old run mixed in"
     assert [int(r["step"]) for r in _csv_rows(target)] == [0]
+
+
+@pytest.mark.slow
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path):
+    """SIGKILL at a dozen seeded points (renames of every kind of file, right after the first
+    last.ckpt, and inside a checkpoint's and metrics.csv's writes), then ``train.resume=last``:
+    bitwise the uninterrupted run's weights and optimizer state, every step once in
+    metrics.csv, one W&B id."""
+    import random
+
+    import train
+    from workflows.train import load_config, run
+
+    reference = run(load_config([TINY], [f"run.dir={tmp_path / 'reference'}"]))
+    renames = tmp_path / "renames.txt"
+    assert _killed_run("none", ["--config", str(TINY), f"run.dir={tmp_path / 'counted'}"], rename_log=renames) == 0
+    names = renames.read_text().split()
+    first_checkpoint = names.index("last.ckpt") + 1
+    others = [n for n in range(1, len(names) + 1) if n != first_checkpoint]
+    specs = [f"rename:{n}" for n in sorted([first_checkpoint, *random.Random(17).sample(others, 9)])]
+    specs += ["write:last.ckpt:1", "write:metrics.csv:2"]
+    for spec in specs:
+        killed = tmp_path / spec.replace(":", "-").replace(".", "_")
+        assert _killed_run(spec, ["--config", str(TINY), f"run.dir={killed}"]) == -9, f"{spec}: the run was not killed"
+        wandb_id = _wandb_id(killed)
+        assert train.main([f"run.dir={killed}", "train.resume=last"]) == 0, spec
+        try:
+            assert_resumed_like(killed, reference, wandb_id)
+        except AssertionError as exc:
+            raise AssertionError(f"killed at {spec} ({names[int(spec.split(':')[1]) - 1] if spec.startswith('rename') else spec}): {exc}") from exc

@@ -78,6 +78,9 @@ def resolve_run_dir(cfg: DictConfig) -> RunDirectory:
         raise ConfigError(f"run.dir={run_dir.path} is a file, not a directory: point run.dir at a directory (new or a run's)")
     if cfg.train.resume and not run_dir.path.is_dir():
         raise ConfigError(f"train.resume={cfg.train.resume!r} needs run.dir pointing at an existing run; {run_dir.path} does not exist")
+    if cfg.train.resume == "last" and not run_dir.holds_run():
+        raise ConfigError(f"train.resume=last: {run_dir.path} holds no run to resume (no config.yaml or checkpoints): "
+                          "start a run there without train.resume")
     cfg.run.dir = str(run_dir.path)
     if not cfg.logging.wandb.id:
         cfg.logging.wandb.id = uuid.uuid4().hex[:12]
@@ -98,13 +101,22 @@ def check_run_dir(cfg: DictConfig, run_dir: RunDirectory) -> None:
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: RunDirectory) -> Path | None:
-    """The checkpoint ``train.resume`` names (``last``: the run's ``checkpoints/last.ckpt``), checked to exist."""
+    """The checkpoint ``train.resume`` names, checked to exist; None: train from the start.
+
+    ``last`` is the run's ``checkpoints/last.ckpt``, or, when a kill came between the two
+    renames of a checkpoint, its newest ``step-*.ckpt``; a run killed before its first
+    checkpoint has none and starts again from step 0 (with its own config and W&B id).
+    """
     if not cfg.train.resume:
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if cfg.train.resume == "last" else Path(cfg.train.resume)
+    folder = run_dir / "checkpoints"
+    if cfg.train.resume == "last":
+        candidates = [folder / "last.ckpt"] + sorted(folder.glob("step-*.ckpt"), reverse=True)
+        return next((p for p in candidates if p.is_file()), None)
+    path = Path(cfg.train.resume)
     if not path.is_file():
-        others = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
-        hint = f" (this run has {', '.join(others)}: train.resume=PATH picks one)" if others else " (this run has no checkpoints: start it again without train.resume)"
+        others = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        hint = f" (this run has {', '.join(others)}: train.resume=last or train.resume=PATH picks one)" if others else ""
         raise ConfigError(f"train.resume: checkpoint not found: {path}{hint}")
     return path
 
@@ -318,6 +330,9 @@ def build(cfg: DictConfig, run_dir: RunDirectory, dm=None, inputs: Inputs | None
     vae = None
     if inputs.parts is None and cfg.model.space == "latent":
         vae = inputs.vae if inputs.vae is not None else train_autoencoder(cfg, dm, run_dir.path)
+    # the model starts from the seed whether the autoencoder was trained just now (drawing random
+    # numbers) or reused from an earlier attempt of this run
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = _diffusion_module(cfg, run_dir, inputs, vae, run_dir.path / "tokenizer")
     if cfg.data.cache_latents:
         from eidetic.latent_cache import LatentCache
@@ -432,6 +447,8 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Path:
     check_run_dir(cfg, run_dir)
     inputs = read_inputs(cfg)
     check_checkpoint(cfg, run_dir, inputs)
+    if cfg.train.resume and resume_checkpoint(cfg, run_dir) is None:
+        log.warning("train.resume=last: %s has no checkpoint yet (it stopped before its first one); it trains again from step 0", run_dir.path)
     # everything is checked: from here on the run directory is written
     if run_dir.writer and cfg.run.overwrite and not cfg.train.resume and run_dir.holds_run():
         log.warning("run.overwrite=true: the run that was in %s is now in %s", run_dir.path, run_dir.move_aside())
