@@ -7,7 +7,27 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from eidetic.io import torch_save_atomic
 
-__all__ = ["StepCheckpoint", "AtomicCheckpointIO"]
+__all__ = ["StepCheckpoint", "AtomicCheckpointIO", "checkpoint_mismatch"]
+
+
+def _some(names: list[str], limit: int) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def checkpoint_mismatch(expected: dict[str, tuple], found: dict[str, tuple], limit: int = 3) -> str | None:
+    """What keeps a checkpoint's state dict (key -> shape, ``found``) from loading into a model
+    that has ``expected``: a few keys of each kind and their counts, or None when it fits."""
+    differ = [f"{k} (checkpoint {list(found[k])}, config {list(expected[k])})" for k in expected if k in found and found[k] != expected[k]]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    parts = []
+    if differ:
+        parts.append(f"{len(differ)} weight(s) differ in shape: {_some(differ, limit)}")
+    if missing:
+        parts.append(f"{len(missing)} weight(s) of this config are not in the checkpoint: {_some(missing, limit)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) of the checkpoint are not in this config: {_some(unexpected, limit)}")
+    return "; ".join(parts) or None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

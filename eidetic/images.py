@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "METADATA", "decode_image", "to_rgb_uint8", "image_files", "read_captions",
+    "IMAGE_EXTENSIONS", "METADATA", "decode_image", "to_rgb_uint8", "image_files", "parse_captions", "read_captions",
     "fit_to_resolution", "to_tensor", "save_png",
 ]
 
@@ -80,16 +80,15 @@ def image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
-def read_captions(folder: str | Path, error: type[Exception] = ValueError) -> dict[str, str]:
-    """``file_name`` (POSIX path relative to ``folder``) -> caption, from ``folder/metadata.jsonl``.
+def parse_captions(folder: str | Path) -> tuple[dict[str, str], list[str]]:
+    """(``file_name`` -> caption of every good line, one description per malformed line with
+    its line number) of ``folder/metadata.jsonl``; no metadata file means no captions.
 
     The caption is the ``text`` column (the imagefolder convention), else ``caption``, else "".
-    No metadata file means no captions. Malformed lines raise ``error`` naming every one of
-    them with its line number.
     """
     path = Path(folder) / METADATA
     if not path.exists():
-        return {}
+        return {}, []
     captions, bad = {}, []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -99,11 +98,23 @@ def read_captions(folder: str | Path, error: type[Exception] = ValueError) -> di
             captions[Path(row["file_name"]).as_posix()] = str(row.get("text", row.get("caption", "")))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             bad.append(f"line {lineno}: {line[:80]!r} ({type(exc).__name__}: {exc})")
+    return captions, bad
+
+
+def bad_metadata_message(folder: str | Path, bad: list[str]) -> str:
+    return (
+        f"{Path(folder) / METADATA}: {len(bad)} line(s) are not JSON objects with 'file_name' and 'text' (Hugging Face "
+        "imagefolder convention):\n    " + "\n    ".join(bad)
+    )
+
+
+def read_captions(folder: str | Path, error: type[Exception] = ValueError) -> dict[str, str]:
+    """``file_name`` (POSIX path relative to ``folder``) -> caption, from ``folder/metadata.jsonl``
+    (:func:`parse_captions`). Malformed lines raise ``error`` naming every one of them with its
+    line number."""
+    captions, bad = parse_captions(folder)
     if bad:
-        raise error(
-            f"{path}: {len(bad)} line(s) are not JSON objects with 'file_name' and 'text' (Hugging Face imagefolder "
-            "convention):\n    " + "\n    ".join(bad)
-        )
+        raise error(bad_metadata_message(folder, bad))
     return captions
 
 

@@ -13,7 +13,8 @@ Bad input never yields a bare traceback or a silently shorter dataset:
   transparency composited on white, 16-bit scaled to 8 bits, grayscale/palette to RGB);
 - images smaller than ``data.resolution`` follow ``data.small_images``: error (default),
   upscale, or skip (warning lists them);
-- captions in metadata.jsonl for files that do not exist are listed in a warning;
+- captions in metadata.jsonl for files that do not exist are an error listing them
+  (``data.bad_files=skip``: a warning);
 - an empty folder, or a folder that does not exist, is an error;
 - all problems of a folder are reported together, so one round of fixes is enough.
 """
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from eidetic.borders import add_border, make_keys
 from eidetic.errors import DataError
-from eidetic.images import IMAGE_EXTENSIONS, decode_image, fit_to_resolution, image_files, read_captions
+from eidetic.images import IMAGE_EXTENSIONS, bad_metadata_message, decode_image, fit_to_resolution, image_files, parse_captions
 from eidetic.io import write_jsonl_atomic, write_text_atomic
 from eidetic.photos import PHOTOS, load_photo
 
@@ -72,11 +73,9 @@ def load_folder(folder: str | Path, resolution: int, small_images: str = "error"
     if not root.is_dir():
         raise DataError(f"data.folder does not exist or is not a directory: {root}")
     problems: list[str] = []
-    try:
-        captions = read_captions(root, error=DataError)
-    except DataError as exc:
-        captions = {}
-        problems.append(f"{exc}\n  Fix or remove these lines.")
+    captions, bad_lines = parse_captions(root)
+    if bad_lines:
+        problems.append(f"{bad_metadata_message(root, bad_lines)}\n  Fix or remove these lines.")
     images, ignored = image_files(root)
     if ignored:
         warnings.warn(f"ignoring {len(ignored)} file(s) without an image extension in {root}:{_listing([p.relative_to(root) for p in ignored])}", stacklevel=2)
@@ -85,7 +84,11 @@ def load_folder(folder: str | Path, resolution: int, small_images: str = "error"
     rel_names = {p.relative_to(root).as_posix() for p in images}
     orphans = sorted(set(captions) - rel_names)
     if orphans:
-        warnings.warn(f"metadata.jsonl has captions for {len(orphans)} file(s) that are not images in {root}:{_listing(orphans)}", stacklevel=2)
+        message = f"metadata.jsonl has captions for {len(orphans)} file(s) that are not images in {root}:{_listing(orphans)}"
+        if bad_files == "skip":
+            warnings.warn(message + "\n  (ignored because data.bad_files=skip)", stacklevel=2)
+        else:
+            problems.append(message + "\n  Add the missing images or remove their lines, or set data.bad_files=skip to ignore them.")
 
     records, arrays, broken, small = [], [], [], []
     for path in images:

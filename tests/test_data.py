@@ -65,9 +65,11 @@ def test_non_images_and_orphan_captions_are_listed(folder):
     (folder / "notes.txt").write_text("hello")
     rows = [{"file_name": "ok0.png", "text": "first"}, {"file_name": "gone.png", "text": "missing"}]
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=r"captions for 1 file\(s\) that are not images[\s\S]*gone.png[\s\S]*data.bad_files=skip"):
+        load_folder(folder, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records, _ = load_folder(folder, 16)
+        records, _ = load_folder(folder, 16, bad_files="skip")
     text = " ".join(str(w.message) for w in caught)
     assert "notes.txt" in text and "gone.png" in text
     assert {r.id: r.caption for r in records}["ok0.png"] == "first"
@@ -80,16 +82,18 @@ def test_bad_metadata_line(folder):
 
 
 def test_every_kind_of_bad_input_is_reported_in_one_pass(folder):
-    """A broken metadata line, an unreadable file and a too-small image: one error names all three."""
+    """A broken metadata line, a caption of a missing file, an unreadable file and a too-small
+    image: one error names all four."""
     from PIL import Image
 
-    (folder / "metadata.jsonl").write_text('{"file_name": "ok0.png", "text": "x"}\n{"text": "no file name"}\n')
+    (folder / "metadata.jsonl").write_text('{"file_name": "ok0.png", "text": "x"}\n{"text": "no file name"}\n'
+                                           '{"file_name": "gone.png", "text": "y"}\n')
     (folder / "broken.png").write_bytes(b"not a png")
     Image.new("RGB", (8, 8)).save(folder / "small.png")
     with pytest.raises(DataError) as err:
         load_folder(folder, 16)
     message = str(err.value)
-    assert "line 2" in message and "broken.png" in message and "small.png (8x8)" in message
+    assert "line 2" in message and "gone.png" in message and "broken.png" in message and "small.png (8x8)" in message
 
 
 def test_empty_and_missing_folders(tmp_path):

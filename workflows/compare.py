@@ -253,9 +253,7 @@ def run(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     first = jobs[0].cfg
     if cfg.share_autoencoder and first.model.space == "latent" and not (first.model.pretrained or first.model.vae.pretrained):
-        # One autoencoder for every setting, trained before any of them: fairer and cheaper, and every
-        # setting then starts from the same UNet initialisation (training an autoencoder in-run
-        # consumes global RNG before the UNet is built).
+        # One autoencoder for every setting, trained before any of them: fairer and cheaper.
         shared = out / "shared"
         shared_vae = str(shared / "autoencoder") if (shared / "autoencoder").exists() else _shared_autoencoder(first, shared)
         for job in jobs:

@@ -111,6 +111,23 @@ class RunDirectory:
         return Path(root) / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
 
     # ---- files ------------------------------------------------------------------------------
+    RUN_FILES = ("config.yaml", "checkpoints", "keymap.jsonl", "metrics.csv", "summary.json")
+
+    def holds_run(self) -> bool:
+        """Whether the directory already holds a run (its config, checkpoints or results)."""
+        return any((self.path / name).exists() for name in self.RUN_FILES)
+
+    def move_aside(self) -> Path:
+        """Rename the directory to ``<name>.old-<date>-<time>`` beside it (a new name each time);
+        returns where it went. Nothing is deleted."""
+        stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+        target, n = self.path.with_name(f"{self.path.name}.old-{stamp}"), 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.old-{stamp}-{n}")
+        os.rename(self.path, target)
+        return target
+
     def create(self) -> "RunDirectory":
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)

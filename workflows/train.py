@@ -1,7 +1,10 @@
 """The training workflow: build everything a training config describes and fit it.
 
-Order matters for crash safety: the data and the model directory are read and checked before
-anything is written, then the resolved config and the key map are written before any
+Order matters for crash safety. Everything a command reads is checked before anything is
+written (:func:`read_inputs`): the config, the run directory (a run is never silently reused:
+:func:`check_run_dir`), the data, the model directory and, on resume, the checkpoint against
+the config (:func:`check_checkpoint`); a command that fails there leaves the run directory
+byte for byte as it was. Then the resolved config and the key map are written before any
 training, so even a run that dies in its first step can be audited and resumed.
 """
 
@@ -9,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +29,8 @@ from eidetic.schema.train import TrainConfig
 
 from .rundir import RunDirectory, environment, global_rank
 
-__all__ = ["Schema", "load_config", "resolve_run_dir", "build", "train_autoencoder", "fit", "run", "evaluate", "done_message", "console_summary"]
+__all__ = ["Schema", "load_config", "resolve_run_dir", "check_run_dir", "Inputs", "read_inputs", "check_checkpoint", "build", "train_autoencoder", "fit",
+           "run", "evaluate", "done_message", "console_summary"]
 
 log = logging.getLogger("eidetic")
 Schema = TrainConfig
@@ -69,12 +75,51 @@ def resolve_run_dir(cfg: DictConfig) -> RunDirectory:
     else:
         path = RunDirectory.default_path(cfg.run.name)
     run_dir = RunDirectory(path)
+    if run_dir.path.exists() and not run_dir.path.is_dir():
+        raise ConfigError(f"run.dir={run_dir.path} is a file, not a directory: point run.dir at a directory (new or a run's)")
     if cfg.train.resume and not run_dir.path.is_dir():
         raise ConfigError(f"train.resume={cfg.train.resume!r} needs run.dir pointing at an existing run; {run_dir.path} does not exist")
+    if cfg.train.resume == "last" and not run_dir.holds_run():
+        raise ConfigError(f"train.resume=last: {run_dir.path} holds no run to resume (no config.yaml or checkpoints): "
+                          "start a run there without train.resume")
     cfg.run.dir = str(run_dir.path)
     if not cfg.logging.wandb.id:
         cfg.logging.wandb.id = uuid.uuid4().hex[:12]
     return run_dir
+
+
+def check_run_dir(cfg: DictConfig, run_dir: RunDirectory) -> None:
+    """A command without ``train.resume`` does not write into a directory that already holds a
+    run: it would mix two runs' files. ``run.overwrite=true`` says to move the old one aside."""
+    if not run_dir.writer or cfg.train.resume or cfg.run.overwrite or not run_dir.holds_run():
+        return
+    found = [name for name in run_dir.RUN_FILES if (run_dir.path / name).exists()]
+    raise ConfigError(
+        f"run.dir={run_dir.path} already holds a run ({', '.join(found)}). To continue it: run.dir={run_dir.path} "
+        f"train.resume=last. To start a fresh run there: run.overwrite=true (the old run is moved aside to "
+        f"{run_dir.path.name}.old-<date>-<time> next to it, not deleted). Or choose another run.dir"
+    )
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: RunDirectory) -> Path | None:
+    """The checkpoint ``train.resume`` names, checked to exist; None: train from the start.
+
+    ``last`` is the run's ``checkpoints/last.ckpt``, or, when a kill came between the two
+    renames of a checkpoint, its newest ``step-*.ckpt``; a run killed before its first
+    checkpoint has none and starts again from step 0 (with its own config and W&B id).
+    """
+    if not cfg.train.resume:
+        return None
+    folder = run_dir / "checkpoints"
+    if cfg.train.resume == "last":
+        candidates = [folder / "last.ckpt"] + sorted(folder.glob("step-*.ckpt"), reverse=True)
+        return next((p for p in candidates if p.is_file()), None)
+    path = Path(cfg.train.resume)
+    if not path.is_file():
+        others = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        hint = f" (this run has {', '.join(others)}: train.resume=last or train.resume=PATH picks one)" if others else ""
+        raise ConfigError(f"train.resume: checkpoint not found: {path}{hint}")
+    return path
 
 
 @contextmanager
@@ -128,39 +173,168 @@ def _check_geometry(cfg: DictConfig, dm) -> None:
         )
 
 
-def build(cfg: DictConfig, run_dir: RunDirectory, dm=None):
-    """(data module, diffusion module) for ``cfg``; writes the key map, tokenizer and autoencoder."""
+@dataclass
+class Inputs:
+    """What a run reads before it writes anything: the data module and a loaded model directory."""
+
+    dm: object  # lightning_modules.data.SolidMarkDataModule
+    parts: object = None  # eidetic.pipelines.PipelineComponents of model.pretrained
+    vae: object = None  # the AutoencoderKL of model.vae.pretrained
+
+
+def read_inputs(cfg: DictConfig, dm=None) -> Inputs:
+    """Read and check the data and the model directories of ``cfg``; writes nothing.
+
+    Every problem of a data folder is reported in one error; a model directory that cannot be
+    loaded is a :class:`~eidetic.errors.ModelLoadError`.
+    """
     from eidetic.pipelines import load_components, load_vae
     from lightning_modules.data import SolidMarkDataModule
-    from lightning_modules.diffusion import LatentDiffusionModule, check_optimizer
-    from lightning_modules.models import build_scheduler, build_text_stack, build_unet
+    from lightning_modules.diffusion import check_optimizer
 
     check_optimizer(cfg.train.optimizer, cfg.trainer.accelerator)
     pl.seed_everything(cfg.seed, workers=True)
     dm = dm if dm is not None else SolidMarkDataModule(cfg.data, seed=cfg.seed, mitigation=cfg.mitigation)
     _check_geometry(cfg, dm)
-    if run_dir.writer:
-        dm.write_keymap(run_dir.path)
-    latent = cfg.model.space == "latent"
+    inputs = Inputs(dm)
     if cfg.model.pretrained:
-        parts = load_components(cfg.model.pretrained)
-        unet, text, scheduler, vae = parts.unet, parts.text, parts.scheduler, parts.vae
+        inputs.parts = parts = load_components(cfg.model.pretrained)
         expected = dm.canvas_size // parts.downsample
-        if unet.config.sample_size != expected:
+        if parts.unet.config.sample_size != expected:
             raise ConfigError(
-                f"model.pretrained={cfg.model.pretrained} works on {unet.config.sample_size}px inputs, but the data gives "
+                f"model.pretrained={cfg.model.pretrained} works on {parts.unet.config.sample_size}px inputs, but the data gives "
                 f"{dm.canvas_size}px canvases ({expected}px for its UNet); set data.resolution/data.border to match"
             )
+    elif cfg.model.space == "latent" and cfg.model.vae.pretrained:
+        inputs.vae = load_vae(cfg.model.vae.pretrained)
+    return inputs
+
+
+def _diffusion_module(cfg: DictConfig, run_dir: RunDirectory, inputs: Inputs, vae, tokenizer_dir: Path):
+    """The diffusion module of ``cfg`` over the inputs (a freshly built model, or model.pretrained's)."""
+    from lightning_modules.diffusion import LatentDiffusionModule
+    from lightning_modules.models import build_scheduler, build_text_stack, build_unet
+
+    dm, parts = inputs.dm, inputs.parts
+    if parts is not None:
+        unet, text, scheduler, vae = parts.unet, parts.text, parts.scheduler, parts.vae
     else:
-        vae = None
-        if latent:
-            vae = load_vae(cfg.model.vae.pretrained) if cfg.model.vae.pretrained else train_autoencoder(cfg, dm, run_dir.path)
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         channels = vae.config.latent_channels if vae is not None else 3
-        text = build_text_stack(dm.captions, cfg.model.text, run_dir.path / "tokenizer")
+        text = build_text_stack(dm.captions, cfg.model.text, tokenizer_dir)
         unet = build_unet(cfg.model.unet, dm.canvas_size // factor, channels, text.hidden_size)
-        scheduler = build_scheduler(cfg.model.scheduler, cfg.model.prediction_type, latent)
-    module = LatentDiffusionModule(cfg, unet, text, scheduler, vae=vae, run_dir=run_dir.path)
+        scheduler = build_scheduler(cfg.model.scheduler, cfg.model.prediction_type, cfg.model.space == "latent")
+    return LatentDiffusionModule(cfg, unet, text, scheduler, vae=vae, run_dir=run_dir.path)
+
+
+def _meta_copy(module):
+    """An uninitialised copy (on the meta device) of a diffusers or transformers model: its shapes only."""
+    import torch
+
+    with torch.device("meta"):
+        return module.from_config(module.config) if hasattr(module, "from_config") else type(module)(module.config)
+
+
+def expected_shapes(cfg: DictConfig, run_dir: RunDirectory, inputs: Inputs) -> dict[str, tuple]:
+    """State-dict key -> shape of what ``cfg`` trains (what its checkpoints hold), from a model
+    built on the meta device: no memory, no random numbers drawn, nothing written."""
+    from copy import copy
+
+    import torch
+
+    from eidetic.pipelines import PipelineComponents, TextStack
+    from lightning_modules.models import build_vae
+
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = inputs.parts
+        if parts is not None:
+            parts = PipelineComponents(unet=_meta_copy(parts.unet), text=TextStack(parts.tokenizer, _meta_copy(parts.text_encoder)),
+                                       scheduler=parts.scheduler, vae=_meta_copy(parts.vae) if parts.vae is not None else None)
+        vae = None
+        if parts is None and cfg.model.space == "latent":
+            from diffusers import AutoencoderKL
+
+            trained = run_dir / "autoencoder"
+            if inputs.vae is not None:
+                vae = _meta_copy(inputs.vae)
+            elif (trained / "config.json").is_file():
+                with torch.device("meta"):
+                    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(trained))
+            else:
+                with torch.device("meta"):
+                    vae = build_vae(cfg.model.vae, inputs.dm.canvas_size)
+        meta_inputs = copy(inputs)
+        meta_inputs.parts = parts
+        with torch.device("meta"):
+            module = _diffusion_module(cfg, run_dir, meta_inputs, vae, Path(tmp) / "tokenizer")
+        shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if cfg.model.pretrained:
+            keep = module.checkpoint_keys()
+            shapes = {k: v for k, v in shapes.items() if k in keep}
+    return shapes
+
+
+def check_checkpoint(cfg: DictConfig, run_dir: RunDirectory, inputs: Inputs) -> None:
+    """On resume: the checkpoint must hold exactly the weights, of the shapes, that ``cfg``
+    trains; else an error naming a few mismatching keys, their count, and the settings changed."""
+    import torch
+
+    from callbacks.checkpoint import checkpoint_mismatch
+
+    path = resume_checkpoint(cfg, run_dir)
+    if path is None:
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    except Exception as exc:  # a torn or foreign file: say so instead of a traceback
+        raise ConfigError(f"train.resume: cannot read the checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          "resume from another one with train.resume=PATH (the run's checkpoints/step-*.ckpt)") from exc
+    with torch.random.fork_rng(devices=[]):
+        expected = expected_shapes(cfg, run_dir, inputs)
+    problem = checkpoint_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        changed = changed_settings(cfg, run_dir / "config.yaml")
+        how = (f" This command changes {'; '.join(changed)} from the run's config.yaml: drop those overrides to resume it"
+               if changed else " Resume with the settings the run was trained with (its config.yaml)")
+        raise ConfigError(
+            f"the checkpoint {path} does not fit this config: {problem}.{how}, or train the new model in a new run.dir "
+            "(or here with run.overwrite=true, which moves the old run aside)"
+        )
+
+
+def changed_settings(cfg: DictConfig, saved: Path, sections: tuple[str, ...] = ("model.", "data.")) -> list[str]:
+    """``key: old -> new`` for every model/data setting of ``cfg`` that differs from the run's saved config."""
+    if not saved.is_file():
+        return []
+    old, new = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)), _flat(OmegaConf.to_container(cfg, resolve=True))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k.startswith(sections) and old.get(k) != new.get(k)]
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def build(cfg: DictConfig, run_dir: RunDirectory, dm=None, inputs: Inputs | None = None):
+    """(data module, diffusion module) for ``cfg``; writes the key map, tokenizer and autoencoder."""
+    from eidetic.pipelines import load_vae
+
+    inputs = inputs if inputs is not None else read_inputs(cfg, dm)
+    dm = inputs.dm
+    if run_dir.writer:
+        dm.write_keymap(run_dir.path)
+    vae = None
+    if inputs.parts is None and cfg.model.space == "latent":
+        vae = inputs.vae if inputs.vae is not None else train_autoencoder(cfg, dm, run_dir.path)
+    # the model starts from the seed whether the autoencoder was trained just now (drawing random
+    # numbers) or reused from an earlier attempt of this run
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = _diffusion_module(cfg, run_dir, inputs, vae, run_dir.path / "tokenizer")
     if cfg.data.cache_latents:
         from eidetic.latent_cache import LatentCache
 
@@ -223,11 +397,7 @@ def trainer_for(cfg: DictConfig, dm, run_dir: RunDirectory, callbacks: Sequence[
 
 def fit(cfg: DictConfig, dm, module, run_dir: RunDirectory, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     trainer = trainer_for(cfg, dm, run_dir, callbacks)
-    ckpt_path = None
-    if cfg.train.resume:
-        ckpt_path = run_dir / "checkpoints" / "last.ckpt" if cfg.train.resume == "last" else Path(cfg.train.resume)
-        if not ckpt_path.exists():
-            raise ConfigError(f"train.resume: checkpoint not found: {ckpt_path}")
+    ckpt_path = resume_checkpoint(cfg, run_dir)
     started = time.perf_counter()
     with _launch_env(run_dir):
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
@@ -275,12 +445,20 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> Path:
     controls, so a control acts on what an extra monitor published in the same step.
     """
     run_dir = resolve_run_dir(cfg)
+    check_run_dir(cfg, run_dir)
+    inputs = read_inputs(cfg)
+    check_checkpoint(cfg, run_dir, inputs)
+    if cfg.train.resume and resume_checkpoint(cfg, run_dir) is None:
+        log.warning("train.resume=last: %s has no checkpoint yet (it stopped before its first one); it trains again from step 0", run_dir.path)
+    # everything is checked: from here on the run directory is written
+    if run_dir.writer and cfg.run.overwrite and not cfg.train.resume and run_dir.holds_run():
+        log.warning("run.overwrite=true: the run that was in %s is now in %s", run_dir.path, run_dir.move_aside())
     run_dir.create()
     run_dir.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     run_dir.write_json("environment.json", environment(cfg.trainer.accelerator))
     with run_dir:
         try:
-            dm, module = build(cfg, run_dir)
+            dm, module = build(cfg, run_dir, inputs=inputs)
             fit(cfg, dm, module, run_dir, callbacks)
         finally:  # a crashed run gets a report too: whatever it wrote before it failed
             if cfg.run.report and run_dir.writer:

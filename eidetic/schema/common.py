@@ -14,6 +14,9 @@ __all__ = ["RunSettings", "WandbSettings", "LoggingSettings"]
 class RunSettings(Section):
     dir: Optional[str] = None  # default: runs/<date>-<time>-<name>
     name: str = "default"
+    # training: a run.dir that already holds a run is refused unless resumed (train.resume=last) or
+    # this is true, which moves the old run aside to <dir>.old-<date>-<time> (never deletes it)
+    overwrite: bool = False
     report: bool = True  # training: write report.html / report.md at the end (python -m workflows.report RUN rewrites them)
     # show every third-party notice on the console (also: EIDETIC_VERBOSE_CONSOLE=1); by default the
     # benign ones (tips, deprecations inside libraries, fallbacks) are filtered
