@@ -83,6 +83,11 @@ def trained_run(args):
     cfg = train.load_config([args.config], [f"run.dir={run_dir}", "logging.wandb.enabled=false", "solidmark.enabled=false", *args.override])
     started = time.perf_counter()
     if not (run_dir / "model" / "model_index.json").exists():
+        from workflows.rundir import RunDirectory
+
+        if RunDirectory(run_dir).holds_run():  # an interrupted benchmark run continues where it stopped
+            cfg = train.load_config([args.config], [f"run.dir={run_dir}", "logging.wandb.enabled=false", "solidmark.enabled=false",
+                                                    "train.resume=last", *args.override])
         train.run(cfg)
     return cfg, run_dir.resolve(), time.perf_counter() - started
 
