@@ -122,7 +122,7 @@ def resolve_device(name: str) -> torch.device:
 
 def attack_options(cfg: DictConfig) -> dict:
     """The Diff-Protect choices of the config as :func:`eidetic.protection.protect_images` arguments."""
-    start = protection.random_start_default(cfg.objective) if cfg.random_start == "auto" else cfg.random_start == "yes"
+    start = protection.random_start_default(cfg.objective) if cfg.random_start == "auto" else cfg.random_start == "always"
     rate = float(cfg.target_rate) if cfg.objective == "sdst" and cfg.sdst_weighting == "diff-protect" else None
     return {"sdst_target_rate": rate, "random_start": start, "encoder_latent": str(cfg.encoder_latent)}
 

@@ -15,7 +15,7 @@ __all__ = ["ProtectConfig", "EvaluateSettings", "MimicrySettings", "Purification
 DTYPES = ("float32", "float16", "bfloat16")
 PGD_SDST_WEIGHTINGS = ("diff-protect", "textural_weight")
 ENCODER_LATENTS = ("sample", "mean")
-RANDOM_STARTS = ("auto", "yes", "no")
+RANDOM_STARTS = ("auto", "always", "never")
 
 
 @dataclass
@@ -117,7 +117,7 @@ class ProtectConfig(Section):
     textural_weight: float = 1.0  # weight of the textural term in mist (and in sdst with sdst_weighting=textural_weight)
     sdst_weighting: str = "diff-protect"  # diff-protect: step sign(target_rate * J^T(eps_hat - eps) + J^T 2(z - z_target)) (sum-MSE), as the official code; textural_weight: -L_S(SDS) - textural_weight * L_T with per-element means
     target_rate: float = 5.0  # Diff-Protect's SDST rate (its configs/attack/base.yaml target_rate)
-    random_start: str = "auto"  # auto: uniform start in the eps-ball for advdm+/-, photoguard and mist (Diff-Protect runs them through advertorch's LinfPGDAttack, rand_init=True), none for the SDS objectives (its pgd_sds default); yes | no for every objective
+    random_start: str = "auto"  # auto: uniform start in the eps-ball for advdm+/-, photoguard and mist (Diff-Protect runs them through advertorch's LinfPGDAttack, rand_init=True), none for the SDS objectives (its pgd_sds default); always | never for every objective
     encoder_latent: str = "sample"  # sample: a fresh posterior sample of the encoder at every PGD step (Diff-Protect's get_first_stage_encoding); mean: the posterior mean
     target: str = ""  # target image for photoguard/mist/sdst; "" = built-in stripe pattern
     caption: str = "a photo"  # caption for images without one in metadata.jsonl
