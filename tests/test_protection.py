@@ -579,3 +579,70 @@ def test_config_defaults_follow_diff_protect():
     assert protect_workflow.attack_options(protect_workflow.load_config([], ["input=a", "model=b", "output=c", "objective=mist"]))["random_start"]
     with pytest.raises(ConfigError, match="sdst_weighting"):
         protect_workflow.load_config([], ["input=a", "model=b", "output=c", "sdst_weighting=paper"])
+
+
+# ---- bad input -------------------------------------------------------------------------
+def test_mixed_sizes_and_modes_in_one_folder_are_each_protected(tmp_path, pipeline_dir):
+    """Grayscale, palette, RGBA, 16-bit and odd sizes in one folder: every file is protected at
+    its own size (decoded as training data is: RGB, alpha on white)."""
+    from PIL import Image
+
+    src = tmp_path / "mixed"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(src / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).convert("P").save(src / "palette.png")
+    Image.fromarray(rng.integers(0, 256, (20, 16, 4), dtype=np.uint8), "RGBA").save(src / "alpha.png")
+    Image.fromarray(rng.integers(0, 65535, (16, 16), dtype=np.uint16)).save(src / "deep.png")
+    out = tmp_path / "out"
+    assert protect.main([f"input={src}", f"model={pipeline_dir}", f"output={out}", "steps=1", "evaluate.enabled=false"]) == 0
+    for name, size in {"gray.png": (16, 16), "palette.png": (24, 16), "alpha.png": (16, 20), "deep.png": (16, 16)}.items():
+        with Image.open(out / name) as im:
+            assert im.size == size and im.mode == "RGB", name
+
+
+def test_wrong_kind_of_model_directory_is_a_clear_error(tmp_path, image_folder, pipeline_dir, capsys):
+    out = tmp_path / "o"
+    for model, message in [
+        (pipeline_dir / "vae", "is not a diffusers text-to-image directory: missing unet/"),
+        (tmp_path / "nowhere", "model directory not found"),
+    ]:
+        assert protect.main([f"input={image_folder}", f"model={model}", f"output={out}", "steps=1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("eps, message", [("0", "eps must be in (0, 1]"), ("-0.1", "eps must be in (0, 1]"),
+                                          ("16", "write eps=16/255"), ("300", "eps must be in (0, 1]")])
+def test_budget_outside_zero_one_is_a_clear_cli_error(tmp_path, image_folder, pipeline_dir, capsys, eps, message):
+    out = tmp_path / "o"
+    assert protect.main([f"input={image_folder}", f"model={pipeline_dir}", f"output={out}", f"eps={eps}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_output_inside_input_is_refused_and_nothing_is_written(tmp_path, pipeline_dir, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    save_rgb(src / "a.png", np.zeros((16, 16, 3), np.uint8))
+    (src / "previous").mkdir()
+    (src / "previous" / "keep.txt").write_text("already written")
+    before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
+    assert protect.main([f"input={src}", f"model={pipeline_dir}", f"output={src / 'previous'}", "steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "must not be inside input" in err
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*")) == before
+    assert (src / "previous" / "keep.txt").read_text() == "already written"
+
+
+def test_every_unreadable_file_is_named_at_once(tmp_path, pipeline_dir, capsys):
+    src = tmp_path / "bad"
+    src.mkdir()
+    for name in ("one.png", "two.jpg", "three.webp"):
+        (src / name).write_bytes(b"not an image")
+    assert protect.main([f"input={src}", f"model={pipeline_dir}", f"output={tmp_path / 'o'}", "steps=1"]) == 2
+    err = capsys.readouterr().err  # each file is named as it is skipped, then one error names them all
+    final = err[err.index("error: "):]
+    assert "none of the 3 images" in final and all(n in final for n in ("one.png", "two.jpg", "three.webp"))
