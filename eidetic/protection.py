@@ -55,6 +55,8 @@ __all__ = [
     "objective_value",
     "attack_gradient",
     "semantic_gradient",
+    "encode_for_attack",
+    "random_start_default",
     "protect_images",
     "quantise_perturbation",
     "to_levels",
@@ -136,15 +138,27 @@ def objective_value(
     noise: torch.Tensor,
     target_latents: torch.Tensor | None = None,
     textural_weight: float = 1.0,
+    sdst_target_rate: float | None = None,
+    posterior_noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(B,) quantity PGD ascends for ``objective``, plus the detached loss terms it used.
 
-    The encoder runs once; semantic and textural terms share its latents.
+    The encoder runs once; semantic and textural terms share its latents (the posterior
+    mean, or the sample ``mean + std * posterior_noise``).
+
+    ``sdst_target_rate`` (sdst only): weight the terms as Diff-Protect's official code does,
+    so the signed step is sign(rate * J^T (eps_hat - eps) + J^T 2 (z - z_target)) with the
+    textural term a sum of squares; ``None``: -L_S(SDS) - textural_weight * L_T with
+    per-element means (the same direction as rate = 2 / textural_weight).
     """
     _check_objective(objective)
     if objective in TEXTURAL_OBJECTIVES and target_latents is None:
         raise ValueError(f"objective {objective!r} needs target latents (encode a target image)")
-    z = model.encode_images(images)
+    if sdst_target_rate is not None and not sdst_target_rate > 0:
+        raise ValueError(f"sdst_target_rate must be > 0 or None, got {sdst_target_rate}")
+    z = encode_for_attack(model, images, posterior_noise)
+    n = z[0].numel()
+    diff_protect_sdst = objective == "sdst" and sdst_target_rate is not None
     terms: dict[str, torch.Tensor] = {}
     value = torch.zeros(images.shape[0], device=images.device)
     if objective in ("advdm+", "advdm-", "mist"):
@@ -154,20 +168,37 @@ def objective_value(
     elif objective in ("sds+", "sds-", "sdst"):
         surrogate, ls = _sds_surrogate_of_latents(model, z, cond, timesteps, noise)
         terms["semantic"] = ls.detach()
+        if diff_protect_sdst:  # (n/2) * surrogate has the gradient J^T (eps_hat - eps), the official code's
+            surrogate = float(sdst_target_rate) * (n / 2.0) * surrogate
         value = value + (surrogate if objective == "sds+" else -surrogate)
     if objective in TEXTURAL_OBJECTIVES:
         lt = _textural_loss_of_latents(z, target_latents).float()
         terms["textural"] = lt.detach()
-        weight = 1.0 if objective == "photoguard" else float(textural_weight)
-        value = value - weight * lt
+        if diff_protect_sdst:  # sum-MSE: gradient J^T 2 (z - z_target)
+            value = value - n * lt
+        else:
+            weight = 1.0 if objective == "photoguard" else float(textural_weight)
+            value = value - weight * lt
     return value, terms
 
 
-def attack_gradient(model, images, cond, objective, timesteps, noise, target_latents=None, textural_weight=1.0):
+def encode_for_attack(model: DiffusionModel, images: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The latents the attack differentiates: the posterior mean, or with ``posterior_noise`` the
+    reparameterised posterior sample mean + std * noise (Diff-Protect encodes with a sample)."""
+    if posterior_noise is None or model.vae is None:
+        return model.encode_images(images)
+    vae_dtype = next(model.vae.parameters()).dtype
+    dist = model.vae.encode(images.to(vae_dtype)).latent_dist
+    return (dist.mean + dist.std * posterior_noise.to(dist.mean.dtype)) * model.latent_scale
+
+
+def attack_gradient(model, images, cond, objective, timesteps, noise, target_latents=None, textural_weight=1.0,
+                    sdst_target_rate=None, posterior_noise=None):
     """(gradient of the objective w.r.t. ``images``, loss terms). Only the input gets a gradient."""
     x = images.detach().requires_grad_(True)
     with _frozen(model):
-        value, terms = objective_value(model, x, cond, objective, timesteps, noise, target_latents, textural_weight)
+        value, terms = objective_value(model, x, cond, objective, timesteps, noise, target_latents, textural_weight,
+                                       sdst_target_rate, posterior_noise)
         (grad,) = torch.autograd.grad(value.sum(), x)
     return grad, terms
 
@@ -196,6 +227,18 @@ def _frozen(model: DiffusionModel):
     finally:
         for p, s in zip(params, saved):
             p.requires_grad_(s)
+
+
+# Diff-Protect runs AdvDM, PhotoGuard (texture_only) and Mist through advertorch's LinfPGDAttack,
+# whose rand_init defaults to True, and its SDS objectives through its own pgd_sds, whose
+# random_start defaults to False.
+RANDOM_START_OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist")
+
+
+def random_start_default(objective: str) -> bool:
+    """Whether Diff-Protect's code starts PGD for ``objective`` from a random point of the eps-ball."""
+    _check_objective(objective)
+    return objective in RANDOM_START_OBJECTIVES
 
 
 # ---- 8-bit levels and projection ----------------------------------------------------
@@ -282,6 +325,9 @@ def protect_images(
     textural_weight: float = 1.0,
     generator: torch.Generator | None = None,
     step_callback: Callable[[int, dict[str, float]], None] | None = None,
+    sdst_target_rate: float | None = None,
+    random_start: bool = False,
+    encoder_latent: str = "mean",
 ) -> torch.Tensor:
     """Signed-gradient PGD; returns protected images in [-1, 1] lying exactly on 8-bit levels.
 
@@ -295,8 +341,16 @@ def protect_images(
         target: (3, H, W) or (B, 3, H, W) target image in [-1, 1] for textural objectives
             (default: :func:`default_target_pattern`), resized to the images if needed.
         step_callback: called as ``step_callback(step, {"semantic": .., "textural": ..})``.
+        sdst_target_rate: Diff-Protect's SDST weighting (see :func:`objective_value`); None:
+            ``textural_weight`` with per-element means.
+        random_start: start from a uniform draw in the eps-ball (whole levels, valid pixels),
+            as Diff-Protect's AdvDM/PhotoGuard/Mist (advertorch ``LinfPGDAttack``) do.
+        encoder_latent: ``"mean"`` (the posterior mean) or ``"sample"`` (a fresh posterior
+            sample at every step, Diff-Protect's ``get_first_stage_encoding``).
     """
     _check_objective(objective)
+    if encoder_latent not in ("mean", "sample"):
+        raise ValueError(f"encoder_latent must be 'mean' or 'sample', got {encoder_latent!r}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
     if cond.shape[0] != images.shape[0]:
@@ -329,12 +383,17 @@ def protect_images(
             target_latents = model.encode_images(tgt)
 
     delta = torch.zeros_like(clean)
+    if random_start:
+        start = (torch.rand(clean.shape, generator=generator) * 2 - 1) * eps_levels
+        delta = (clean + start.to(device).round()).clamp(0, 255) - clean
     for step in range(steps):
         protected = quantise_perturbation(clean, delta, eps_levels)
         t = torch.randint(lo, hi + 1, (b,), generator=generator).to(device)
         z_shape = (b, model.latent_channels, clean.shape[-2] // model.downsample, clean.shape[-1] // model.downsample)
         noise = torch.randn(z_shape, generator=generator).to(device)
-        grad, terms = attack_gradient(model, from_levels(protected), cond, objective, t, noise, target_latents, textural_weight)
+        posterior = torch.randn(z_shape, generator=generator).to(device) if encoder_latent == "sample" and model.vae is not None else None
+        grad, terms = attack_gradient(model, from_levels(protected), cond, objective, t, noise, target_latents, textural_weight,
+                                      sdst_target_rate, posterior)
         # continuous delta accumulates sub-level steps; the gradient is always taken at the
         # quantised image, so the optimised and the saved image are the same
         delta = delta + step_levels * grad.sign()

@@ -207,3 +207,18 @@ def test_one_model_loader_freezes_for_inference_and_not_for_fine_tuning(tiny_mod
     assert type(frozen.scheduler).__name__ == type(parts.scheduler).__name__ == "DDPMScheduler"
     with torch.no_grad():
         torch.testing.assert_close(frozen.encode_prompt(["a photo of the moon"]), parts.text(["a photo of the moon"]))
+
+
+def test_mimicry_after_purification_scores_against_the_clean_images(tiny_model, images, tmp_path):
+    out = tmp_path / "out"
+    rc = protect.main([
+        f"input={images}", f"model={tiny_model}", f"output={out}", "objective=sds-", "steps=1", "evaluate.enabled=false",
+        "mimicry.enabled=true", "mimicry.steps=2", "mimicry.samples_per_image=1", "mimicry.sample_steps=2",
+        "mimicry.train_overrides=[train.lr_warmup_steps=0]", "purification=[{kind: jpeg}]",
+    ])
+    assert rc == 0
+    m = json.loads((out / "summary.json").read_text())["protection"]["mimicry"]
+    p = m["purified"]["jpeg"]
+    assert p["images"] == m["images"] and finite(p["drop"]["ssim_mean"])
+    assert (out.with_name("out.mimicry") / "purified-jpeg" / "runs" / "clean" / "model").is_dir()
+    assert "purified with `jpeg`" in (out / "report.md").read_text()

@@ -390,3 +390,259 @@ def test_budget_written_as_a_fraction_on_the_command_line():
     assert cfg.eps == pytest.approx(16 / 255) and cfg.step_size == pytest.approx(1 / 255)
     with pytest.raises(ConfigError, match="eps"):
         protect_workflow.load_config([], ["eps=sixteen", "input=a", "model=b", "output=c"])
+
+
+# ---- purification ----------------------------------------------------------------------
+from eidetic import purification  # noqa: E402
+
+
+def photo_crop(name="astronaut", size=64):
+    """A crop of a built-in photograph (skimage ships it; no download), (1, 3, size, size)."""
+    from eidetic.images import to_tensor
+    from eidetic.photos import load_photo
+
+    return to_tensor(load_photo(name)[100 : 100 + size, 150 : 150 + size].copy())[None]
+
+
+def psnr(a, b):
+    return float(protection.image_similarity(a, b)["psnr"][0])
+
+
+def test_jpeg_75_costs_a_stated_amount_on_a_photo():
+    x = photo_crop(size=128)
+    y = purification.jpeg(x, 75)
+    assert y.shape == x.shape and torch.equal(y, purification.jpeg(x, 75))  # deterministic
+    assert 30 < psnr(y, x) < 40  # measured 34.7 dB on this crop
+    assert psnr(purification.jpeg(x, 95), x) > psnr(y, x) > psnr(purification.jpeg(x, 10), x)
+
+
+def test_gaussian_noise_has_the_stated_rms_and_is_seeded():
+    x = protection.from_levels(torch.full((2, 3, 64, 64), 128.0))  # mid-grey: no clipping, so the RMS change is sigma
+    for sigma in (0.02, 0.05, 0.1):
+        y = purification.gaussian_noise(x, sigma, torch.Generator().manual_seed(0))
+        rms = float(((y - x) / 2).pow(2).mean().sqrt())  # on the [0, 1] scale
+        assert abs(rms - sigma) < 0.05 * sigma + 0.5 / 255, (sigma, rms)
+    a = purification.gaussian_noise(x, 0.05, torch.Generator().manual_seed(1))
+    b = purification.gaussian_noise(x, 0.05, torch.Generator().manual_seed(1))
+    c = purification.gaussian_noise(x, 0.05, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(purification.gaussian_noise(x, 0.0), x)
+
+
+def test_noisy_upscale_changes_but_preserves_the_image():
+    x = photo_crop(size=64)
+    y = purification.noisy_upscale(x, 0.02, 2, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and not torch.equal(y, x)
+    assert 25 < psnr(y, x) < 45  # measured 29.5 dB on this crop
+    assert torch.equal(y, purification.noisy_upscale(x, 0.02, 2, torch.Generator().manual_seed(0)))
+    odd = purification.noisy_upscale(clean_images(1, size=15), 0.02, 2, torch.Generator().manual_seed(0))
+    assert odd.shape == (1, 3, 15, 15)
+
+
+@pytest.mark.parametrize("kind", purification.PURIFICATIONS)
+def test_purifications_keep_size_range_and_8bit_levels(kind, oracle_model):
+    x = clean_images(2, size=16)
+    y = purification.purify(kind, x, sigma=0.05, t_star=200, steps=3, model=oracle_model, generator=torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= -1 and y.max() <= 1
+    levels = (y + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    z = purification.purify(kind, x, sigma=0.05, t_star=200, steps=3, model=oracle_model, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y, z)  # same seed, same output bitwise
+
+
+def test_diffpure_is_identity_at_zero_and_changes_more_with_t_star(oracle_model):
+    """On the optimal denoiser of a set that holds the images themselves (a model that knows them),
+    DiffPure returns near the image at small t* and drifts towards other images as t* grows."""
+    x = clean_images(2, size=16)
+    assert torch.equal(purification.diffpure(oracle_model, x, 0), x)
+    with torch.no_grad():
+        own = oracle_model.encode_images(x)
+        others = oracle_model.unet.data if hasattr(oracle_model.unet, "data") else None
+    assert others is not None
+    knows = DiffusionModel(EmpiricalDenoiser(torch.cat([own, others]), oracle_model.scheduler.alphas_cumprod), oracle_model.scheduler,
+                           oracle_model.encode_prompt, oracle_model.vae)
+    with torch.no_grad():  # the tiny random autoencoder does not reconstruct: compare with its round trip
+        round_trip = purification.quantise(knows.decode_latents(own))
+    change = []
+    for t_star in (10, 900):
+        ys = [purification.diffpure(knows, x, t_star, steps=5, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+        change.append(float(torch.stack([(y - round_trip).pow(2).mean() for y in ys]).mean()))
+    assert change[0] < 1e-3 and change[1] > 10 * max(change[0], 1e-4), change
+    with pytest.raises(ValueError, match="t_star"):
+        purification.diffpure(oracle_model, x, 1000)
+
+
+@pytest.fixture(scope="module")
+def purified_run(pipeline_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("purify_in")
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        save_rgb(folder / f"p{i}.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    out = tmp_path_factory.mktemp("purify_out") / "out"
+    rc = protect.main([
+        f"input={folder}", f"model={pipeline_dir}", f"output={out}", "objective=sds-", "steps=2",
+        "evaluate.strengths=[0.5]", "evaluate.steps=2", "evaluate.semantic_samples=1",
+        "purification=[{kind: jpeg}, {kind: diffpure, t_star: 200, steps: 2}]",
+    ])
+    return rc, out
+
+
+def test_purified_run_writes_the_new_report_columns(purified_run, render):
+    rc, out = purified_run
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())["protection"]
+    assert set(s["purification"]) == {"jpeg", "diffpure"}
+    jp = s["purification"]["jpeg"]
+    assert jp["settings"] == {"kind": "jpeg", "quality": 75}
+    assert 10 < jp["clean_cost"]["psnr_mean"] < 100 and jp["clean_cost"]["psnr_se"] is not None
+    row = jp["sdedit"]["by_strength"]["0.5"]
+    assert {"ssim_drop", "ssim_drop_se", "psnr_drop", "psnr_drop_se"} <= set(row)
+    assert "ssim_drop_se" in s["sdedit"]["by_strength"]["0.5"]
+    report = (out / "report.md").read_text()
+    assert "## Purification" in report and "cost: PSNR clean" in report and "| 0.5 | jpeg |" in report and "| 0.5 | none |" in report
+    per_image = [json.loads(line) for line in (out / "protection_per_image.jsonl").read_text().splitlines()]
+    assert all("sdedit_0.5" in r["purified"]["diffpure"] for r in per_image)
+    assert "after purification" in render(protect_workflow.console_summary(out))
+
+
+def test_purification_config_errors():
+    base = ["input=a", "model=b", "output=c"]
+    for extra, message in [
+        ("purification=[{kind: jpg}]", "did you mean 'jpeg'"),
+        ("purification=[{kind: jpeg, qualty: 50}]", "unknown config key 'purification\\[0\\].qualty'"),
+        ("purification=[{kind: jpeg, quality: 0}]", "quality must be"),
+        ("purification=[{kind: gaussian, sigma: 8}]", "sigma must be in"),
+        ("purification=[{kind: diffpure, t_star: -1}]", "t_star"),
+        ("purification=[{kind: jpeg}, {kind: jpeg}]", "names must be unique"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            protect_workflow.load_config([], base + [extra])
+
+
+def test_diffpure_t_star_beyond_the_model_fails_before_protecting(tmp_path, image_folder, pipeline_dir, capsys):
+    out = tmp_path / "o"
+    assert protect.main([f"input={image_folder}", f"model={pipeline_dir}", f"output={out}", "steps=1",
+                         "purification=[{kind: diffpure, t_star: 5000}]"]) == 2
+    assert "t_star must be below the model's 1000" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ---- Diff-Protect's choices ----------------------------------------------------------
+def test_diff_protect_sdst_weighting_is_its_signed_step(oracle_model):
+    """rate * J^T(eps_hat - eps) + J^T 2(z - z_target), computed by hand through the encoder."""
+    x = clean_images(2)
+    cond = oracle_model.encode_prompt(["a"] * 2)
+    t, noise = torch.full((2,), 400), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        tl = oracle_model.encode_images(protection.default_target_pattern(16, 16)[None]).expand(2, -1, -1, -1)
+    grad, _ = protection.attack_gradient(oracle_model, x, cond, "sdst", t, noise, tl, sdst_target_rate=5.0)
+    xr = x.clone().requires_grad_(True)
+    z = oracle_model.encode_images(xr)
+    with torch.no_grad():
+        residual = oracle_model.predict_noise(oracle_model.add_noise(z, noise, t), t, cond) - noise
+    (g_sem,) = torch.autograd.grad(z, xr, grad_outputs=residual, retain_graph=True)
+    (g_tex,) = torch.autograd.grad(((z - tl) ** 2).sum(), xr)
+    expected = -(5.0 * g_sem + g_tex)  # SDST(-) ascends the negative of the official step direction
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6)
+    # the same direction as the per-element-mean form with textural_weight = 2 / rate
+    mean_form, _ = protection.attack_gradient(oracle_model, x, cond, "sdst", t, noise, tl, textural_weight=0.4)
+    assert torch.equal(mean_form.sign(), grad.sign()) or F.cosine_similarity(mean_form.flatten(), grad.flatten(), dim=0) > 0.9999
+
+
+def test_random_start_and_posterior_sample_are_seeded_and_within_budget(oracle_model):
+    x = clean_images(2)
+    cond = oracle_model.encode_prompt(["a"] * 2)
+
+    def run(seed, **kw):
+        return protection.protect_images(oracle_model, x, cond, "advdm+", eps=8 / 255, steps=1, step_size=1 / 255,
+                                         generator=torch.Generator().manual_seed(seed), **kw)
+
+    plain = run(0)
+    started = run(0, random_start=True)
+    assert torch.equal(started, run(0, random_start=True)) and not torch.equal(started, run(1, random_start=True))
+    d_plain = (protection.to_levels(plain) - protection.to_levels(x)).abs()
+    d_start = (protection.to_levels(started) - protection.to_levels(x)).abs()
+    assert d_plain.max() == 1 and 1 < d_start.max() <= 8  # one step moves one level; a random start fills the ball
+    sampled = run(0, encoder_latent="sample")
+    assert torch.equal(sampled, run(0, encoder_latent="sample")) and not torch.equal(sampled, plain)
+    with pytest.raises(ValueError, match="encoder_latent"):
+        run(0, encoder_latent="mode")
+    assert [protection.random_start_default(o) for o in protection.OBJECTIVES] == [True, True, True, True, False, False, False]
+
+
+def test_config_defaults_follow_diff_protect():
+    cfg = protect_workflow.load_config([], ["input=a", "model=b", "output=c", "objective=sdst"])
+    assert protect_workflow.attack_options(cfg) == {"sdst_target_rate": 5.0, "random_start": False, "encoder_latent": "sample"}
+    cfg = protect_workflow.load_config([], ["input=a", "model=b", "output=c", "objective=mist", "random_start=never", "encoder_latent=mean"])
+    assert protect_workflow.attack_options(cfg) == {"sdst_target_rate": None, "random_start": False, "encoder_latent": "mean"}
+    assert protect_workflow.attack_options(protect_workflow.load_config([], ["input=a", "model=b", "output=c", "objective=mist"]))["random_start"]
+    with pytest.raises(ConfigError, match="sdst_weighting"):
+        protect_workflow.load_config([], ["input=a", "model=b", "output=c", "sdst_weighting=paper"])
+
+
+# ---- bad input -------------------------------------------------------------------------
+def test_mixed_sizes_and_modes_in_one_folder_are_each_protected(tmp_path, pipeline_dir):
+    """Grayscale, palette, RGBA, 16-bit and odd sizes in one folder: every file is protected at
+    its own size (decoded as training data is: RGB, alpha on white)."""
+    from PIL import Image
+
+    src = tmp_path / "mixed"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(src / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).convert("P").save(src / "palette.png")
+    Image.fromarray(rng.integers(0, 256, (20, 16, 4), dtype=np.uint8), "RGBA").save(src / "alpha.png")
+    Image.fromarray(rng.integers(0, 65535, (16, 16), dtype=np.uint16)).save(src / "deep.png")
+    out = tmp_path / "out"
+    assert protect.main([f"input={src}", f"model={pipeline_dir}", f"output={out}", "steps=1", "evaluate.enabled=false"]) == 0
+    for name, size in {"gray.png": (16, 16), "palette.png": (24, 16), "alpha.png": (16, 20), "deep.png": (16, 16)}.items():
+        with Image.open(out / name) as im:
+            assert im.size == size and im.mode == "RGB", name
+
+
+def test_wrong_kind_of_model_directory_is_a_clear_error(tmp_path, image_folder, pipeline_dir, capsys):
+    out = tmp_path / "o"
+    for model, message in [
+        (pipeline_dir / "vae", "is not a diffusers text-to-image directory: missing unet/"),
+        (tmp_path / "nowhere", "model directory not found"),
+    ]:
+        assert protect.main([f"input={image_folder}", f"model={model}", f"output={out}", "steps=1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("eps, message", [("0", "eps must be in (0, 1]"), ("-0.1", "eps must be in (0, 1]"),
+                                          ("16", "write eps=16/255"), ("300", "eps must be in (0, 1]")])
+def test_budget_outside_zero_one_is_a_clear_cli_error(tmp_path, image_folder, pipeline_dir, capsys, eps, message):
+    out = tmp_path / "o"
+    assert protect.main([f"input={image_folder}", f"model={pipeline_dir}", f"output={out}", f"eps={eps}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_output_inside_input_is_refused_and_nothing_is_written(tmp_path, pipeline_dir, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    save_rgb(src / "a.png", np.zeros((16, 16, 3), np.uint8))
+    (src / "previous").mkdir()
+    (src / "previous" / "keep.txt").write_text("already written")
+    before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
+    assert protect.main([f"input={src}", f"model={pipeline_dir}", f"output={src / 'previous'}", "steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "must not be inside input" in err
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*")) == before
+    assert (src / "previous" / "keep.txt").read_text() == "already written"
+
+
+def test_every_unreadable_file_is_named_at_once(tmp_path, pipeline_dir, capsys):
+    src = tmp_path / "bad"
+    src.mkdir()
+    for name in ("one.png", "two.jpg", "three.webp"):
+        (src / name).write_bytes(b"not an image")
+    assert protect.main([f"input={src}", f"model={pipeline_dir}", f"output={tmp_path / 'o'}", "steps=1"]) == 2
+    err = capsys.readouterr().err  # each file is named as it is skipped, then one error names them all
+    final = err[err.index("error: "):]
+    assert "none of the 3 images" in final and all(n in final for n in ("one.png", "two.jpg", "three.webp"))

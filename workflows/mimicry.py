@@ -292,6 +292,7 @@ def mimicry_after_finetuning(
     default_caption: str = "",
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
+    references: Mapping[str, str | Path] | None = None,
 ) -> dict:
     """Fine-tune ``model_dir`` on clean and on protected copies; compare how each reproduces the clean images.
 
@@ -305,6 +306,9 @@ def mimicry_after_finetuning(
             config's ``mimicry`` section).
         work_dir: staged folders (``data/clean``, ``data/protected``) and the two run
             directories (``clean/``, ``protected/``), kept for inspection.
+        references: clean file name -> the image generations are compared with (default: the
+            clean image itself); purified arms train on purified copies but are still scored
+            against the original clean images.
 
     Returns the summary (also written to ``work_dir/mimicry.json``), with ``per_image`` rows.
     """
@@ -335,7 +339,8 @@ def mimicry_after_finetuning(
         with atomic_write(work / "data" / "protected" / staged, "wb") as fh:
             fh.write(protected_path.read_bytes())  # the published file, byte for byte
         # the data module trains on fit_to_resolution(image); the clean target must match it
-        targets.append(to_tensor(fit_to_resolution(clean, res)))
+        reference = decode_image(references[name]) if references is not None else clean
+        targets.append(to_tensor(fit_to_resolution(reference, res)))
         rows.append({"file_name": staged, "text": captions.get(name, default_caption), "_clean": name})
     if off_size:
         warnings_.append(

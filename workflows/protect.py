@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from eidetic import protection
+from eidetic import protection, purification
 from eidetic.config import load
 from eidetic.errors import ConfigError, DataError, ModelLoadError
 from eidetic.images import IMAGE_EXTENSIONS, decode_image, image_files, read_captions, save_png, to_tensor
 from eidetic.io import update_summary, write_jsonl_atomic, write_text_atomic
 from eidetic.pipelines import load_diffusion_model
+from eidetic.stats import mean_and_standard_error
 from eidetic.schema.protect import ProtectConfig
 
 from . import mimicry
@@ -119,6 +120,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def attack_options(cfg: DictConfig) -> dict:
+    """The Diff-Protect choices of the config as :func:`eidetic.protection.protect_images` arguments."""
+    start = protection.random_start_default(cfg.objective) if cfg.random_start == "auto" else cfg.random_start == "always"
+    rate = float(cfg.target_rate) if cfg.objective == "sdst" and cfg.sdst_weighting == "diff-protect" else None
+    return {"sdst_target_rate": rate, "random_start": start, "encoder_latent": str(cfg.encoder_latent)}
+
+
 # ---- the run -------------------------------------------------------------------------
 def run(cfg: DictConfig) -> Path:
     """Protect every image of ``input`` into ``output``; returns ``output`` (its ``summary.json``
@@ -137,6 +145,9 @@ def run(cfg: DictConfig) -> Path:
     t_range = (int(cfg.t_range[0]), int(cfg.t_range[1]))
     if t_range[1] >= model.num_train_timesteps:
         raise ConfigError(f"t_range max {t_range[1]} must be below the model's {model.num_train_timesteps} training timesteps")
+    late = [f"{p.name or p.kind} (t_star={p.t_star})" for p in cfg.purification if p.kind == "diffpure" and p.t_star >= model.num_train_timesteps]
+    if late:
+        raise ConfigError(f"purification t_star must be below the model's {model.num_train_timesteps} training timesteps: {', '.join(late)}")
     target = load_image(Path(cfg.target)) if cfg.target else None
     if cfg.mimicry.enabled:  # a config that cannot fine-tune fails now, not after the attack
         work = mimicry_work_dir(cfg)
@@ -175,6 +186,7 @@ def run(cfg: DictConfig) -> Path:
         result = protection.protect_images(
             model, batch, cond, cfg.objective, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
             t_range=t_range, target=target, textural_weight=cfg.textural_weight, generator=generator, step_callback=on_step,
+            **attack_options(cfg),
         ).cpu()
         for n, img in zip(names, result):
             save_png(img, out / output_name(n))
@@ -202,6 +214,9 @@ def run(cfg: DictConfig) -> Path:
         "step_size": cfg.step_size,
         "steps": cfg.steps,
         "t_range": list(t_range),
+        "random_start": attack_options(cfg)["random_start"],
+        "encoder_latent": str(cfg.encoder_latent),
+        "sdst_target_rate": attack_options(cfg)["sdst_target_rate"],
         "model": str(cfg.model),
         "images_protected": len(saved),
         "images_failed": failed,
@@ -215,14 +230,14 @@ def run(cfg: DictConfig) -> Path:
     write_text_atomic(out / "report.md", render_report(cfg, summary))
     if cfg.mimicry.enabled:
         # after the protection outputs are complete: a failed fine-tune loses nothing above
-        summary["mimicry"] = run_mimicry(cfg, src, out, captions, saved, per_image, device)
+        summary["mimicry"] = run_mimicry(cfg, src, out, captions, saved, per_image, device, model)
         write_jsonl_atomic(out / "protection_per_image.jsonl", list(per_image.values()))
         update_summary(out, "protection", summary)
         write_text_atomic(out / "report.md", render_report(cfg, summary))
     return out
 
 
-def run_mimicry(cfg, src: Path, out: Path, captions, saved, per_image, device) -> dict:
+def run_mimicry(cfg, src: Path, out: Path, captions, saved, per_image, device, model=None) -> dict:
     try:
         result = mimicry.mimicry_after_finetuning(
             cfg.model, src, out, captions, cfg.mimicry, mimicry_work_dir(cfg), files=list(saved), default_caption=cfg.caption,
@@ -232,7 +247,67 @@ def run_mimicry(cfg, src: Path, out: Path, captions, saved, per_image, device) -
         raise ConfigError(f"mimicry evaluation failed (the protected images and report were written): {exc}") from exc
     for row in result.pop("per_image"):
         per_image[row["file"]]["mimicry"] = {k: row[k] for k in ("base", "clean_tuned", "protected_tuned")}
+    if cfg.purification:
+        result["purified"] = run_purified_mimicry(cfg, src, captions, saved, per_image, device, model)
     return result
+
+
+def run_purified_mimicry(cfg, src: Path, captions, saved, per_image, device, model) -> dict:
+    """Mimicry after fine-tuning on purified clean and purified protected copies, each scored
+    against the original clean images; work files in ``<mimicry work dir>/purified-<name>/``."""
+    work = mimicry_work_dir(cfg)
+    clean = {n: load_image(src / n) for n in saved}
+    out = {}
+    for index, p in enumerate(cfg.purification):
+        label = p.name or p.kind
+        folder = work / f"purified-{label}"
+        staged = {}
+        for arm, images in (("clean", clean), ("protected", saved)):
+            purified = purify_all(cfg, p, index, images, captions, model)
+            for n, img in purified.items():
+                save_png(img, folder / "input" / arm / output_name(n))
+            staged[arm] = folder / "input" / arm
+        names = [output_name(n) for n in saved]
+        caps = {output_name(n): captions.get(n, cfg.caption) for n in saved}
+        refs = {output_name(n): src / n for n in saved}
+        try:
+            result = mimicry.mimicry_after_finetuning(
+                cfg.model, staged["clean"], staged["protected"], caps, cfg.mimicry, folder / "runs", files=names,
+                default_caption=cfg.caption, device=device, references=refs,
+                progress=lambda message, label=label: print(f"protect: mimicry ({label}): {message}", file=sys.stderr),
+            )
+        except (DataError, ModelLoadError) as exc:
+            raise ConfigError(f"mimicry evaluation after purification {label!r} failed (the protected images and report were written): {exc}") from exc
+        by_output = {output_name(n): n for n in saved}
+        for row in result.pop("per_image"):
+            per_image[by_output[row["file"]]].setdefault("purified", {}).setdefault(label, {})["mimicry"] = {k: row[k] for k in ("base", "clean_tuned", "protected_tuned")}
+        out[label] = result
+    return out
+
+
+def purify_all(cfg, p, index: int, images: dict, captions, model) -> dict:
+    """Purified copies of ``images`` (name -> (3, H, W)), batched by size; seeded per purification
+    and batch so the clean and the protected copy of an image get the same purification noise."""
+    groups: dict[tuple, list[str]] = OrderedDict()
+    for n, img in images.items():
+        groups.setdefault(tuple(img.shape[-2:]), []).append(n)
+    out = {}
+    batch_index = 0
+    for names in groups.values():
+        for i in range(0, len(names), cfg.batch_size):
+            chunk = names[i : i + cfg.batch_size]
+            g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7919 * (index + 1) + batch_index)
+            batch_index += 1
+            if p.kind == "diffpure" and model is None:
+                raise ConfigError("diffpure needs the model")
+            if p.kind == "diffpure" and p.t_star >= model.num_train_timesteps:
+                raise ConfigError(f"purification {p.name or p.kind!r}: t_star {p.t_star} must be below the model's {model.num_train_timesteps} training timesteps")
+            result = purification.purify(
+                p.kind, torch.stack([images[n] for n in chunk]), quality=p.quality, sigma=p.sigma, factor=p.factor,
+                t_star=p.t_star, steps=p.steps, model=model, captions=None, generator=g,
+            ).cpu()
+            out.update(zip(chunk, result))
+    return out
 
 
 @torch.no_grad()
@@ -275,18 +350,9 @@ def evaluate(model, cfg, clean_images, saved, captions, groups, per_image, t_ran
                 d_clean, d_prot = protection.latent_distance(model, clean, tgt), protection.latent_distance(model, prot, tgt)
                 for j, n in enumerate(batch_names):
                     per_image[n].update(target_distance_clean=float(d_clean[j]), target_distance_protected=float(d_prot[j]))
-            for k, s in enumerate(strengths):
-                seed = int(cfg.seed) + 100 + k
-                edit_clean = protection.sdedit(model, clean, caps, s, ev.steps, ev.guidance, torch.Generator().manual_seed(seed)).cpu()
-                edit_prot = protection.sdedit(model, prot, caps, s, ev.steps, ev.guidance, torch.Generator().manual_seed(seed)).cpu()
-                sim_c, sim_p = protection.image_similarity(edit_clean, clean), protection.image_similarity(edit_prot, clean)
-                lat_c, lat_p = protection.latent_distance(model, edit_clean, clean), protection.latent_distance(model, edit_prot, clean)
+            for key, row in _sdedit_rows(model, cfg, strengths, clean, prot, clean, caps).items():
                 for j, n in enumerate(batch_names):
-                    per_image[n][f"sdedit_{s:g}"] = {
-                        "clean_ssim": float(sim_c["ssim"][j]), "protected_ssim": float(sim_p["ssim"][j]),
-                        "clean_psnr": float(sim_c["psnr"][j]), "protected_psnr": float(sim_p["psnr"][j]),
-                        "clean_latent_distance": float(lat_c[j]), "protected_latent_distance": float(lat_p[j]),
-                    }
+                    per_image[n][key] = row[j]
     ev_names = [n for n in names if n in chosen]
 
     def mean(key, sub=None):
@@ -298,17 +364,88 @@ def evaluate(model, cfg, clean_images, saved, captions, groups, per_image, t_ran
     result["latent_shift_mean"] = mean("latent_shift")
     if cfg.objective in protection.TEXTURAL_OBJECTIVES:
         result["target_distance"] = {"clean_mean": mean("target_distance_clean"), "protected_mean": mean("target_distance_protected")}
+    result["sdedit"] = {"steps": ev.steps, "guidance": ev.guidance, "by_strength": _sdedit_summary([per_image[n] for n in ev_names], strengths)}
+    if cfg.purification:
+        result["purification"] = evaluate_purified(model, cfg, clean_images, saved, captions, per_image, ev_names, strengths)
+    return result
+
+
+def _sdedit_rows(model, cfg, strengths, clean, prot, reference, caps) -> dict[str, list[dict]]:
+    """SDEdit of ``clean`` and ``prot`` at every strength, each edit compared with ``reference``;
+    ``sdedit_<s>`` -> one row per image. Clean and protected edits share their noise seed."""
+    ev = cfg.evaluate
+    rows = {}
+    for k, s in enumerate(strengths):
+        seed = int(cfg.seed) + 100 + k
+        edit_clean = protection.sdedit(model, clean, caps, s, ev.steps, ev.guidance, torch.Generator().manual_seed(seed)).cpu()
+        edit_prot = protection.sdedit(model, prot, caps, s, ev.steps, ev.guidance, torch.Generator().manual_seed(seed)).cpu()
+        sim_c, sim_p = protection.image_similarity(edit_clean, reference), protection.image_similarity(edit_prot, reference)
+        lat_c, lat_p = protection.latent_distance(model, edit_clean, reference), protection.latent_distance(model, edit_prot, reference)
+        rows[f"sdedit_{s:g}"] = [{
+            "clean_ssim": float(sim_c["ssim"][j]), "protected_ssim": float(sim_p["ssim"][j]),
+            "clean_psnr": float(sim_c["psnr"][j]), "protected_psnr": float(sim_p["psnr"][j]),
+            "clean_latent_distance": float(lat_c[j]), "protected_latent_distance": float(lat_p[j]),
+        } for j in range(clean.shape[0])]
+    return rows
+
+
+def _sdedit_summary(rows: list[dict], strengths) -> dict:
+    """Means over images per strength, and the drops with their standard errors over images
+    (paired: each image's clean-edit minus protected-edit similarity)."""
     sd = {}
     for s in strengths:
         key = f"sdedit_{s:g}"
-        row = {m: mean(m, key) for m in per_image[ev_names[0]][key]}
-        # protection: how much less the edit of the protected image resembles the clean image
-        row["ssim_drop"] = row["clean_ssim"] - row["protected_ssim"]
-        row["psnr_drop"] = row["clean_psnr"] - row["protected_psnr"]
-        row["latent_distance_increase"] = row["protected_latent_distance"] - row["clean_latent_distance"]
+        vals = [r[key] for r in rows]
+        row = {m: float(np.mean([v[m] for v in vals])) for m in vals[0]}
+        for name, (a, b) in {"ssim_drop": ("clean_ssim", "protected_ssim"), "psnr_drop": ("clean_psnr", "protected_psnr"),
+                             "latent_distance_increase": ("protected_latent_distance", "clean_latent_distance")}.items():
+            mean, se = mean_and_standard_error([v[a] - v[b] for v in vals])
+            row[name], row[f"{name}_se"] = mean, se
         sd[f"{s:g}"] = row
-    result["sdedit"] = {"steps": ev.steps, "guidance": ev.guidance, "by_strength": sd}
-    return result
+    return sd
+
+
+@torch.no_grad()
+def evaluate_purified(model, cfg, clean_images, saved, captions, per_image, ev_names, strengths) -> dict:
+    """Each purification applied to the clean and the protected copies of the evaluated images:
+    its own cost (purified clean vs clean) and SDEdit of both purified copies vs the clean image."""
+    clean = {n: clean_images[n] for n in ev_names}
+    prot = {n: saved[n] for n in ev_names}
+    out = {}
+    for index, p in enumerate(cfg.purification):
+        label = p.name or p.kind
+        pc = purify_all(cfg, p, index, clean, captions, model)
+        pp = purify_all(cfg, p, index, prot, captions, model)
+        for n in ev_names:
+            cost = protection.image_similarity(pc[n][None], clean[n][None])
+            change = protection.image_similarity(pp[n][None], prot[n][None])
+            per_image[n].setdefault("purified", {})[label] = {
+                "clean_cost_psnr": float(cost["psnr"][0]), "clean_cost_ssim": float(cost["ssim"][0]),
+                "protected_change_psnr": float(change["psnr"][0]),
+            }
+        groups: dict[tuple, list[str]] = OrderedDict()
+        for n in ev_names:
+            groups.setdefault(tuple(clean[n].shape[-2:]), []).append(n)
+        for names in groups.values():
+            for i in range(0, len(names), cfg.batch_size):
+                chunk = names[i : i + cfg.batch_size]
+                caps = [captions.get(n, cfg.caption) for n in chunk]
+                rows = _sdedit_rows(model, cfg, strengths, torch.stack([pc[n] for n in chunk]), torch.stack([pp[n] for n in chunk]),
+                                    torch.stack([clean[n] for n in chunk]), caps)
+                for key, row in rows.items():
+                    for j, n in enumerate(chunk):
+                        per_image[n]["purified"][label][key] = row[j]
+        entries = [per_image[n]["purified"][label] for n in ev_names]
+        settings = {"kind": p.kind, **{k: p[k] for k in {"jpeg": ("quality",), "gaussian": ("sigma",), "noisy_upscale": ("sigma", "factor"), "diffpure": ("t_star", "steps")}[p.kind]}}
+        psnr, psnr_se = mean_and_standard_error([e["clean_cost_psnr"] for e in entries])
+        ssim, ssim_se = mean_and_standard_error([e["clean_cost_ssim"] for e in entries])
+        out[label] = {
+            "settings": settings,
+            "clean_cost": {"psnr_mean": psnr, "psnr_se": psnr_se, "ssim_mean": ssim, "ssim_se": ssim_se},
+            "protected_change_psnr_mean": float(np.mean([e["protected_change_psnr"] for e in entries])),
+            "sdedit": {"by_strength": _sdedit_summary(entries, strengths)},
+        }
+    return out
 
 
 def console_summary(path: Path):

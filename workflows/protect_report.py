@@ -50,10 +50,49 @@ def render_report(cfg: DictConfig, s: dict) -> str:
                 f"{r['protected_psnr']:.2f} | {r['psnr_drop']:+.2f} | {r['clean_latent_distance']:.4f} | {r['protected_latent_distance']:.4f} |"
             )
         lines.append("")
+    if "purification" in s:
+        lines += render_purification(s)
     if "mimicry" in s:
         lines += render_mimicry(s["mimicry"])
+        for label, m in (s["mimicry"].get("purified") or {}).items():
+            lines += [f"### Mimicry after fine-tuning, both sets purified with `{label}`", ""]
+            lines += render_mimicry(m)[2:]
     lines += ["## Config", "", "```yaml", OmegaConf.to_yaml(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _pm(value, se, digits, sign=True) -> str:
+    text = f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    return text + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def render_purification(s: dict) -> list[str]:
+    """The protection drop without and with each purification, and each purification's cost."""
+    pur = s["purification"]
+    lines = [
+        f"## Purification ({s['evaluated_images']} images)",
+        "",
+        "Each purification is applied to the clean and to the protected images (the same seeded noise for both) "
+        "before SDEdit; both edits are compared with the original clean image. A protection that survives keeps "
+        "a positive drop after purification. Cost: PSNR/SSIM of the purified clean image vs the clean image "
+        "(what the purification costs a mimic on unprotected images). ± is the standard error over images.",
+        "",
+        "| purification | settings | cost: PSNR clean (dB) | cost: SSIM clean | PSNR purified protected vs protected (dB) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, p in pur.items():
+        c = p["clean_cost"]
+        settings = ", ".join(f"{k}={v}" for k, v in p["settings"].items() if k != "kind")
+        lines.append(f"| {label} ({p['settings']['kind']}) | {settings} | {_pm(c['psnr_mean'], c['psnr_se'], 2, False)} | "
+                     f"{_pm(c['ssim_mean'], c['ssim_se'], 4, False)} | {p['protected_change_psnr_mean']:.2f} |")
+    lines += ["", "| strength | purification | SSIM clean edit | SSIM protected edit | SSIM drop | PSNR drop (dB) |", "|---|---|---|---|---|---|"]
+    for k, r in s["sdedit"]["by_strength"].items():
+        rows = [("none", r)] + [(label, p["sdedit"]["by_strength"][k]) for label, p in pur.items()]
+        for label, row in rows:
+            lines.append(f"| {k} | {label} | {row['clean_ssim']:.4f} | {row['protected_ssim']:.4f} | "
+                         f"{_pm(row['ssim_drop'], row.get('ssim_drop_se'), 4)} | {_pm(row['psnr_drop'], row.get('psnr_drop_se'), 2)} |")
+    lines.append("")
+    return lines
 
 
 def render_mimicry(m: dict) -> list[str]:
@@ -134,4 +173,11 @@ def console_summary(out):
                       ["strength", "SSIM drop", "PSNR drop", "latent distance increase"],
                       [[k, f"{r['ssim_drop']:+.4f}", f"{r['psnr_drop']:+.2f}", f"{r['latent_distance_increase']:+.4f}"]
                        for k, r in s["sdedit"]["by_strength"].items()])
+    if "purification" in s:
+        rows = []
+        for label, p in s["purification"].items():
+            for k, r in p["sdedit"]["by_strength"].items():
+                rows.append([label, k, f"{p['clean_cost']['psnr_mean']:.2f}", f"{r['ssim_drop']:+.4f}", f"{s['sdedit']['by_strength'][k]['ssim_drop']:+.4f}"])
+        ptable = Table("after purification (cost: PSNR of purified clean vs clean)", ["purification", "strength", "cost PSNR", "SSIM drop", "SSIM drop unpurified"], rows)
+        return essentials(f"protection: {out.name}", [table, ptable], lines, [f"report: {out / 'report.md'}", f"protected images: {out}"])
     return essentials(f"protection: {out.name}", [table], lines, [f"report: {out / 'report.md'}", f"protected images: {out}"])

@@ -10,9 +10,49 @@ from dataclasses import dataclass, field
 
 from eidetic.config import Section, choice_problem
 
-__all__ = ["ProtectConfig", "EvaluateSettings", "MimicrySettings", "DTYPES"]
+__all__ = ["ProtectConfig", "EvaluateSettings", "MimicrySettings", "PurificationSettings", "DTYPES", "PGD_SDST_WEIGHTINGS", "ENCODER_LATENTS"]
 
 DTYPES = ("float32", "float16", "bfloat16")
+PGD_SDST_WEIGHTINGS = ("diff-protect", "textural_weight")
+ENCODER_LATENTS = ("sample", "mean")
+RANDOM_STARTS = ("auto", "always", "never")
+
+
+@dataclass
+class PurificationSettings(Section):
+    """One purification a mimic may apply before SDEdit and fine-tuning (eidetic/purification.py).
+
+    Only the settings of its ``kind`` are read: ``quality`` (jpeg), ``sigma`` (gaussian,
+    noisy_upscale), ``factor`` (noisy_upscale), ``t_star`` and ``steps`` (diffpure)."""
+
+    kind: str = "jpeg"  # jpeg | gaussian | noisy_upscale | diffpure
+    name: str = ""  # label in the report and summary; "" = kind
+    quality: int = 75  # JPEG quality, 1..95
+    sigma: float = 0.05  # Gaussian noise standard deviation as a fraction of the [0, 1] pixel range
+    factor: int = 2  # noisy_upscale: downscale factor before the noise and the bicubic upscale
+    t_star: int = 100  # diffpure: forward-noising timestep (of the model's training timesteps)
+    steps: int = 10  # diffpure: DDIM steps from t_star back to 0
+
+    def label(self) -> str:
+        return self.name or self.kind
+
+    def problems(self) -> list[str]:
+        from eidetic.purification import PURIFICATIONS
+
+        out = choice_problem("kind", self.kind, PURIFICATIONS)
+        if not 1 <= self.quality <= 95:
+            out.append(f"quality must be an integer in 1..95, got {self.quality}")
+        if not 0 <= self.sigma <= 1:
+            out.append(f"sigma must be in [0, 1] (a fraction of the pixel range; 8/255 = {8 / 255:.4f}), got {self.sigma}")
+        if self.factor < 1:
+            out.append(f"factor must be an integer >= 1, got {self.factor}")
+        if self.t_star < 0:
+            out.append(f"t_star must be a timestep >= 0, got {self.t_star}")
+        if self.steps < 1:
+            out.append(f"steps must be >= 1, got {self.steps}")
+        if "/" in self.label() or not self.label().strip():
+            out.append(f"name must be a non-empty label without '/', got {self.label()!r}")
+        return out
 
 
 @dataclass
@@ -74,7 +114,11 @@ class ProtectConfig(Section):
     step_size: float = 0.00392156862745098  # PGD step (1/255)
     steps: int = 100
     t_range: list[int] = field(default_factory=lambda: [0, 999])  # inclusive timestep range sampled per image and step
-    textural_weight: float = 1.0  # weight of the textural term in mist and sdst
+    textural_weight: float = 1.0  # weight of the textural term in mist (and in sdst with sdst_weighting=textural_weight)
+    sdst_weighting: str = "diff-protect"  # diff-protect: step sign(target_rate * J^T(eps_hat - eps) + J^T 2(z - z_target)) (sum-MSE), as the official code; textural_weight: -L_S(SDS) - textural_weight * L_T with per-element means
+    target_rate: float = 5.0  # Diff-Protect's SDST rate (its configs/attack/base.yaml target_rate)
+    random_start: str = "auto"  # auto: uniform start in the eps-ball for advdm+/-, photoguard and mist (Diff-Protect runs them through advertorch's LinfPGDAttack, rand_init=True), none for the SDS objectives (its pgd_sds default); always | never for every objective
+    encoder_latent: str = "sample"  # sample: a fresh posterior sample of the encoder at every PGD step (Diff-Protect's get_first_stage_encoding); mean: the posterior mean
     target: str = ""  # target image for photoguard/mist/sdst; "" = built-in stripe pattern
     caption: str = "a photo"  # caption for images without one in metadata.jsonl
     batch_size: int = 4  # images protected together (images of different sizes go in different batches)
@@ -82,6 +126,9 @@ class ProtectConfig(Section):
     dtype: str = "float32"  # float32 | float16 | bfloat16
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     mimicry: MimicrySettings = field(default_factory=MimicrySettings)
+    # purifications applied to the clean and the protected images before SDEdit and fine-tuning;
+    # e.g. purification=[{kind: jpeg}, {kind: diffpure, t_star: 100}]; [] = evaluate without purification only
+    purification: list[PurificationSettings] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         from eidetic.protection import OBJECTIVES, TEXTURAL_OBJECTIVES, eps_in_levels
@@ -102,6 +149,14 @@ class ProtectConfig(Section):
             out.append(f"t_range must be [min, max] integers with 0 <= min <= max, got {tr}")
         if self.target and self.objective not in TEXTURAL_OBJECTIVES:
             out.append(f"target is only used by {', '.join(TEXTURAL_OBJECTIVES)}; objective {self.objective!r} ignores it (drop target=...)")
+        out += choice_problem("sdst_weighting", self.sdst_weighting, PGD_SDST_WEIGHTINGS)
+        out += choice_problem("random_start", self.random_start, RANDOM_STARTS)
+        out += choice_problem("encoder_latent", self.encoder_latent, ENCODER_LATENTS)
+        if not self.target_rate > 0:
+            out.append(f"target_rate must be > 0 (Diff-Protect's default is 5), got {self.target_rate}")
+        labels = [p.label() for p in self.purification]
+        if len(set(labels)) != len(labels):
+            out.append(f"purification names must be unique (set name= on repeated kinds), got {labels}")
         if self.batch_size < 1:
             out.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.device in ("auto", "cpu") or str(self.device).startswith("cuda")):
