@@ -25,7 +25,6 @@ import logging
 import io
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch

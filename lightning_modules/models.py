@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from omegaconf import DictConfig
 
 from eidetic.io import write_text_atomic

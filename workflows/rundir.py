@@ -13,7 +13,7 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from eidetic.io import read_summary, update_summary, write_json_atomic, write_text_atomic
 

@@ -322,7 +322,6 @@ def _flat(tree, prefix: str = "") -> dict:
 
 def build(cfg: DictConfig, run_dir: RunDirectory, dm=None, inputs: Inputs | None = None):
     """(data module, diffusion module) for ``cfg``; writes the key map, tokenizer and autoencoder."""
-    from eidetic.pipelines import load_vae
 
     inputs = inputs if inputs is not None else read_inputs(cfg, dm)
     dm = inputs.dm
