@@ -112,6 +112,15 @@ def load_image(path: Path) -> torch.Tensor:
     return to_tensor(decode_image(path))
 
 
+def size_batches(images: dict[str, torch.Tensor], batch_size: int) -> list[list[str]]:
+    """The names of ``images`` in batches of at most ``batch_size`` equal-size images: grouped by
+    size in order of first appearance, each group in the dict's order."""
+    groups: dict[tuple[int, int], list[str]] = OrderedDict()
+    for name, img in images.items():
+        groups.setdefault(tuple(img.shape[-2:]), []).append(name)
+    return [names[i : i + batch_size] for names in groups.values() for i in range(0, len(names), batch_size)]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,11 +174,7 @@ def run(cfg: DictConfig) -> Path:
     if not images:
         raise ConfigError(f"none of the {len(files)} images in {src} could be read: " + "; ".join(f"{f['file']}: {f['error']}" for f in failed))
 
-    # batches of equal-size images, in file order
-    groups: dict[tuple[int, int], list[str]] = OrderedDict()
-    for name, img in images.items():
-        groups.setdefault(tuple(img.shape[-2:]), []).append(name)
-    batches = [names[i : i + cfg.batch_size] for names in groups.values() for i in range(0, len(names), cfg.batch_size)]
+    batches = size_batches(images, cfg.batch_size)
 
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(int(cfg.seed))
@@ -203,7 +208,7 @@ def run(cfg: DictConfig) -> Path:
     linf_levels = {n: int((protection.to_levels(saved[n]) - protection.to_levels(images[n])).abs().max()) for n in saved}
     per_image = {n: {"file": n, "output": output_name(n), "caption": captions.get(n, cfg.caption), "linf_levels": linf_levels[n]} for n in saved}
 
-    evaluation = evaluate(model, cfg, images, saved, captions, groups, per_image, t_range, target) if cfg.evaluate.enabled else {}
+    evaluation = evaluate(model, cfg, images, saved, captions, per_image, t_range, target) if cfg.evaluate.enabled else {}
     write_jsonl_atomic(out / "protection_per_image.jsonl", list(per_image.values()))
 
     summary = {
@@ -288,30 +293,19 @@ def run_purified_mimicry(cfg, src: Path, captions, saved, per_image, device, mod
 def purify_all(cfg, p, index: int, images: dict, captions, model) -> dict:
     """Purified copies of ``images`` (name -> (3, H, W)), batched by size; seeded per purification
     and batch so the clean and the protected copy of an image get the same purification noise."""
-    groups: dict[tuple, list[str]] = OrderedDict()
-    for n, img in images.items():
-        groups.setdefault(tuple(img.shape[-2:]), []).append(n)
     out = {}
-    batch_index = 0
-    for names in groups.values():
-        for i in range(0, len(names), cfg.batch_size):
-            chunk = names[i : i + cfg.batch_size]
-            g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7919 * (index + 1) + batch_index)
-            batch_index += 1
-            if p.kind == "diffpure" and model is None:
-                raise ConfigError("diffpure needs the model")
-            if p.kind == "diffpure" and p.t_star >= model.num_train_timesteps:
-                raise ConfigError(f"purification {p.name or p.kind!r}: t_star {p.t_star} must be below the model's {model.num_train_timesteps} training timesteps")
-            result = purification.purify(
-                p.kind, torch.stack([images[n] for n in chunk]), quality=p.quality, sigma=p.sigma, factor=p.factor,
-                t_star=p.t_star, steps=p.steps, model=model, captions=None, generator=g,
-            ).cpu()
-            out.update(zip(chunk, result))
+    for batch_index, chunk in enumerate(size_batches(images, cfg.batch_size)):
+        g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7919 * (index + 1) + batch_index)
+        result = purification.purify(
+            p.kind, torch.stack([images[n] for n in chunk]), quality=p.quality, sigma=p.sigma, factor=p.factor,
+            t_star=p.t_star, steps=p.steps, model=model, captions=None, generator=g,
+        ).cpu()
+        out.update(zip(chunk, result))
     return out
 
 
 @torch.no_grad()
-def evaluate(model, cfg, clean_images, saved, captions, groups, per_image, t_range, target) -> dict:
+def evaluate(model, cfg, clean_images, saved, captions, per_image, t_range, target) -> dict:
     """Visibility for every image; semantic/textural change and SDEdit for the first max_images."""
     ev = cfg.evaluate
     names = list(saved)
@@ -329,30 +323,27 @@ def evaluate(model, cfg, clean_images, saved, captions, groups, per_image, t_ran
     if not chosen:
         return result
     strengths = [float(s) for s in ev.strengths]
-    for size_names in groups.values():
-        group = [n for n in size_names if n in chosen]
-        for i in range(0, len(group), cfg.batch_size):
-            batch_names = group[i : i + cfg.batch_size]
-            clean = torch.stack([clean_images[n] for n in batch_names])
-            prot = torch.stack([saved[n] for n in batch_names])
-            caps = [captions.get(n, cfg.caption) for n in batch_names]
-            cond = model.encode_prompt(caps)
-            # same (t, noise) draws for clean and protected: common random numbers
-            seed = int(cfg.seed) + 1
-            ls_clean = protection.evaluate_semantic_loss(model, clean, cond, ev.semantic_samples, t_range, torch.Generator().manual_seed(seed)).cpu()
-            ls_prot = protection.evaluate_semantic_loss(model, prot, cond, ev.semantic_samples, t_range, torch.Generator().manual_seed(seed)).cpu()
-            shift = protection.latent_distance(model, prot, clean)
+    for batch_names in size_batches({n: img for n, img in clean_images.items() if n in chosen}, cfg.batch_size):
+        clean = torch.stack([clean_images[n] for n in batch_names])
+        prot = torch.stack([saved[n] for n in batch_names])
+        caps = [captions.get(n, cfg.caption) for n in batch_names]
+        cond = model.encode_prompt(caps)
+        # same (t, noise) draws for clean and protected: common random numbers
+        seed = int(cfg.seed) + 1
+        ls_clean = protection.evaluate_semantic_loss(model, clean, cond, ev.semantic_samples, t_range, torch.Generator().manual_seed(seed)).cpu()
+        ls_prot = protection.evaluate_semantic_loss(model, prot, cond, ev.semantic_samples, t_range, torch.Generator().manual_seed(seed)).cpu()
+        shift = protection.latent_distance(model, prot, clean)
+        for j, n in enumerate(batch_names):
+            per_image[n].update(semantic_loss_clean=float(ls_clean[j]), semantic_loss_protected=float(ls_prot[j]), latent_shift=float(shift[j]))
+        if cfg.objective in protection.TEXTURAL_OBJECTIVES:
+            tgt = protection.default_target_pattern(*clean.shape[-2:]) if target is None else torch.nn.functional.interpolate(target[None], size=clean.shape[-2:], mode="bilinear", align_corners=False)[0]
+            tgt = tgt.expand_as(clean)
+            d_clean, d_prot = protection.latent_distance(model, clean, tgt), protection.latent_distance(model, prot, tgt)
             for j, n in enumerate(batch_names):
-                per_image[n].update(semantic_loss_clean=float(ls_clean[j]), semantic_loss_protected=float(ls_prot[j]), latent_shift=float(shift[j]))
-            if cfg.objective in protection.TEXTURAL_OBJECTIVES:
-                tgt = protection.default_target_pattern(*clean.shape[-2:]) if target is None else torch.nn.functional.interpolate(target[None], size=clean.shape[-2:], mode="bilinear", align_corners=False)[0]
-                tgt = tgt.expand_as(clean)
-                d_clean, d_prot = protection.latent_distance(model, clean, tgt), protection.latent_distance(model, prot, tgt)
-                for j, n in enumerate(batch_names):
-                    per_image[n].update(target_distance_clean=float(d_clean[j]), target_distance_protected=float(d_prot[j]))
-            for key, row in _sdedit_rows(model, cfg, strengths, clean, prot, clean, caps).items():
-                for j, n in enumerate(batch_names):
-                    per_image[n][key] = row[j]
+                per_image[n].update(target_distance_clean=float(d_clean[j]), target_distance_protected=float(d_prot[j]))
+        for key, row in _sdedit_rows(model, cfg, strengths, clean, prot, clean, caps).items():
+            for j, n in enumerate(batch_names):
+                per_image[n][key] = row[j]
     ev_names = [n for n in names if n in chosen]
 
     def mean(key, sub=None):
@@ -423,18 +414,13 @@ def evaluate_purified(model, cfg, clean_images, saved, captions, per_image, ev_n
                 "clean_cost_psnr": float(cost["psnr"][0]), "clean_cost_ssim": float(cost["ssim"][0]),
                 "protected_change_psnr": float(change["psnr"][0]),
             }
-        groups: dict[tuple, list[str]] = OrderedDict()
-        for n in ev_names:
-            groups.setdefault(tuple(clean[n].shape[-2:]), []).append(n)
-        for names in groups.values():
-            for i in range(0, len(names), cfg.batch_size):
-                chunk = names[i : i + cfg.batch_size]
-                caps = [captions.get(n, cfg.caption) for n in chunk]
-                rows = _sdedit_rows(model, cfg, strengths, torch.stack([pc[n] for n in chunk]), torch.stack([pp[n] for n in chunk]),
-                                    torch.stack([clean[n] for n in chunk]), caps)
-                for key, row in rows.items():
-                    for j, n in enumerate(chunk):
-                        per_image[n]["purified"][label][key] = row[j]
+        for chunk in size_batches(clean, cfg.batch_size):
+            caps = [captions.get(n, cfg.caption) for n in chunk]
+            rows = _sdedit_rows(model, cfg, strengths, torch.stack([pc[n] for n in chunk]), torch.stack([pp[n] for n in chunk]),
+                                torch.stack([clean[n] for n in chunk]), caps)
+            for key, row in rows.items():
+                for j, n in enumerate(chunk):
+                    per_image[n]["purified"][label][key] = row[j]
         entries = [per_image[n]["purified"][label] for n in ev_names]
         settings = {"kind": p.kind, **{k: p[k] for k in {"jpeg": ("quality",), "gaussian": ("sigma",), "noisy_upscale": ("sigma", "factor"), "diffpure": ("t_star", "steps")}[p.kind]}}
         psnr, psnr_se = mean_and_standard_error([e["clean_cost_psnr"] for e in entries])
