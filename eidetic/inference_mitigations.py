@@ -327,15 +327,9 @@ class MitigatedDiffusionModel:
             t = torch.as_tensor(timesteps, device=x_t.device).reshape(-1)
             t = t.expand(b) if t.numel() == 1 else t
 
-            def predict(x, tt, hidden):
-                self._model.unet_evals += x.shape[0]
-                out = self._model._unet(x, tt, hidden)
-                alpha_bar = self._model.alphas_cumprod.to(x.device)[tt.long()].to(out.dtype)
-                from eidetic.diffusion import noise_to_eps
-
-                return noise_to_eps(out, x, alpha_bar, self._model.prediction_type)
-
-            result = wen_adjust_embeddings(predict, x_t[rows], t[rows], cond[rows], uncond, m.wen_steps, m.wen_lr, m.wen_target_loss)
+            # the wrapped model's unguided prediction (it counts its UNet evaluations)
+            result = wen_adjust_embeddings(self._model.predict_noise, x_t[rows], t[rows], cond[rows], uncond, m.wen_steps, m.wen_lr,
+                                           m.wen_target_loss)
             adjusted[rows] = result.embeddings
             self.wen_log.append(result)
         self._adjusted = (cond, adjusted)
