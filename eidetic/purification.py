@@ -28,6 +28,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from eidetic.protection import _pad_to_multiple, from_levels, to_levels
+
 __all__ = ["PURIFICATIONS", "jpeg", "gaussian_noise", "noisy_upscale", "diffpure", "purify", "quantise"]
 
 PURIFICATIONS = ("jpeg", "gaussian", "noisy_upscale", "diffpure")
@@ -35,7 +37,7 @@ PURIFICATIONS = ("jpeg", "gaussian", "noisy_upscale", "diffpure")
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
     """Clip to [-1, 1] and round to 8-bit levels."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    return from_levels(to_levels(images))
 
 
 def _check(images: torch.Tensor) -> None:
@@ -51,7 +53,7 @@ def jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
     _check(images)
     if not 1 <= int(quality) <= 95:
         raise ValueError(f"JPEG quality must be in 1..95, got {quality}")
-    levels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    levels = to_levels(images.detach().cpu()).to(torch.uint8)
     out = []
     for img in levels:
         buf = io.BytesIO()
@@ -109,8 +111,6 @@ def diffpure(
     purifying images need not know their captions). ``t_star = 0`` returns the images
     unchanged (nothing is noised, so nothing is purified).
     """
-    from eidetic.protection import _pad_to_multiple
-
     _check(images)
     n_t = model.num_train_timesteps
     if not 0 <= int(t_star) < n_t:
