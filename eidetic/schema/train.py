@@ -35,6 +35,13 @@ def _non_negative(section: object, *names: str) -> list[str]:
     return [f"{n} must be >= 0, got {getattr(section, n)}" for n in names if getattr(section, n) < 0]
 
 
+def _above_zero(section: object, *names: str, nullable: bool = False) -> list[str]:
+    """Settings that must be > 0 (``nullable``: or null, which is not checked)."""
+    allowed = " or null" if nullable else ""
+    return [f"{n} must be > 0{allowed}, got {getattr(section, n)}" for n in names
+            if getattr(section, n) is not None and getattr(section, n) <= 0]
+
+
 # ---- data -------------------------------------------------------------------------------------
 @dataclass
 class DuplicateSettings(Section):
@@ -124,9 +131,7 @@ class VAESettings(Section):
         out += _non_negative(self, "train_steps")
         if not self.block_out_channels:
             out.append("block_out_channels must list at least one width")
-        if self.lr <= 0:
-            out.append(f"lr must be > 0, got {self.lr}")
-        return out
+        return out + _above_zero(self, "lr")
 
 
 @dataclass
@@ -182,9 +187,7 @@ class LoRASettings(Section):
     export_merged: bool = False  # also write model/: a full pipeline with the adapters merged into the base
 
     def problems(self) -> list[str]:
-        out = _positive(self, "rank")
-        if self.alpha <= 0:
-            out.append(f"alpha must be > 0, got {self.alpha}")
+        out = _positive(self, "rank") + _above_zero(self, "alpha")
         if not 0 <= self.dropout < 1:
             out.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.enabled and not self.target_modules:
@@ -262,12 +265,10 @@ class TrainSettings(Section):
         out += _positive(self, "grad_accum") + _non_negative(self, "lr_warmup_steps", "weight_decay", "grad_clip", "noise_offset")
         if self.max_steps < 1 and self.max_epochs is None:
             out.append(f"max_steps must be >= 1 (or set max_epochs), got {self.max_steps}")
-        if self.lr <= 0:
-            out.append(f"lr must be > 0, got {self.lr}")
+        out += _above_zero(self, "lr")
         if not 0 <= self.caption_dropout <= 1:
             out.append(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            out.append(f"min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
+        out += _above_zero(self, "min_snr_gamma", nullable=True)
         return out
 
 
@@ -406,8 +407,7 @@ class ExtractionSettings(Section):
 
         out = [p for d in self.detectors for p in choice_problem("detectors", d, tuple(DETECTORS))]
         out += _non_negative(self, "every_n_steps", "max_train_captions", "top_k")
-        if self.sigma is not None and self.sigma <= 0:
-            out.append(f"sigma must be > 0 or null, got {self.sigma}") + _positive(self, "batch_size")
+        out += _above_zero(self, "sigma", nullable=True) + _positive(self, "batch_size")
         if self.enabled and not self.detectors:
             out.append("detectors is empty: list at least one, or set extraction.enabled=false")
         return out
@@ -597,12 +597,7 @@ class WenAdjustSettings(Section):
     target_loss: Optional[float] = 3.0  # stop once the norm is at most this (their README: 3, on SD v1 latents); null: always all steps
 
     def problems(self) -> list[str]:
-        out = _positive(self, "steps")
-        if self.lr <= 0:
-            out.append(f"lr must be > 0, got {self.lr}")
-        if self.target_loss is not None and self.target_loss <= 0:
-            out.append(f"target_loss must be > 0 or null, got {self.target_loss}")
-        return out
+        return _positive(self, "steps") + _above_zero(self, "lr") + _above_zero(self, "target_loss", nullable=True)
 
 
 @dataclass
