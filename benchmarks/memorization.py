@@ -79,15 +79,16 @@ def trained_run(args):
     from workflows import train
 
     run_dir = Path(args.run_dir) if args.run_dir else Path(args.out) / "run"
-    # the benchmark scores its own seeded sample below, so the run's end-of-training monitor is off
-    cfg = train.load_config([args.config], [f"run.dir={run_dir}", "logging.wandb.enabled=false", "solidmark.enabled=false", *args.override])
-    started = time.perf_counter()
-    if not (run_dir / "model" / "model_index.json").exists():
-        from workflows.rundir import RunDirectory
+    from workflows.rundir import RunDirectory
 
-        if RunDirectory(run_dir).holds_run():  # an interrupted benchmark run continues where it stopped
-            cfg = train.load_config([args.config], [f"run.dir={run_dir}", "logging.wandb.enabled=false", "solidmark.enabled=false",
-                                                    "train.resume=last", *args.override])
+    finished = (run_dir / "model" / "model_index.json").exists()
+    # an interrupted benchmark run continues where it stopped
+    resume = ["train.resume=last"] if not finished and RunDirectory(run_dir).holds_run() else []
+    # the benchmark scores its own seeded sample below, so the run's end-of-training monitor is off
+    cfg = train.load_config([args.config], [f"run.dir={run_dir}", "logging.wandb.enabled=false", "solidmark.enabled=false", *resume,
+                                            *args.override])
+    started = time.perf_counter()
+    if not finished:
         train.run(cfg)
     return cfg, run_dir.resolve(), time.perf_counter() - started
 
