@@ -165,7 +165,7 @@ class RealismCallback(pl.Callback):
         mine = list(range(int(self.s.num_samples)))[rank::world]
         images = self.sample(pl_module, mine)
         row: dict = {"step": int(trainer.global_step)}
-        self._generated = {}
+        generated_by_mode: dict[str, torch.Tensor] = {}
         for mode in MODES:
             reference = self.references[mode]
             scores = irs.image_realism_score(images, reference) if mine else torch.zeros(0)
@@ -174,7 +174,7 @@ class RealismCallback(pl.Callback):
             rows = gather.compute().reshape(-1, 2).cpu()
             generated = rows[torch.argsort(rows[:, 0]), 1].float()
             real, thr = self.real_scores[mode], reference.threshold
-            self._generated[mode] = generated
+            generated_by_mode[mode] = generated
             row.update({
                 f"irs_{mode}_generated_mean": float(generated.mean()),
                 f"irs_{mode}_generated_std": float(generated.std()) if generated.numel() > 1 else 0.0,
@@ -184,14 +184,14 @@ class RealismCallback(pl.Callback):
             })
         self.history.append(row)
         if trainer.is_global_zero:
-            self._log(trainer, row)
+            self._log(trainer, row, generated_by_mode)
             self._write_summary(pl_module, row)
         return row
 
-    def _log(self, trainer, row: dict) -> None:
+    def _log(self, trainer, row: dict, generated: dict[str, torch.Tensor]) -> None:
         log_scalars(trainer, {f"realism/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
         log_wandb(trainer, lambda wandb: {
-            **{f"realism/irs_{m}_generated_hist": wandb.Histogram(g.numpy()) for m, g in self._generated.items()},
+            **{f"realism/irs_{m}_generated_hist": wandb.Histogram(g.numpy()) for m, g in generated.items()},
             **{f"realism/irs_{m}_real_hist": wandb.Histogram(r.numpy()) for m, r in self.real_scores.items()},
         }, step=row["step"])
 
