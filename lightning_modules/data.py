@@ -39,6 +39,7 @@ from eidetic.errors import DataError
 from eidetic.images import IMAGE_EXTENSIONS, bad_metadata_message, decode_image, fit_to_resolution, image_files, parse_captions
 from eidetic.io import write_jsonl_atomic, write_text_atomic
 from eidetic.photos import PHOTOS, load_photo
+from eidetic.schema.train import duplication_ladder
 
 __all__ = ["DataError", "Record", "SolidMarkDataModule", "load_folder", "load_builtin"]
 
@@ -311,10 +312,12 @@ class SolidMarkDataModule(pl.LightningDataModule):
                 r.copies = dup.copies
         # the duplication ladder: rungs of [images, copies], drawn from the images not yet repeated
         free = [r for r in train if r.copies == 1]
-        wanted = sum(int(count) for count, _ in dup.ladder)
+        ladder = duplication_ladder(cfg)
+        wanted = sum(count for count, _ in ladder)
         if wanted > len(free):
-            raise DataError(f"data.duplicate.ladder asks for {wanted} images but only {len(free)} training images are left to repeat")
-        for (count, copies), picked in zip(dup.ladder, _consecutive(rng.sample(free, wanted), [int(c) for c, _ in dup.ladder])):
+            raise DataError(f"data.duplicate.ladder asks for {wanted} images but only {len(free)} training images are left to repeat"
+                            + (" (the built-in data's default positive control; data.duplicate.ladder=[] turns it off)" if dup.ladder is None else ""))
+        for (count, copies), picked in zip(ladder, _consecutive(rng.sample(free, wanted), [c for c, _ in ladder])):
             for r in picked:
                 r.copies = int(copies)
 

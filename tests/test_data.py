@@ -105,7 +105,21 @@ def test_empty_and_missing_folders(tmp_path):
 
 
 def _dm(*overrides):
-    return SolidMarkDataModule(load_config([], ["data.num_images=24", *overrides]).data)
+    return SolidMarkDataModule(load_config([], ["data.num_images=24", "data.duplicate.ladder=[]", *overrides]).data)
+
+
+def test_the_default_job_carries_a_positive_control_and_your_own_data_does_not(folder):
+    default = SolidMarkDataModule(load_config([], []).data)
+    train = [r for r in default.records if r.split == "train"]
+    assert sorted(r.copies for r in train if r.copies > 1) == [32] * 4
+    assert len(default.train_index()) == len(train) + 4 * 31
+    assert not [r for r in default.records if r.split == "heldout" and r.copies > 1]
+    off = SolidMarkDataModule(load_config([], ["data.duplicate.ladder=[]"]).data)
+    assert {r.copies for r in off.records} == {1}
+    own = SolidMarkDataModule(load_config([], [f"data.folder={folder}", "data.source=folder", "data.resolution=16", "data.heldout_fraction=0"]).data)
+    assert {r.copies for r in own.records} == {1}
+    with pytest.raises(DataError, match="positive control"):
+        SolidMarkDataModule(load_config([], ["data.num_images=3"]).data)
 
 
 def test_duplication_heldout_and_keys():

@@ -43,6 +43,19 @@ def _above_zero(section: object, *names: str, nullable: bool = False) -> list[st
 
 
 # ---- data -------------------------------------------------------------------------------------
+# The default job's positive control: 4 of its 56 training crops seen 32 times as often as the
+# rest, enough for the monitors to find them within its budget while the singles stay unmemorized.
+POSITIVE_CONTROL_LADDER = [[4, 32]]
+
+
+def duplication_ladder(data) -> list[list[int]]:
+    """The rungs ``data.duplicate.ladder`` asks for, its null default resolved by the source."""
+    ladder = data.duplicate.ladder
+    if ladder is None:
+        return [list(r) for r in POSITIVE_CONTROL_LADDER] if data.source == "builtin" else []
+    return [[int(count), int(copies)] for count, copies in ladder]
+
+
 @dataclass
 class DuplicateSettings(Section):
     ids: list[str] = field(default_factory=list)  # image ids to repeat
@@ -50,12 +63,15 @@ class DuplicateSettings(Section):
     copies: int = 1  # total copies of each duplicated image (k)
     own_keys: bool = False  # give every copy its own key (the paper's duplication study)
     # rungs of [images, copies]: e.g. [[25, 4], [25, 16], [25, 64]] repeats 25 random training
-    # images 4 times, 25 others 16 times, ... (the selective-memorization benchmark's ladder)
-    ladder: list[list[int]] = field(default_factory=list)
+    # images 4 times, 25 others 16 times, ... (the selective-memorization benchmark's ladder).
+    # null (the default): POSITIVE_CONTROL_LADDER on the built-in photographs, so the default
+    # job's monitors have something to find; nothing repeated on tiles or your own folder.
+    # [] repeats nothing anywhere.
+    ladder: Optional[list[list[int]]] = None
 
     def problems(self) -> list[str]:
         out = _positive(self, "copies")
-        out += [f"ladder rungs must be [images >= 1, copies >= 1], got {rung}" for rung in self.ladder if len(rung) != 2 or min(rung) < 1]
+        out += [f"ladder rungs must be [images >= 1, copies >= 1], got {rung}" for rung in (self.ladder or []) if len(rung) != 2 or min(rung) < 1]
         if not 0 <= self.fraction <= 1:
             out.append(f"fraction must be in [0, 1], got {self.fraction}")
         return out
