@@ -23,7 +23,7 @@ import torch
 __all__ = [
     "rank_auc", "tpr_at_fpr", "auc_p_value", "bootstrap_interval", "auc_report", "clopper_pearson",
     "poisson_binomial_sf", "poisson_binomial_pmf", "poisson_binomial_interval", "roc_curve", "benjamini_hochberg", "spearman",
-    "mean_and_standard_error",
+    "mean_and_standard_error", "stratified_difference",
 ]
 
 
@@ -193,3 +193,24 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float | None, floa
     if v.size == 0:
         return None, None
     return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None)
+
+
+def stratified_difference(a: Sequence[float], b: Sequence[float], variance_a: Sequence[float], variance_b: Sequence[float],
+                          level: float = 0.95) -> tuple[float, float, float]:
+    """Mean over strata (e.g. training seeds) of a - b, with a normal interval from each
+    estimate's own sampling variance (a proportion's p(1-p)/n, a mean's sd²/n).
+
+    The two sets of a stratum are treated as independent, which overstates the variance when
+    they are paired (same seed, captions and sampling noise): the interval is conservative.
+    Variation between strata beyond that sampling variance is not in it, so read the
+    per-stratum differences beside it.
+    """
+    from scipy.stats import norm
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    va, vb = np.asarray(variance_a, dtype=np.float64), np.asarray(variance_b, dtype=np.float64)
+    if not (a.size == b.size == va.size == vb.size) or a.size == 0:
+        raise ValueError(f"need one a, b and variance of each per stratum, got {a.size}, {b.size}, {va.size}, {vb.size}")
+    delta = float((a - b).mean())
+    half = float(norm.ppf(0.5 + level / 2) * math.sqrt((va + vb).sum()) / a.size)
+    return delta, delta - half, delta + half

@@ -41,7 +41,7 @@ from eidetic.io import write_jsonl_atomic, write_text_atomic
 from eidetic.photos import PHOTOS, load_photo
 from eidetic.schema.train import duplication_ladder
 
-__all__ = ["DataError", "Record", "SolidMarkDataModule", "load_folder", "load_builtin"]
+__all__ = ["DataError", "Record", "SolidMarkDataModule", "load_folder", "load_builtin", "builtin_unseen_crops"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,23 @@ def load_folder(folder: str | Path, resolution: int, small_images: str = "error"
     return records, np.stack(arrays)
 
 
+def _builtin_draws(num_images: int, resolution: int, shared_caption_fraction: float, seed: int):
+    """(index, photo name, (top, left, size), caption) of each built-in crop, in order."""
+    rng = random.Random(seed)
+    names = list(PHOTOS)
+    for i in range(num_images):
+        name = names[i % len(names)]
+        h, w = load_photo(name).shape[:2]
+        size = min(h, w, int(resolution * rng.uniform(1.0, 4.0)))
+        top, left = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
+        subject = PHOTOS[name]
+        if rng.random() < shared_caption_fraction:
+            caption = f"a photo of {subject}"
+        else:
+            caption = f"{rng.choice(_STYLES)} {subject}, detail {i}"
+        yield i, name, (top, left, size), caption
+
+
 def load_builtin(num_images: int, resolution: int, shared_caption_fraction: float, seed: int) -> tuple[list[Record], np.ndarray]:
     """Crops of the photographs that ship with scikit-image, with mixed captions.
 
@@ -130,25 +147,52 @@ def load_builtin(num_images: int, resolution: int, shared_caption_fraction: floa
     like small photographs, not pixel noise. A ``shared_caption_fraction`` of crops get the
     photo's generic caption (many images, one caption); the rest get a unique caption.
     """
-    rng = random.Random(seed)
-    photos = {name: load_photo(name) for name in PHOTOS}
-    names = list(photos)
     records, arrays = [], []
-    for i in range(num_images):
-        name = names[i % len(names)]
-        photo = photos[name]
-        h, w = photo.shape[:2]
-        size = min(h, w, int(resolution * rng.uniform(1.0, 4.0)))
-        top, left = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
-        crop = photo[top : top + size, left : left + size]
-        arrays.append(fit_to_resolution(crop, resolution))
-        subject = PHOTOS[name]
-        if rng.random() < shared_caption_fraction:
-            caption = f"a photo of {subject}"
-        else:
-            caption = f"{rng.choice(_STYLES)} {subject}, detail {i}"
+    for i, name, (top, left, size), caption in _builtin_draws(num_images, resolution, shared_caption_fraction, seed):
+        arrays.append(fit_to_resolution(load_photo(name)[top : top + size, left : left + size], resolution))
         records.append(Record(id=f"{name}-{i:03d}", source=f"skimage.data.{name}", caption=caption))
     return records, np.stack(arrays)
+
+
+def _overlaps(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    (ta, la, sa), (tb, lb, sb) = a, b
+    return ta < tb + sb and tb < ta + sa and la < lb + sb and lb < la + sa
+
+
+def _unseen_boxes(count: int, num_images: int, resolution: int, shared_caption_fraction: float, seed: int,
+                  draw_seed: int, max_tries: int = 10_000) -> list[tuple[str, tuple[int, int, int]]]:
+    taken: dict[str, list[tuple[int, int, int]]] = {}
+    for _, name, box, _ in _builtin_draws(num_images, resolution, shared_caption_fraction, seed):
+        taken.setdefault(name, []).append(box)
+    rng = random.Random(draw_seed)
+    names = list(PHOTOS)
+    out = []
+    for i in range(count):
+        name = names[i % len(names)]
+        h, w = load_photo(name).shape[:2]
+        for _ in range(max_tries):
+            size = min(h, w, int(resolution * rng.uniform(1.0, 4.0)))
+            box = (rng.randrange(h - size + 1), rng.randrange(w - size + 1), size)
+            if not any(_overlaps(box, other) for other in taken.get(name, [])):
+                break
+        else:
+            raise DataError(f"no room for another crop of {name} that overlaps none of the {len(taken.get(name, []))} taken: ask for fewer")
+        taken.setdefault(name, []).append(box)
+        out.append((name, box))
+    return out
+
+
+def builtin_unseen_crops(count: int, num_images: int, resolution: int, shared_caption_fraction: float, seed: int,
+                         draw_seed: int = 1) -> np.ndarray:
+    """``count`` crops of the built-in photographs, drawn like :func:`load_builtin`'s (photos
+    cycled, same scale range), none sharing a pixel with any of the data set's
+    ``num_images`` crops (train and held-out alike) or with each other.
+
+    The data set's own held-out split is too small a reference for k-NN measures; these are
+    real images from the same distribution that no model trained on this data has seen.
+    """
+    boxes = _unseen_boxes(count, num_images, resolution, shared_caption_fraction, seed, draw_seed)
+    return np.stack([fit_to_resolution(load_photo(name)[t : t + s, l : l + s], resolution) for name, (t, l, s) in boxes])
 
 
 def dedup_exact(records: list[Record], arrays: np.ndarray) -> tuple[list[Record], np.ndarray, list[str]]:

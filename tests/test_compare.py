@@ -35,6 +35,10 @@ def test_table_report_and_plot(finished):
         assert float(r["frechet_distance"]) > 0 and float(r["final_loss"]) > 0 and r["global_step"] == "6"
         assert 0 <= float(r["denoising_confidence_auc_heldout"]) <= 1
         assert int(r["eidetic"]) >= 0 and 0 < float(r["chance"]) and 0 < float(r["p_value"]) <= 1
+        assert float(r["frechet_unseen"]) > 0 and r["quality_unseen"] == "128" and r["quality_samples"] == "8"
+        for key in ("precision", "recall", "classifier_accuracy"):
+            lo, hi = json.loads(r[f"{key}_ci"])
+            assert 0 <= lo <= float(r[key]) <= hi <= 1
     assert rows[0]["captions_changed"] == "" and int(rows[1]["captions_changed"]) > 0
     report = (finished / "report.md").read_text()
     assert "| setting |" in report and "| random_word |" in report and "frechet_distance" in report

@@ -88,3 +88,15 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_stratified_difference_averages_strata_and_pools_their_variances():
+    from eidetic.stats import stratified_difference
+
+    delta, lo, hi = stratified_difference([0.9, 0.7], [0.5, 0.5], [0.01, 0.01], [0.01, 0.01])
+    assert delta == pytest.approx(0.3) and (hi - lo) / 2 == pytest.approx(1.959964 * (0.04 ** 0.5) / 2, rel=1e-5)
+    assert lo > 0  # excludes zero: a difference
+    _, lo, hi = stratified_difference([0.6], [0.5], [0.01], [0.01])
+    assert lo < 0 < hi  # one stratum, same variances: the interval straddles zero
+    with pytest.raises(ValueError, match="per stratum"):
+        stratified_difference([0.1, 0.2], [0.1], [0.01], [0.01])

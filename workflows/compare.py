@@ -12,6 +12,8 @@ comparison's name), then is scored the same way:
 * realism: the ``realism`` section's mean IRS of generated samples, when it ran;
 * quality: a Fréchet distance in a local feature space (:mod:`eidetic.quality`) between
   seeded samples of the exported model and the training canvases of the unmitigated data;
+  against real images never trained on, a Fréchet distance, precision/recall and a
+  real-vs-generated classifier's accuracy in the same space (:func:`quality`);
 * final training loss and wall time.
 
 With ``seeds`` every setting runs once per seed (``OUT/<setting>-seed<k>/``); ``workers``
@@ -68,13 +70,33 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 
 # ---- quality ----------------------------------------------------------------------------------
+def _unseen_reference(dm, count: int):
+    """Interiors (N, 3, R, R) in [-1, 1] of real images no setting trained on, and what they are.
+
+    Built-in data: fresh crops of the same photographs overlapping none of the data set's
+    crops (its held-out split is a handful of images, too few for k-NN measures); folder
+    data: its held-out split."""
+    import torch
+
+    from lightning_modules.data import builtin_unseen_crops
+
+    c = dm.cfg
+    if c.source == "builtin":
+        crops = builtin_unseen_crops(count, c.num_images, c.resolution, c.shared_caption_fraction, c.key_seed)
+        return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0, "unseen_crops"
+    return dm.images([r.id for r in dm.records if r.split == "heldout"]), "heldout_split"
+
+
 def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = None) -> dict:
-    """Fréchet distance of ``q.num_samples`` seeded samples vs the unmitigated training canvases."""
+    """Measures of ``q.num_samples`` seeded samples that no setting optimises: the Fréchet
+    distance vs the unmitigated training canvases, and (``q.reference`` > 0) Fréchet distance,
+    precision/recall and a real-vs-generated classifier's accuracy of the samples' interiors
+    vs real images never trained on (:func:`_unseen_reference`)."""
     import torch
 
     from eidetic.diffusion import generate
     from eidetic.pipelines import load_components
-    from eidetic.quality import frechet_distance
+    from eidetic.quality import classifier_accuracy, frechet_distance, local_features, precision_recall
     from lightning_modules.data import SolidMarkDataModule
 
     from eidetic.inference_mitigations import InferenceMitigation, mitigate
@@ -93,7 +115,28 @@ def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = No
             chunk = captions[start : start + int(q.batch_size)]
             fakes.append(generate(model, chunk, (dm.canvas_size, dm.canvas_size), steps=int(q.steps), guidance=float(q.guidance), generator=g))
     fake = torch.cat(fakes)
-    return {"frechet_distance": frechet_distance(real, fake, int(q.feature_seed)), "quality_samples": len(captions), "quality_real": int(real.shape[0])}
+    out = {"frechet_distance": frechet_distance(real, fake, int(q.feature_seed)), "quality_samples": len(captions), "quality_real": int(real.shape[0])}
+    if int(q.reference) > 0:
+        reference, kind = _unseen_reference(dm, int(q.reference))
+        b = int(dm.cfg.border)
+        interiors = fake[:, :, b : fake.shape[2] - b, b : fake.shape[3] - b]
+        ref_f, fake_f = local_features(reference, int(q.feature_seed)), local_features(interiors, int(q.feature_seed))
+        pr = precision_recall(ref_f, fake_f, k=int(q.knn_k))
+        clf = classifier_accuracy(ref_f, fake_f, seed=int(q.seed))
+        rounded = lambda ci: [round(v, 4) for v in ci]  # noqa: E731
+        out.update({
+            "frechet_unseen": frechet_distance(reference, interiors, int(q.feature_seed)),
+            "precision": pr["precision"], "precision_ci": rounded(pr["precision_ci"]),
+            "recall": pr["recall"], "recall_ci": rounded(pr["recall_ci"]),
+            "classifier_accuracy": clf["accuracy"], "classifier_accuracy_ci": rounded(clf["accuracy_ci"]),
+            "quality_unseen": int(reference.shape[0]), "quality_unseen_kind": kind,
+        })
+    return out
+
+
+# what quality() adds to a row (the rest of its output is in the summary's compare section too)
+QUALITY_COLUMNS = ("frechet_distance", "frechet_unseen", "precision", "precision_ci", "recall", "recall_ci",
+                   "classifier_accuracy", "classifier_accuracy_ci", "quality_samples", "quality_unseen")
 
 
 # ---- one row ----------------------------------------------------------------------------------
@@ -120,7 +163,8 @@ def _row(name: str, summary: dict, delta: str, wall: float, q: dict) -> dict:
             row[f"fake_rate_{mode}"] = re.get(f"fake_rate_{mode}")
         if re.get("loss"):
             row["realism_loss_seconds"] = re["loss"].get("seconds_total")
-    row["frechet_distance"] = q.get("frechet_distance")
+    for key in QUALITY_COLUMNS:
+        row[key] = q.get(key)
     tr = summary.get("train", {})
     row["final_loss"] = tr.get("final_loss")
     row["global_step"] = tr.get("global_step")

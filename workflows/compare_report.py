@@ -24,8 +24,10 @@ def _fmt(v) -> str:
 COLUMNS = (
     "setting", "seed", "model_of", "eidetic", "chance", "p_value", "solidmark_auc_heldout", "<detector AUCs>", "verified_extractions",
     "irs_paper_generated_mean", "irs_paper_real_mean", "fake_rate_paper",
-    "irs_two_sided_generated_mean", "irs_two_sided_real_mean", "fake_rate_two_sided", "realism_loss_seconds", "frechet_distance", "final_loss",
+    "irs_two_sided_generated_mean", "irs_two_sided_real_mean", "fake_rate_two_sided", "realism_loss_seconds", "frechet_distance",
+    "frechet_unseen", "precision", "precision_ci", "recall", "recall_ci", "classifier_accuracy", "classifier_accuracy_ci", "final_loss",
     "global_step", "captions_changed", "wen_skipped", "near_duplicates_removed", "stopped_at", "excluded", "wall_time_s",
+    "quality_samples", "quality_unseen",
 )
 
 
@@ -51,7 +53,9 @@ def write_outputs(out: Path, rows: list[dict], cfg) -> None:
         "",
         f"Seed {cfg.seed}; base {list(cfg.base)}; shared overrides {list(cfg.overrides)}. "
         f"SolidMark columns at delta={cfg.delta}. `frechet_distance` is a Fréchet distance on features of a "
-        "fixed-seed random conv net (not Inception; compare within this table only).",
+        "fixed-seed random conv net (not Inception; compare within this table only); `frechet_unseen`, `precision`/`recall` "
+        "(k-NN manifolds) and `classifier_accuracy` (real vs generated, cross-validated; 0.5: indistinguishable) compare the "
+        "samples' interiors with `quality_unseen` real images never trained on, in the same space, with 95 % binomial intervals.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
@@ -142,7 +146,8 @@ def console_summary(out: Path):
     detector = next((c[: -len("_auc_dup")] for c in (rows[0] if rows else {}) if c.endswith("_auc_dup")), None)
     wanted = [("setting", "setting"), ("eidetic", "eidetic"), ("chance", "chance"), ("p_value", "p"),
               ("solidmark_auc_heldout", "SolidMark AUC"), (f"{detector}_auc_dup", f"{detector} AUC"),
-              ("verified_extractions", "verified"), ("frechet_distance", "Fréchet"), ("final_loss", "final loss"),
+              ("verified_extractions", "verified"), ("frechet_distance", "Fréchet"), ("precision", "precision"),
+              ("classifier_accuracy", "classifier acc."), ("final_loss", "final loss"),
               ("stopped_at", "stopped at"), ("wall_time_s", "wall s")]
     columns = [(k, label) for k, label in wanted if any(r.get(k) not in (None, "") for r in rows)]
     table = Table(f"Comparison ({len(rows)} settings)", [label for _, label in columns],

@@ -19,9 +19,14 @@ class QualitySettings(Section):
     batch_size: int = 32
     seed: int = 0
     feature_seed: int = 0  # seed of the local random conv feature extractor
+    # real images never trained on for precision/recall and the classifier (built-in data: this
+    # many fresh crops overlapping no data-set crop; folder data: its held-out split); 0: off
+    reference: int = 128
+    knn_k: int = 3  # k of the precision/recall k-NN manifolds
 
     def problems(self) -> list[str]:
-        return [f"{n} must be >= 1, got {getattr(self, n)}" for n in ("num_samples", "steps", "batch_size") if getattr(self, n) < 1]
+        return [f"{n} must be >= 1, got {getattr(self, n)}" for n in ("num_samples", "steps", "batch_size", "knn_k") if getattr(self, n) < 1] + (
+            [f"reference must be >= 0, got {self.reference}"] if self.reference < 0 else [])
 
 
 # what an inference-time setting may change: how the trained model is queried, not how it trains
