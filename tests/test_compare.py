@@ -167,6 +167,10 @@ def test_inference_settings_config_errors(tmp_path):
         workflow.load_config([training], [])
     with pytest.raises(ConfigError, match="workers"):
         workflow.load_config([TINY], ["workers=0"])
+    # too few samples for the classifier's folds is refused before anything trains, with the way out
+    with pytest.raises(ConfigError, match=r"num_samples must be >= 5 .*quality.reference=0"):
+        workflow.load_config([TINY], ["quality.num_samples=4"])
+    workflow.load_config([TINY], ["quality.num_samples=4", "quality.reference=0"])
 
 
 def test_the_selective_comparison_config_loads_and_validates(tmp_path):

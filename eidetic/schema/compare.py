@@ -10,6 +10,9 @@ from eidetic.config import Section
 __all__ = ["CompareConfig", "ComparisonSetting", "QualitySettings", "QUERY_SECTIONS"]
 
 
+CLASSIFIER_FOLDS = 5  # cross-validation folds of the real-vs-generated classifier
+
+
 @dataclass
 class QualitySettings(Section):
     enabled: bool = True
@@ -25,8 +28,15 @@ class QualitySettings(Section):
     knn_k: int = 3  # k of the precision/recall k-NN manifolds
 
     def problems(self) -> list[str]:
-        return [f"{n} must be >= 1, got {getattr(self, n)}" for n in ("num_samples", "steps", "batch_size", "knn_k") if getattr(self, n) < 1] + (
-            [f"reference must be >= 0, got {self.reference}"] if self.reference < 0 else [])
+        out = [f"{n} must be >= 1, got {getattr(self, n)}" for n in ("num_samples", "steps", "batch_size", "knn_k") if getattr(self, n) < 1]
+        if self.reference < 0:
+            out.append(f"reference must be >= 0, got {self.reference}")
+        elif self.reference > 0:
+            # the unseen-image measures: a k-NN manifold needs k + 1 points, the classifier one image per fold
+            need = max(CLASSIFIER_FOLDS, self.knn_k + 1)
+            out += [f"{n} must be >= {need} for the unseen-image measures (or quality.reference=0 to turn them off), got {getattr(self, n)}"
+                    for n in ("num_samples", "reference") if getattr(self, n) < need]
+        return out
 
 
 # what an inference-time setting may change: how the trained model is queried, not how it trains
