@@ -147,7 +147,6 @@ class ExtractionProbeCallback(Monitor):
     # ---- one probe round -----------------------------------------------------------
     @torch.no_grad()
     def probe(self, trainer, pl_module) -> dict | None:
-        s = self.settings
         self._last_step = trainer.global_step
         dm = trainer.datamodule
         truth = caption_truth(dm.records)

@@ -301,7 +301,6 @@ def test_imitate_with_restoration_blind_and_control_teachers(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NON_BLIND)
 def test_non_blind_classical_teachers_are_imitated_above_30db(name, tmp_path):
-    import imitate
 
     from workflows import imitate as workflow
 

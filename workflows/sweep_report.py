@@ -8,12 +8,15 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from eidetic.io import atomic_write, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from workflows.sweep import SweepSpec
 
 __all__ = ["resolve_metric", "metric_wandb_name", "to_wandb_sweep", "trial_rows", "write_report", "console_summary"]
 
@@ -234,10 +237,6 @@ def _plot(spec: SweepSpec, rows: list[dict], best: set[int], path: Path) -> None
     with atomic_write(path, "wb") as fh:
         fig.savefig(fh, format="png")
     plt.close(fig)
-
-
-def load_study(spec: SweepSpec) -> optuna.Study:
-    return optuna.load_study(study_name=spec.study, storage=_storage(spec))
 
 
 def summary_text(study: optuna.Study, spec: SweepSpec) -> str:
