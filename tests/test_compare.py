@@ -191,3 +191,28 @@ def test_the_selective_comparison_config_loads_and_validates(tmp_path):
         c = train.load_config([workflow.ROOT / f for f in cfg.base], [*cfg.overrides, *own])
         assert c.data.source == "tiles" and c.model.space == "pixel"
     assert list(c.inference_mitigation.captions) == [] and c.inference_mitigation.delayed_guidance.guidance_before == -2.0
+
+
+def test_over_seeds_pairs_each_setting_with_the_baseline_by_seed():
+    from scipy.stats import t as student_t
+
+    from workflows.compare_report import _over_seeds_lines, over_seeds
+
+    rows = [{"setting": f"{name}-seed{s}", "seed": s, "eidetic": e, "chance": 1.0, "frechet_distance": f}
+            for name, vals in (("baseline", [(5, 3.0), (7, 4.0), (6, 5.0)]), ("mitigated", [(2, 3.5), (5, 4.0), (2, 6.5)]))
+            for s, (e, f) in enumerate(vals)]
+    base, mit = over_seeds(rows)
+    assert (base["setting"], base["seeds"], mit["setting"]) == ("baseline", 3, "mitigated")
+    assert base["eidetic_excess"][0] == pytest.approx(5.0) and base["eidetic_excess"][1] == pytest.approx(1 / 3 ** 0.5)
+    assert "eidetic_excess_delta" not in base
+    # per-seed differences -3, -2, -4: mean -3, s.e. 1/sqrt(3), t interval with 2 degrees of freedom
+    d, lo, hi, n = mit["eidetic_excess_delta"]
+    half = student_t.ppf(0.975, 2) / 3 ** 0.5
+    assert (d, n) == (pytest.approx(-3.0), 3) and (lo, hi) == (pytest.approx(-3 - half), pytest.approx(-3 + half))
+    assert hi < 0  # a difference the interval separates from 0
+    d, lo, hi, _ = mit["frechet_distance_delta"]  # +0.5, 0, +1.5: the interval spans 0
+    assert d == pytest.approx(2 / 3) and lo < 0 < hi
+    text = "\n".join(_over_seeds_lines([base, mit]))
+    assert "| mitigated | 3 |" in text and "paired by seed" in text
+    # one seed per setting: no over-seeds section (a standard error needs two)
+    assert _over_seeds_lines(over_seeds([r for r in rows if r["seed"] == 0])) == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from eidetic.io import atomic_write, write_text_atomic
 
-__all__ = ["write_outputs", "memorization_axis", "console_summary", "COLUMNS"]
+__all__ = ["write_outputs", "memorization_axis", "console_summary", "over_seeds", "COLUMNS", "SEED_COLUMNS"]
 
 
 def _fmt(v) -> str:
@@ -37,6 +37,91 @@ def _column_rank(name: str) -> int:
     return COLUMNS.index("<detector AUCs>") if name.endswith(("_auc_dup", "_auc_heldout")) else len(COLUMNS)
 
 
+# What the over-seeds table summarises: the measures a reader compares settings by
+SEED_COLUMNS = (
+    "eidetic_excess", "solidmark_auc_heldout", "<detector AUCs>", "verified_extractions", "irs_paper_generated_mean",
+    "irs_two_sided_generated_mean", "frechet_distance", "frechet_unseen", "precision", "recall", "classifier_accuracy",
+    "final_loss", "wall_time_s",
+)
+
+
+def _number(v) -> float | None:
+    if v is None or v == "" or isinstance(v, (list, tuple, bool)):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _setting_of(row: dict) -> str:
+    name, seed = str(row["setting"]), row.get("seed")
+    suffix = f"-seed{seed}"
+    return name[: -len(suffix)] if seed not in (None, "") and name.endswith(suffix) else name
+
+
+def over_seeds(rows: list[dict], level: float = 0.95) -> list[dict]:
+    """Per setting: the number of seeds, and for every measure of :data:`SEED_COLUMNS` the mean ±
+    standard error over seeds and the difference to the first setting paired by seed, with a
+    Student-t interval over the per-seed differences (training variance included; with two
+    seeds it is wide, as it should be). ``eidetic_excess`` is the SolidMark count minus chance."""
+    from scipy.stats import t as student_t
+
+    from eidetic.stats import mean_and_standard_error
+
+    def value(row: dict, col: str) -> float | None:
+        if col == "eidetic_excess":
+            e, c = _number(row.get("eidetic")), _number(row.get("chance"))
+            return None if e is None or c is None else e - c
+        return _number(row.get(col))
+
+    detectors = [c for c in dict.fromkeys(k for r in rows for k in r) if c.endswith(("_auc_dup", "_auc_heldout")) and c != "solidmark_auc_heldout"]
+    cols = [c for name in SEED_COLUMNS for c in (detectors if name == "<detector AUCs>" else [name])
+            if any(value(r, c) is not None for r in rows)]
+    groups: dict[str, dict] = {}
+    for r in rows:
+        groups.setdefault(_setting_of(r), {})[str(r.get("seed"))] = r
+    baseline = next(iter(groups.values()), {})
+    out = []
+    for name, by_seed in groups.items():
+        entry: dict = {"setting": name, "seeds": len(by_seed)}
+        for c in cols:
+            vals = [value(r, c) for r in by_seed.values()]
+            entry[c] = mean_and_standard_error(vals)
+            if by_seed is baseline:
+                continue
+            diffs = [value(r, c) - value(baseline[s], c) for s, r in by_seed.items()
+                     if s in baseline and value(r, c) is not None and value(baseline[s], c) is not None]
+            mean, se = mean_and_standard_error(diffs)
+            if mean is None:
+                continue
+            half = None if se is None else float(student_t.ppf(0.5 + level / 2, len(diffs) - 1)) * se
+            entry[f"{c}_delta"] = (mean, None if half is None else mean - half, None if half is None else mean + half, len(diffs))
+        out.append(entry)
+    return out
+
+
+def _over_seeds_lines(summary: list[dict]) -> list[str]:
+    if not summary or max(e["seeds"] for e in summary) < 2:
+        return []
+    cols = [c for c in summary[0] if c not in ("setting", "seeds") and not c.endswith("_delta")]
+    base = summary[0]["setting"]
+    lines = ["", f"## Over seeds (mean ± standard error; Δ: vs {base}, paired by seed, 95 % t interval)", "",
+             "| setting | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for e in summary:
+        cells = []
+        for c in cols:
+            mean, se = e.get(c, (None, None))
+            cell = "" if mean is None else _fmt(mean) + ("" if se is None else f" ± {_fmt(se)}")
+            d = e.get(f"{c}_delta")
+            if d is not None:
+                cell += f"<br>Δ {_fmt(d[0])}" + ("" if d[1] is None else f" [{_fmt(d[1])}, {_fmt(d[2])}]")
+            cells.append(cell)
+        lines.append(f"| {e['setting']} | {e['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", "A difference is a finding only when its interval excludes 0."]
+    return lines
+
+
 def write_outputs(out: Path, rows: list[dict], cfg) -> None:
     """``comparison.csv``, ``report.md``, ``report.html`` (plot embedded) and ``memorization_vs_quality.png``."""
     fields = sorted(dict.fromkeys(k for r in rows for k in r), key=_column_rank)  # stable: detector columns keep their order
@@ -61,14 +146,16 @@ def write_outputs(out: Path, rows: list[dict], cfg) -> None:
         "|" + "---|" * len(cols),
     ]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    summary = over_seeds(rows)
+    lines += _over_seeds_lines(summary)
     lines += ["", "Settings:", ""] + [f"- **{s.name}**: `{' '.join(s.overrides) or '(none)'}`" for s in cfg.settings]
     lines += ["", "![memorization vs quality](memorization_vs_quality.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
-    _plot(out, rows)
-    write_text_atomic(out / "report.html", _html(cfg, cols, rows, out / "memorization_vs_quality.png"))
+    _plot(out, rows, summary)
+    write_text_atomic(out / "report.html", _html(cfg, cols, rows, out / "memorization_vs_quality.png", _over_seeds_lines(summary)))
 
 
-def _html(cfg, cols: list[str], rows: list[dict], plot: Path) -> str:
+def _html(cfg, cols: list[str], rows: list[dict], plot: Path, seed_lines: list[str] = ()) -> str:
     import base64
     import html
 
@@ -77,6 +164,13 @@ def _html(cfg, cols: list[str], rows: list[dict], plot: Path) -> str:
     body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
     settings = "".join(f"<li><b>{esc(s.name)}</b>: <code>{esc(' '.join(s.overrides) or '(none)')}</code></li>" for s in cfg.settings)
     img = base64.b64encode(plot.read_bytes()).decode() if plot.exists() else ""  # embedded: the report is one file
+    seed_table = ""
+    table_lines = [ln for ln in seed_lines if ln.startswith("|") and not ln.startswith("|---")]
+    if table_lines:
+        cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table_lines]
+        seed_table = (f"<h2>{esc(seed_lines[1].lstrip('# '))}</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in cells[0]) + "</tr>"
+                      + "".join("<tr>" + "".join(f"<td>{esc(c).replace('&lt;br&gt;', '<br>')}</td>" for c in row) + "</tr>" for row in cells[1:])
+                      + "</table><p>A difference is a finding only when its interval excludes 0.</p>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>Mitigation comparison: {esc(str(cfg.name))}</title>"
@@ -87,7 +181,7 @@ def _html(cfg, cols: list[str], rows: list[dict], plot: Path) -> str:
         f"<p>Seed {cfg.seed}; base {esc(str(list(cfg.base)))}; shared overrides <code>{esc(' '.join(cfg.overrides))}</code>. "
         f"SolidMark columns at delta={cfg.delta}. <code>frechet_distance</code> uses a fixed-seed random conv net "
         "(not Inception): compare within this table only.</p>"
-        f"<table><tr>{head}</tr>{body}</table><h2>Settings</h2><ul>{settings}</ul>"
+        f"<table><tr>{head}</tr>{body}</table>{seed_table}<h2>Settings</h2><ul>{settings}</ul>"
         + (f"<h2>Memorization vs quality</h2><img alt='memorization vs quality' src='data:image/png;base64,{img}'>" if img else "")
         + "</body></html>\n"
     )
@@ -105,27 +199,34 @@ def memorization_axis(rows: list[dict]) -> tuple[str, list[float | None], float 
     return "final training loss (no monitor ran)", [r.get("final_loss") for r in rows], None
 
 
-def _plot(out: Path, rows: list[dict]) -> None:
+def _plot(out: Path, rows: list[dict], summary: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     label, ys, chance_level = memorization_axis(rows)
+    # with several seeds a setting is one point at its means, with standard-error bars
+    many = bool(summary) and max(e["seeds"] for e in summary) > 1
+    if many:
+        key = "eidetic_excess" if label.startswith("eidetic") else label.split(" ")[0]
+        points = [(e["setting"], e.get("frechet_distance", (None, None)), e.get(key, (None, None))) for e in summary]
+    else:
+        points = [(r["setting"], (r.get("frechet_distance"), None), (y, None)) for r, y in zip(rows, ys)]
     # Settings that leave memorization unchanged land on the same point, so a legend names
     # them (colour and marker) where text labels next to the points would overprint.
     markers = "osD^v<>pPX*h"
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (r, y) in enumerate(zip(rows, ys)):
-        x = r.get("frechet_distance")
+    for i, (name, (x, xerr), (y, yerr)) in enumerate(points):
         if x is None or y is None:
             continue
-        ax.scatter([x], [y], marker=markers[i % len(markers)], s=50, alpha=0.8, label=r["setting"])
+        ax.errorbar([x], [y], xerr=None if xerr is None else [xerr], yerr=None if yerr is None else [yerr],
+                    fmt=markers[i % len(markers)], markersize=7, alpha=0.8, capsize=3, label=name)
     if chance_level is not None:
         ax.axhline(chance_level, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("Fréchet distance, local features (lower = closer to data)")
-    ax.set_ylabel(label)
+    ax.set_ylabel(label + (" (mean ± s.e. over seeds)" if many else ""))
     ax.set_title("memorization vs quality")
     fig.tight_layout()
     with atomic_write(out / "memorization_vs_quality.png", "wb") as fh:
