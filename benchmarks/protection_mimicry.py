@@ -1,4 +1,4 @@
-"""Does protecting images stop a fine-tuned model from mimicking them? (issue #8's evaluation)
+"""Does protecting images stop a fine-tuned model from mimicking them?
 
     python benchmarks/protection_mimicry.py --model RUN/model [--out DIR] [--images 8] [--objective sds-]
     python benchmarks/protection_mimicry.py --train-base [--out DIR]      # trains the default model first

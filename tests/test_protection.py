@@ -646,3 +646,27 @@ def test_every_unreadable_file_is_named_at_once(tmp_path, pipeline_dir, capsys):
     err = capsys.readouterr().err  # each file is named as it is skipped, then one error names them all
     final = err[err.index("error: "):]
     assert "none of the 3 images" in final and all(n in final for n in ("one.png", "two.jpg", "three.webp"))
+
+
+def test_protection_grid_benchmark_tabulates_every_cell_with_intervals_and_resumes(tmp_path, pipeline_dir, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import protection_grid
+
+    out = tmp_path / "grid"
+    argv = ["--model", str(pipeline_dir), "--out", str(out), "--images", "3", "--objectives", "sds-", "--eps", "8",
+            "--control", "photoguard:32", "--pgd-steps", "2", "--strengths", "0.5"]
+    result = protection_grid.main(argv)
+    grid = json.loads((out / "grid.json").read_text())
+    cells = {(r["objective"], r["eps_levels"], r["purification"]) for r in grid["rows"]}
+    assert cells == {(o, e, p) for o, e in (("sds-", 8), ("photoguard", 32)) for p in ("none", "jpeg", "gaussian", "noisy_upscale", "diffpure")}
+    for r in grid["rows"]:
+        lo, hi = r["psnr_drop_ci"]
+        assert lo <= r["psnr_drop"] <= hi
+    assert result["positive_control"]["cell"] == "photoguard:32" and set(result["psnr_drop_at_16"]) == set()
+    table = (out / "grid.md").read_text()
+    assert "| photoguard | 32/255 |" in table and "drop, diffpure" in table and "over 3 images" in table
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "protection_grid"
+    # a second run keeps every finished cell
+    stamp = (out / "sds--eps8" / "summary.json").stat().st_mtime_ns
+    protection_grid.main(argv)
+    assert (out / "sds--eps8" / "summary.json").stat().st_mtime_ns == stamp
