@@ -1,11 +1,15 @@
-"""SDS vs full-backprop AdvDM: wall time and peak memory of the same PGD attack.
+"""Every protection objective's wall time and peak memory per image, the same PGD attack.
 
     python benchmarks/protection_cost.py [--image-size 128 --batch 2 --steps 4 --repeats 2]
+    python benchmarks/protection_cost.py --models sd_ratio --objectives advdm+ sds+
 
-Both attacks run ``eidetic.protection.protect_images`` on the same randomly initialised,
+Every objective runs ``eidetic.protection.protect_images`` on the same randomly initialised,
 Stable Diffusion-shaped (but small) latent diffusion model, the same images, captions,
-seeds, number of PGD steps and batch size; only the objective differs (``advdm+`` vs
-``sds+``: the SDS gradient is (eps_hat - eps) through the encoder only, UNet under no_grad).
+seeds, number of PGD steps and batch size; only the objective differs. The headline is SDS
+vs full-backprop AdvDM (``sds+`` / ``advdm+``: the SDS gradient is (eps_hat - eps) through
+the encoder only, UNet under no_grad), whose saving is the UNet's share of the work, so it is
+measured on two models (``--models``): ``default`` (UNet : encoder parameters about 8.6 : 1)
+and ``sd_ratio`` (about 26 : 1, Stable Diffusion 1.x's UNet 860M against its encoder's 34M).
 Random weights do not change the cost of a forward/backward pass.
 
 How it measures, honestly:
@@ -23,7 +27,8 @@ How it measures, honestly:
   PGD step, weights excluded (via ``torch.autograd.graph.saved_tensors_hooks``): an
   allocator-independent view of the activation memory each method keeps alive.
 
-The last line is JSON with ``time_ratio`` and ``memory_ratio`` (SDS / AdvDM).
+The last line is JSON with ``time_ratio`` and ``memory_ratio`` (SDS / AdvDM) of the first
+model, and per model every objective's seconds and peak MiB per image with its ratios to AdvDM.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
+# UNet channels per model preset; the autoencoder is the same [32, 64, 128, 128] in both
+MODELS = {"default": [64, 128, 256], "sd_ratio": [112, 224, 448]}
 
 
 def build_model(args, device):
@@ -130,14 +138,51 @@ def run_worker(objective: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def parameter_counts(args) -> tuple[int, int]:
+    """(UNet, encoder incl. quant_conv) parameters of the model ``args`` describes."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(args, torch.device("meta"))
+    encoder = sum(p.numel() for m in (model.vae.encoder, model.vae.quant_conv) for p in m.parameters())
+    return sum(p.numel() for p in model.unet.parameters()), encoder
+
+
+def measure(args) -> dict:
+    """Every objective in alternating fresh subprocesses: per objective the minimum time and the
+    median peak memory over repeats, per image."""
+    results: dict[str, list[dict]] = {o: [] for o in args.objectives}
+    for r in range(args.repeats):
+        for objective in args.objectives:
+            res = run_worker(objective, args)
+            results[objective].append(res)
+            print(f"repeat {r}: {objective:10s} {res['seconds']:7.2f} s  peak +{res['peak_bytes'] / 2**20:8.1f} MiB  "
+                  f"(baseline {res['base_bytes'] / 2**20:.0f} MiB)  saved-for-backward {res['saved_for_backward_bytes'] / 2**20:.1f} MiB/step", flush=True)
+    out = {}
+    for objective, runs in results.items():
+        out[objective] = {
+            "seconds_per_image": min(r["seconds"] for r in runs) / args.batch,
+            "peak_mib_per_image": statistics.median(r["peak_bytes"] for r in runs) / args.batch / 2**20,
+            "saved_for_backward_mib_per_image": max(r["saved_for_backward_bytes"] for r in runs) / args.batch / 2**20,
+        }
+    ref = out.get("advdm+")
+    for v in out.values():
+        if ref:
+            v["time_vs_advdm"] = v["seconds_per_image"] / ref["seconds_per_image"]
+            v["memory_vs_advdm"] = v["peak_mib_per_image"] / ref["peak_mib_per_image"]
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="PGD steps per measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="subprocess pairs (AdvDM, SDS)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of one fresh subprocess per objective")
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="model presets, measured one after the other")
     parser.add_argument("--vae-channels", type=int, nargs="+", default=[32, 64, 128, 128])
-    parser.add_argument("--unet-channels", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=None, help="overrides the preset's UNet channels")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -146,34 +191,31 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    results = {"advdm+": [], "sds+": []}
-    for r in range(args.repeats):
-        for objective in ("advdm+", "sds+"):
-            res = run_worker(objective, args)
-            results[objective].append(res)
-            print(f"repeat {r}: {objective:7s} {res['seconds']:7.2f} s  peak +{res['peak_bytes'] / 2**20:8.1f} MiB  "
-                  f"(baseline {res['base_bytes'] / 2**20:.0f} MiB)  saved-for-backward {res['saved_for_backward_bytes'] / 2**20:.1f} MiB/step", flush=True)
-
-    def agg(objective, key, fn):
-        return fn(r[key] for r in results[objective])
-
-    t_adv, t_sds = agg("advdm+", "seconds", min), agg("sds+", "seconds", min)
-    m_adv, m_sds = agg("advdm+", "peak_bytes", lambda v: statistics.median(list(v))), agg("sds+", "peak_bytes", lambda v: statistics.median(list(v)))
-    s_adv, s_sds = agg("advdm+", "saved_for_backward_bytes", max), agg("sds+", "saved_for_backward_bytes", max)
+    if not {"advdm+", "sds+"} <= set(args.objectives):
+        parser.error("--objectives must include advdm+ and sds+ (the headline ratio)")
     memory_method = "cuda.max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss increase in a fresh process"
-    print()
-    print(f"model: VAE {args.vae_channels}, UNet {args.unet_channels}, {args.image_size}px, batch {args.batch}, {args.steps} PGD steps, device {args.device}")
-    print(f"{'':8s} {'time (s)':>10s} {'peak mem (MiB)':>15s} {'saved for bwd (MiB)':>20s}")
-    print(f"{'AdvDM':8s} {t_adv:10.2f} {m_adv / 2**20:15.1f} {s_adv / 2**20:20.1f}")
-    print(f"{'SDS':8s} {t_sds:10.2f} {m_sds / 2**20:15.1f} {s_sds / 2**20:20.1f}")
-    print(f"SDS / AdvDM: time {t_sds / t_adv:.3f}, peak memory {m_sds / m_adv:.3f} ({memory_method}), saved-for-backward {s_sds / s_adv:.3f}  (paper: 0.5 and 0.5)")
+    per_model, override = {}, args.unet_channels
+    for name in args.models:
+        args.unet_channels = override or MODELS[name]
+        unet, encoder = parameter_counts(args)
+        print(f"\nmodel {name}: VAE {args.vae_channels}, UNet {args.unet_channels} (UNet {unet / 1e6:.1f}M : encoder {encoder / 1e6:.2f}M "
+              f"= {unet / encoder:.1f} : 1), {args.image_size}px, batch {args.batch}, {args.steps} PGD steps, device {args.device}", flush=True)
+        table = measure(args)
+        print(f"{'objective':10s} {'s/image':>9s} {'peak MiB/image':>15s} {'saved bwd MiB':>14s} {'time/AdvDM':>11s} {'mem/AdvDM':>10s}")
+        for objective, v in table.items():
+            print(f"{objective:10s} {v['seconds_per_image']:9.2f} {v['peak_mib_per_image']:15.1f} {v['saved_for_backward_mib_per_image']:14.1f} "
+                  f"{v['time_vs_advdm']:11.3f} {v['memory_vs_advdm']:10.3f}")
+        sds, adv = table["sds+"], table["advdm+"]
+        print(f"SDS / AdvDM: time {sds['time_vs_advdm']:.3f}, peak memory {sds['memory_vs_advdm']:.3f} ({memory_method})  (paper: 0.5 and 0.5)")
+        per_model[name] = {"unet_to_encoder": round(unet / encoder, 2), "unet_channels": list(args.unet_channels),
+                           "objectives": {o: {k: round(x, 4) for k, x in v.items()} for o, v in table.items()},
+                           "time_ratio": round(sds["seconds_per_image"] / adv["seconds_per_image"], 4),
+                           "memory_ratio": round(sds["peak_mib_per_image"] / adv["peak_mib_per_image"], 4),
+                           "saved_for_backward_ratio": round(sds["saved_for_backward_mib_per_image"] / adv["saved_for_backward_mib_per_image"], 4)}
+    first = per_model[args.models[0]]
     print(json.dumps({
-        "time_ratio": round(t_sds / t_adv, 4),
-        "memory_ratio": round(m_sds / m_adv, 4),
-        "saved_for_backward_ratio": round(s_sds / s_adv, 4),
-        "advdm_seconds": round(t_adv, 3), "sds_seconds": round(t_sds, 3),
-        "advdm_peak_mib": round(m_adv / 2**20, 1), "sds_peak_mib": round(m_sds / 2**20, 1),
-        "memory_method": memory_method, "device": args.device,
+        "time_ratio": first["time_ratio"], "memory_ratio": first["memory_ratio"], "saved_for_backward_ratio": first["saved_for_backward_ratio"],
+        "models": per_model, "memory_method": memory_method, "device": args.device,
         "image_size": args.image_size, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
     }))
 
