@@ -6,7 +6,7 @@
 End to end, with the framework's own pieces: ``--images`` crops of the scikit-image
 photographs that the default built-in data set does not contain (a different crop seed),
 with captions of the built-in kind, are written to ``OUT/clean/``; ``protect.py`` protects
-them against the model (``--objective``, ε = 16/255, ``--pgd-steps``) and, with
+them against the model (``--objective`` at ``--eps``, default 16/255, ``--pgd-steps``) and, with
 ``mimicry.enabled=true``, fine-tunes the model once on the clean and once on the protected
 copies (same seed, steps, captions) and compares how well each fine-tuned model reproduces
 the clean interiors (SSIM/PSNR, mean and best of samples). The last line is JSON with the
@@ -70,6 +70,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "protection-mimicry")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--objective", default="sds-")
+    ap.add_argument("--eps", type=int, default=16, help="budget in 8-bit levels (of 255)")
+    ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed of both fine-tunes (training variance is part of the uncertainty)")
     ap.add_argument("--pgd-steps", type=int, default=100)
     ap.add_argument("--finetune-steps", type=int, default=1500, help="steps of each fine-tune (at 200 the default model barely learns the images)")
     ap.add_argument("--samples", type=int, default=4, help="generations per caption and model")
@@ -90,24 +92,24 @@ def main(argv=None) -> dict:
     interior = int(load(Schema, base=base_layer).data.resolution)
     clean = args.out / "clean"
     write_images(clean, args.images, interior)
-    output = args.out / f"protected-{args.objective}"
+    output = args.out / f"protected-{args.objective}-eps{args.eps}-seed{args.seed}"
     rc = protect.main([
-        f"input={clean}", f"model={model}", f"output={output}", f"objective={args.objective}",
-        f"steps={args.pgd_steps}", "mimicry.enabled=true", f"mimicry.steps={args.finetune_steps}",
-        f"mimicry.samples_per_image={args.samples}", f"mimicry.work_dir={args.out / 'mimicry-work'}",
+        f"input={clean}", f"model={model}", f"output={output}", f"objective={args.objective}", f"eps={args.eps}/255",
+        f"steps={args.pgd_steps}", "mimicry.enabled=true", f"mimicry.steps={args.finetune_steps}", f"mimicry.seed={args.seed}",
+        f"mimicry.samples_per_image={args.samples}", f"mimicry.work_dir={output}.mimicry",
     ])
     if rc != 0:
         raise SystemExit(f"protect.py failed (exit {rc})")
     section = json.loads((output / "summary.json").read_text())["protection"]
     m = section["mimicry"]
-    print(f"\n{args.images} images ({interior}px interior; UNet sample size {resolution}), objective {args.objective}, "
+    print(f"\n{args.images} images ({interior}px interior; UNet sample size {resolution}), objective {args.objective} at {args.eps}/255, "
           f"{args.pgd_steps} PGD steps, fine-tunes of {args.finetune_steps} steps, {args.samples} samples per caption")
     print(f"{'model':<18}" + "".join(f"{k:>12}" for k in m["similarity"]["base"]))
     for name, sims in m["similarity"].items():
         print(f"{name:<18}" + "".join(f"{v:>12.4f}" for v in sims.values()))
     print(f"{'drop (±se)':<18}" + "".join(f"{m['drop'][k]:>7.4f}±{m['drop_standard_error'][k]:.3f}" for k in m["drop"]))
     result = {
-        "benchmark": "protection_mimicry", "objective": args.objective, "images": args.images,
+        "benchmark": "protection_mimicry", "objective": args.objective, "eps_levels": args.eps, "seed": args.seed, "images": args.images,
         "finetune_steps": args.finetune_steps, "similarity": m["similarity"], "drop": m["drop"],
         "drop_standard_error": m["drop_standard_error"], "wall_time_s": round(time.perf_counter() - t0, 1),
     }
