@@ -55,7 +55,10 @@ class DiffusionModel:
     scheduler: object
     encode_prompt: Callable[[Sequence[str]], torch.Tensor]
     vae: object | None = None
+    # unet_evals: noise predictions per image (a guided step is one); unet_passes: network forward
+    # passes per image (a guided step is two), the compute a sampling setting actually costs
     unet_evals: int = field(default=0, init=False)
+    unet_passes: int = field(default=0, init=False)
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -149,6 +152,7 @@ class DiffusionModel:
 
     def _unet(self, sample, t, hidden):
         dtype = self.dtype
+        self.unet_passes += sample.shape[0]
         out = self.unet(sample.to(dtype), t, encoder_hidden_states=hidden.to(dtype))
         out = out.sample if hasattr(out, "sample") else out
         return out.float() if sample.dtype == torch.float32 else out

@@ -147,6 +147,9 @@ def test_inference_time_settings_evaluate_the_baselines_model_at_every_seed_in_p
         same = _table(out / f"same-seed{s}" / "solidmark.csv")
         assert [r["pred_key"] for r in same] == [r["pred_key"] for r in _table(out / f"baseline-seed{s}" / "solidmark.csv")]
         assert by[f"same-seed{s}"]["frechet_distance"] == base["frechet_distance"]
+        # guided sampling: conditional and unconditional evaluation at each of the 3 quality steps
+        assert float(base["unet_passes_per_sample"]) == float(by[f"same-seed{s}"]["unet_passes_per_sample"]) == 6
+        assert float(by[f"delayed_guidance-seed{s}"]["unet_passes_per_sample"]) != 6  # its own schedule and Wen's steps cost differently
         changed = _table(out / f"query_random_token-seed{s}" / "solidmark.csv")
         assert [r["pred_key"] for r in changed] != [r["pred_key"] for r in same]
     assert float(by["baseline-seed0"]["final_loss"]) != float(by["baseline-seed1"]["final_loss"])  # the seeds differ

@@ -111,13 +111,16 @@ def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = No
     real = dm.canvases([r.id for r in train])
     captions = [train[i % len(train)].caption for i in range(int(q.num_samples))]
     g = torch.Generator().manual_seed(int(q.seed))
-    fakes = []
+    fakes, passes_before = [], model.unet_passes
     with torch.no_grad():
         for start in range(0, len(captions), int(q.batch_size)):
             chunk = captions[start : start + int(q.batch_size)]
             fakes.append(generate(model, chunk, (dm.canvas_size, dm.canvas_size), steps=int(q.steps), guidance=float(q.guidance), generator=g))
     fake = torch.cat(fakes)
-    out = {"frechet_distance": frechet_distance(real, fake, int(q.feature_seed)), "quality_samples": len(captions), "quality_real": int(real.shape[0])}
+    # the generation's cost: guidance doubles it, delayed guidance and Wen's adjustment change it
+    per_sample = (model.unet_passes - passes_before) / max(1, len(captions))
+    out = {"frechet_distance": frechet_distance(real, fake, int(q.feature_seed)), "quality_samples": len(captions), "quality_real": int(real.shape[0]),
+           "unet_passes_per_sample": round(per_sample, 2)}
     if int(q.reference) > 0:
         reference, kind = _unseen_reference(dm, int(q.reference))
         need = max(CLASSIFIER_FOLDS, int(q.knn_k) + 1)
@@ -143,7 +146,7 @@ def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = No
 
 # what quality() adds to a row (the rest of its output is in the summary's compare section too)
 QUALITY_COLUMNS = ("frechet_distance", "frechet_unseen", "precision", "precision_ci", "recall", "recall_ci",
-                   "classifier_accuracy", "classifier_accuracy_ci", "quality_samples", "quality_unseen")
+                   "classifier_accuracy", "classifier_accuracy_ci", "quality_samples", "quality_unseen", "unet_passes_per_sample")
 
 
 # ---- one row ----------------------------------------------------------------------------------

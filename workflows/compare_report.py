@@ -27,7 +27,7 @@ COLUMNS = (
     "irs_two_sided_generated_mean", "irs_two_sided_real_mean", "fake_rate_two_sided", "realism_loss_seconds", "frechet_distance",
     "frechet_unseen", "precision", "precision_ci", "recall", "recall_ci", "classifier_accuracy", "classifier_accuracy_ci", "final_loss",
     "global_step", "captions_changed", "wen_skipped", "near_duplicates_removed", "stopped_at", "excluded", "wall_time_s",
-    "quality_samples", "quality_unseen",
+    "quality_samples", "quality_unseen", "unet_passes_per_sample",
 )
 
 
@@ -41,7 +41,7 @@ def _column_rank(name: str) -> int:
 SEED_COLUMNS = (
     "eidetic_excess", "solidmark_auc_heldout", "<detector AUCs>", "verified_extractions", "irs_paper_generated_mean",
     "irs_two_sided_generated_mean", "frechet_distance", "frechet_unseen", "precision", "recall", "classifier_accuracy",
-    "final_loss", "wall_time_s",
+    "final_loss", "wall_time_s", "unet_passes_per_sample",
 )
 
 
