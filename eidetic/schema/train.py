@@ -79,8 +79,12 @@ class DuplicateSettings(Section):
 
 @dataclass
 class DataSettings(Section):
-    source: str = "builtin"  # builtin (random crops of the scikit-image photographs) | tiles (distinct non-overlapping tiles) | folder
+    # builtin (random crops of the scikit-image photographs) | tiles (distinct non-overlapping tiles) | folder |
+    # stream (data.folder or data.shards decoded in DataLoader workers as training reads them; keys,
+    # split and duplication from each image's id: for sets too large to hold in memory)
+    source: str = "builtin"
     folder: Optional[str] = None  # image folder (optional metadata.jsonl with file_name/text)
+    shards: Optional[str] = None  # stream: Parquet shards (a .parquet file, a directory of them, or a glob)
     resolution: int = 32  # interior size; the canvas is resolution + 2 * border
     border: int = 4  # SolidMark border thickness in pixels (16 px at 256 px in the paper)
     num_images: int = 64  # builtin: how many crops to cut
@@ -100,11 +104,17 @@ class DataSettings(Section):
     cache_latents: bool = False
 
     def problems(self) -> list[str]:
-        out = choice_problem("source", self.source, ("builtin", "tiles", "folder"))
+        out = choice_problem("source", self.source, ("builtin", "tiles", "folder", "stream"))
         out += choice_problem("small_images", self.small_images, ("error", "upscale", "skip"))
         out += choice_problem("bad_files", self.bad_files, ("error", "skip"))
         if self.source == "folder" and not self.folder:
             out.append("source=folder needs folder=PATH (data.folder)")
+        if self.source == "stream" and bool(self.folder) == bool(self.shards):
+            out.append("source=stream needs exactly one of folder=PATH (an image folder) and shards=PATH (Parquet files)")
+        if self.shards and self.source != "stream":
+            out.append(f"shards is read by source=stream only (source is {self.source})")
+        if self.source == "stream" and self.cache_latents:
+            out.append("cache_latents encodes the whole set up front; it does not apply to source=stream")
         if self.resolution < 8:
             out.append(f"resolution must be >= 8, got {self.resolution}")
         out += _positive(self, "border", "num_images", "batch_size", "tile_scale")
