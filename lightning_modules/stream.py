@@ -173,8 +173,13 @@ class StreamLoader(DataLoader):
     def __init__(self, dataset: StreamingBorderedDataset, position: Callable[[], tuple] | None = None, num_workers: int = 0):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
         self.position = position
+        self.epochs_started = 0
 
     def __iter__(self):
-        epoch, consumed, rank, world = self.position() if self.position is not None else (self.dataset.epoch, None, 0, 1)
+        if self.position is not None:
+            epoch, consumed, rank, world = self.position()
+        else:  # no trainer attached (e.g. the autoencoder stage): each pass over the loader is the next epoch
+            epoch, consumed, rank, world = self.epochs_started, None, 0, 1
+        self.epochs_started += 1
         self.dataset.begin(epoch, consumed, rank, world)
         return super().__iter__()
