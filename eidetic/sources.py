@@ -13,7 +13,7 @@ captions never touches the image bytes. Recognised columns:
   or plain binary), else ``jpg``/``png``/``webp``/``img`` (webdataset-style names);
 * the caption: ``text``, else ``caption``, else none;
 * the id: ``file_name``, else ``id``, else the image struct's ``path``, else
-  ``SHARD_STEM/ROW`` (unique across shards).
+  ``SHARD_STEM/INDEX`` (the row's position in the whole listing: unique across shards).
 
 Images are read a row group at a time and the last few row groups are kept, so a reader
 that walks a row group's rows (the streaming order does) reads each row group once.
