@@ -159,7 +159,7 @@ class ExtractionProbeCallback(Monitor):
         pl_module.eval()
         try:
             model = pl_module.diffusion_model(ema=True)
-            train_ids = sorted({i for t in truth.values() for i in t.ids})
+            train_ids = self._reference_ids(truth, captions)
             train_canvases = dm.canvases(train_ids)
             shape = tuple(train_canvases.shape[-2:])
             scores, evals, images = self._score(trainer, model, [captions[i] for i in mine], mine, shape)
@@ -175,6 +175,19 @@ class ExtractionProbeCallback(Monitor):
             self._log(trainer, scores, captions, verification, train_canvases, train_ids, section, images)
         return section
 
+    def _reference_ids(self, truth: dict[str, CaptionTruth], captions: list[str]) -> list[str]:
+        """The training images generations are checked against: all of them up to
+        ``verify.max_reference``; beyond, those of the probed captions and a seeded sample of
+        the rest, so a large set is never decoded whole."""
+        everything = sorted({i for t in truth.values() for i in t.ids})
+        cap = int(self.settings.verify.max_reference)
+        if len(everything) <= cap:
+            return everything
+        probed = {i for c in captions for i in truth[c].ids}
+        rest = [i for i in everything if i not in probed]
+        extra = random.Random(int(self.settings.seed) + 2).sample(rest, max(0, min(len(rest), cap - len(probed))))
+        return sorted(probed | set(extra))
+
     def _captions(self, truth: dict[str, CaptionTruth]) -> list[str]:
         s = self.settings
         trained = sorted(c for c, t in truth.items() if t.trained)
@@ -186,6 +199,8 @@ class ExtractionProbeCallback(Monitor):
             rest = [c for c in trained if not truth[c].duplicated]
             trained = sorted(dup[:limit] + rng.sample(rest, max(0, min(len(rest), limit - len(dup)))))
         heldout = sorted(c for c, t in truth.items() if not t.trained) if s.heldout else []
+        if 0 < limit < len(heldout):
+            heldout = sorted(random.Random(int(s.seed) + 1).sample(heldout, limit))
         return trained + heldout
 
     def _score(self, trainer, model, captions, ids, shape):

@@ -35,7 +35,7 @@ from eidetic.config import build_section
 from eidetic.figures import ell_histograms
 from eidetic.io import update_summary, write_npz_atomic, write_text_atomic
 from eidetic.schema.train import SolidMarkSettings
-from eidetic.solidmark import SolidMarkMetric, autoencoder_floor, chance_probability, fixed_sample, outpaint_border
+from eidetic.solidmark import SolidMarkMetric, autoencoder_floor, chance_probability, stratified_sample, outpaint_border
 
 from .loggers import log_figure, log_image, log_scalars, log_wandb, to_uint8
 from .monitor import BudgetSignal, Monitor, MonitorResult
@@ -124,7 +124,10 @@ class SolidMarkCallback(Monitor):
                 )
             if size == 0 or not pool:
                 continue
-            chosen += [pool[j] for j in fixed_sample(len(pool), size, seed=s.sample_seed + offset)]
+            if size is None and len(pool) > s.max_sample:
+                size = int(s.max_sample)
+            copies = [records[i].copies for i in pool]  # duplicated images are few: every copy count is scored
+            chosen += [pool[j] for j in stratified_sample(copies, size, seed=s.sample_seed + offset)]
         if not any(records[i].split == "train" for i in chosen):
             raise ValueError("solidmark needs at least one training image in its sample (solidmark.train_sample)")
         return chosen

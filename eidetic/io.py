@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 __all__ = [
     "atomic_write", "atomic_directory", "write_text_atomic", "write_json_atomic", "write_jsonl_atomic", "torch_save_atomic",
-    "copy_atomic", "write_npz_atomic", "update_summary", "read_summary",
+    "copy_atomic", "write_npz_atomic", "update_summary", "read_summary", "JsonlChunkWriter",
 ]
 
 
@@ -100,6 +100,60 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+
+
+class JsonlChunkWriter:
+    """A JSONL file written a chunk of rows at a time, for files too large to build in memory.
+
+    Rows go to ``.NAME.partial`` beside ``path``; after every chunk the partial file is
+    fsynced and its committed length recorded (atomically) in ``.NAME.progress``. ``close()``
+    renames the complete file to ``path``. A process killed at any moment leaves ``path``
+    as it was (absent or the previous complete version), and a new writer with
+    ``resume=True`` cuts the partial file back to its last committed chunk and reports in
+    ``rows_done`` how many rows are already there, so the caller skips them.
+    """
+
+    def __init__(self, path: str | Path, chunk_rows: int = 10_000, resume: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.progress = self.path.with_name(f".{self.path.name}.progress")
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.rows_done, committed = 0, 0
+        if resume and self.partial.exists() and self.progress.exists():
+            state = json.loads(self.progress.read_text())
+            self.rows_done, committed = int(state["rows"]), int(state["bytes"])
+        self._fh = open(self.partial, "r+b" if committed else "wb")
+        self._fh.truncate(committed)
+        self._fh.seek(committed)
+        self._pending: list[str] = []
+
+    def write(self, row: dict) -> None:
+        self._pending.append(json.dumps(row, default=_jsonable) + "\n")
+        if len(self._pending) >= self.chunk_rows:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make every row written so far durable."""
+        if not self._pending:
+            return
+        self._fh.write("".join(self._pending).encode("utf-8"))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.rows_done += len(self._pending)
+        self._pending = []
+        write_text_atomic(self.progress, json.dumps({"rows": self.rows_done, "bytes": self._fh.tell()}))
+
+    def close(self) -> Path:
+        self.commit()
+        self._fh.close()
+        os.replace(self.partial, self.path)
+        self.progress.unlink(missing_ok=True)
+        return self.path
+
+    def abandon(self) -> None:
+        """Close without publishing (the committed chunks stay for a later ``resume``)."""
+        self._fh.close()
 
 
 def write_npz_atomic(path: str | Path, **arrays: Any) -> None:

@@ -213,22 +213,53 @@ def perceptual_features(images: torch.Tensor, size: int = 8) -> torch.Tensor:
     return F.adaptive_avg_pool2d(grey, size).flatten(1)
 
 
-def near_duplicates(features: torch.Tensor, threshold: float) -> list[NearDuplicate]:
+def near_duplicates(features: torch.Tensor, threshold: float, block: int = 1024, column_block: int = 16384) -> list[NearDuplicate]:
     """Greedy near-duplicate removal: image j is removed when its RMS feature distance to an
-    earlier kept image i is below ``threshold``. Exact duplicates have distance 0.
+    earlier kept image i is below ``threshold`` (the nearest such i is reported). Exact
+    duplicates have distance 0.
+
+    The search runs over blocks of ``block`` rows against ``column_block`` earlier columns at
+    a time, so memory is ``block * column_block`` distances, never N x N. Candidates are found
+    with the matrix-product form of the distance and a small margin, then confirmed with the
+    direct float64 distance, so the decisions are those of the plain greedy rule.
     """
-    n = features.shape[0]
-    d = torch.cdist(features.double(), features.double()) / features.shape[1] ** 0.5
-    kept: list[int] = []
+    x = features.detach().double().cpu()
+    n, dim = x.shape
+    if n == 0:
+        return []
+    scale = dim ** 0.5
+    # the search runs in float32 (half the time and memory of float64) with a margin far above its
+    # rounding error on [0, 1] features; every candidate is then confirmed in float64
+    x32 = x.float()
+    sq = (x32 * x32).sum(dim=1)
+    cut = (threshold * scale) ** 2 * (1 + 1e-3) + 1e-5 * (1 + float(sq.max()))  # squared Euclidean
+    kept = torch.zeros(n, dtype=torch.bool)
     removed: list[NearDuplicate] = []
-    for j in range(n):
-        if kept:
-            dist = d[j, kept]
-            k = int(dist.argmin())
-            if float(dist[k]) < threshold:
-                removed.append(NearDuplicate(removed=j, kept=kept[k], distance=float(dist[k])))
-                continue
-        kept.append(j)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        rows = torch.arange(a, b)
+        candidates: list[list[int]] = [[] for _ in range(b - a)]
+        for c in range(0, b, column_block):
+            e = min(b, c + column_block)
+            cols = torch.arange(c, e)
+            d2 = (x32[a:b] @ x32[c:e].T).mul_(-2.0).add_(sq[a:b, None]).add_(sq[None, c:e])  # in place: one block in memory
+            # earlier images only; of those before this block, only the ones kept
+            mask = (d2 < cut) & (cols[None, :] < rows[:, None]) & (kept[c:e] | (cols >= a))[None, :]
+            for r, col in mask.nonzero().tolist():
+                candidates[r].append(c + col)
+        for r, found in enumerate(candidates):
+            j = a + r
+            best, best_distance = -1, float("inf")
+            for i in sorted(found):
+                if not kept[i]:
+                    continue
+                distance = float((x[j] - x[i]).pow(2).sum().sqrt()) / scale
+                if distance < threshold and distance < best_distance:
+                    best, best_distance = i, distance
+            if best >= 0:
+                removed.append(NearDuplicate(removed=j, kept=best, distance=best_distance))
+            else:
+                kept[j] = True
     return removed
 
 

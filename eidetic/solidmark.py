@@ -71,6 +71,7 @@ __all__ = [
     "per_image_p_values",
     "binomial_p_value",
     "fixed_sample",
+    "stratified_sample",
     "SolidMarkMetric",
 ]
 
@@ -449,6 +450,43 @@ def fixed_sample(total: int, size: int | None, seed: int = 0) -> list[int]:
         raise ValueError(f"cannot sample {size} images from a set of {total}; lower the sample size to at most {total}")
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
     return sorted(int(i) for i in perm[: int(size)])
+
+
+def stratified_sample(strata: Sequence, size: int | None, seed: int = 0) -> list[int]:
+    """A reproducible sorted sample of ``size`` positions out of ``len(strata)``, ``strata``
+    giving each item's stratum (e.g. its copy count), each stratum in proportion to its size
+    and at least one from each (the rarest first when ``size`` is smaller than their number):
+    a few duplicated images among a million singles are still scored.
+
+    With one stratum (or ``size`` null or the whole set) it is :func:`fixed_sample`.
+    """
+    total = len(strata)
+    groups: dict = {}
+    for i, label in enumerate(strata):
+        groups.setdefault(label, []).append(i)
+    if size is None or size == total or len(groups) <= 1:
+        return fixed_sample(total, size, seed)
+    fixed_sample(total, size, seed)  # the same checks of size
+    size = int(size)
+    labels = sorted(groups)
+    alloc = {label: 0 for label in labels}
+    for label in sorted(labels, key=lambda label: (len(groups[label]), label))[:size]:
+        alloc[label] = 1
+    spare = {label: len(groups[label]) - alloc[label] for label in labels}
+    remaining, total_spare = size - sum(alloc.values()), sum(spare.values())
+    quota = {label: remaining * spare[label] / total_spare if total_spare else 0.0 for label in labels}
+    for label in labels:
+        alloc[label] += min(spare[label], int(quota[label]))
+    # the seats left go by largest remainder, to strata that still have images
+    while sum(alloc.values()) < size:
+        label = max((lb for lb in labels if alloc[lb] < len(groups[lb])), key=lambda lb: (quota[lb] - int(quota[lb]), -labels.index(lb)))
+        alloc[label] += 1
+        quota[label] = float(int(quota[label]))
+    out: list[int] = []
+    for k, label in enumerate(labels):
+        if alloc[label]:
+            out += [groups[label][j] for j in fixed_sample(len(groups[label]), alloc[label], seed=int(seed) * 1009 + k)]
+    return sorted(out)
 
 
 # ---------------------------------------------------------------------------------------

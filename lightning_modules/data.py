@@ -21,6 +21,7 @@ Bad input never yields a bare traceback or a silently shorter dataset:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import warnings
@@ -37,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from eidetic.borders import add_border, make_keys
 from eidetic.errors import DataError
 from eidetic.images import IMAGE_EXTENSIONS, bad_metadata_message, decode_image, fit_to_resolution, image_files, parse_captions
-from eidetic.io import write_jsonl_atomic, write_text_atomic
+from eidetic.io import JsonlChunkWriter, write_jsonl_atomic, write_text_atomic
+from eidetic.keys import id_key, id_split, lowest_ranked
 from eidetic.photos import PHOTOS, load_photo
 from eidetic.schema.train import duplication_ladder
 
@@ -64,6 +66,35 @@ def _listing(paths: Sequence, limit: int = 20) -> str:
     return "\n    " + "\n    ".join(names[:limit]) + more
 
 
+def _orphan_problems(root: Path, captions: dict, rel_names: set[str], bad_files: str) -> list[str]:
+    orphans = sorted(set(captions) - rel_names)
+    if not orphans:
+        return []
+    message = f"metadata.jsonl has captions for {len(orphans)} file(s) that are not images in {root}:{_listing(orphans)}"
+    if bad_files == "skip":
+        warnings.warn(message + "\n  (ignored because data.bad_files=skip)", stacklevel=3)
+        return []
+    return [message + "\n  Add the missing images or remove their lines, or set data.bad_files=skip to ignore them."]
+
+
+def _unusable_problems(root, broken: list[str], small: list[str], resolution: int, small_images: str, bad_files: str) -> list[str]:
+    """Errors (or, as the settings ask, warnings) for unreadable and too-small images."""
+    problems = []
+    if broken:
+        message = f"{len(broken)} image file(s) in {root} could not be read:{_listing(broken)}"
+        if bad_files == "skip":
+            warnings.warn(message + "\n  (skipped because data.bad_files=skip)", stacklevel=3)
+        else:
+            problems.append(message + "\n  Remove or fix them, or set data.bad_files=skip to train without them.")
+    if small:
+        message = f"{len(small)} image(s) in {root} are smaller than data.resolution={resolution}:{_listing(small)}"
+        if small_images == "skip":
+            warnings.warn(message + "\n  (skipped because data.small_images=skip)", stacklevel=3)
+        else:
+            problems.append(message + "\n  Lower data.resolution, or set data.small_images=upscale (or skip).")
+    return problems
+
+
 def load_folder(folder: str | Path, resolution: int, small_images: str = "error", bad_files: str = "error") -> tuple[list[Record], np.ndarray]:
     """Images of ``folder`` (with optional HF-imagefolder ``metadata.jsonl``) at ``resolution``.
 
@@ -82,14 +113,7 @@ def load_folder(folder: str | Path, resolution: int, small_images: str = "error"
         warnings.warn(f"ignoring {len(ignored)} file(s) without an image extension in {root}:{_listing([p.relative_to(root) for p in ignored])}", stacklevel=2)
     if not images:
         raise DataError("\n".join([f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})", *problems]))
-    rel_names = {p.relative_to(root).as_posix() for p in images}
-    orphans = sorted(set(captions) - rel_names)
-    if orphans:
-        message = f"metadata.jsonl has captions for {len(orphans)} file(s) that are not images in {root}:{_listing(orphans)}"
-        if bad_files == "skip":
-            warnings.warn(message + "\n  (ignored because data.bad_files=skip)", stacklevel=2)
-        else:
-            problems.append(message + "\n  Add the missing images or remove their lines, or set data.bad_files=skip to ignore them.")
+    problems += _orphan_problems(root, captions, {p.relative_to(root).as_posix() for p in images}, bad_files)
 
     records, arrays, broken, small = [], [], [], []
     for path in images:
@@ -104,18 +128,7 @@ def load_folder(folder: str | Path, resolution: int, small_images: str = "error"
             continue
         arrays.append(fit_to_resolution(arr, resolution))
         records.append(Record(id=rel, source=str(path), caption=captions.get(rel, "")))
-    if broken:
-        message = f"{len(broken)} image file(s) in {root} could not be read:{_listing(broken)}"
-        if bad_files == "skip":
-            warnings.warn(message + "\n  (skipped because data.bad_files=skip)", stacklevel=2)
-        else:
-            problems.append(message + "\n  Remove or fix them, or set data.bad_files=skip to train without them.")
-    if small:
-        message = f"{len(small)} image(s) in {root} are smaller than data.resolution={resolution}:{_listing(small)}"
-        if small_images == "skip":
-            warnings.warn(message + "\n  (skipped because data.small_images=skip)", stacklevel=2)
-        else:
-            problems.append(message + "\n  Lower data.resolution, or set data.small_images=upscale (or skip).")
+    problems += _unusable_problems(root, broken, small, resolution, small_images, bad_files)
     if problems:
         raise DataError("\n".join(problems))
     if not records:
@@ -199,7 +212,7 @@ def dedup_exact(records: list[Record], arrays: np.ndarray) -> tuple[list[Record]
     seen: dict[bytes, str] = {}
     keep, removed = [], []
     for i, rec in enumerate(records):
-        digest = arrays[i].tobytes()
+        digest = hashlib.blake2b(np.ascontiguousarray(arrays[i]).data, digest_size=16).digest()
         if digest in seen:
             removed.append(f"{rec.id} (identical to {seen[digest]})")
         else:
@@ -275,6 +288,8 @@ class SolidMarkDataModule(pl.LightningDataModule):
         self.pixels: torch.Tensor | None = None  # (N, 3, R, R) uint8
         self.dedup_removed: list[str] = []
         self.excluded: set[str] = set()  # ids withheld from training (memorization controls)
+        self.source = None  # data.source=stream: the eidetic.sources reader; pixels stay None
+        self._item_row: list[int] = []  # data.source=stream: the source item of each record
         self._load()
 
     # ---- construction ----------------------------------------------------------------
@@ -282,6 +297,9 @@ class SolidMarkDataModule(pl.LightningDataModule):
         cfg = self.cfg
         if cfg.border < 1 or cfg.resolution < 8:
             raise DataError(f"need data.resolution >= 8 and data.border >= 1, got {cfg.resolution} and {cfg.border}")
+        if cfg.source == "stream":
+            self._load_stream()
+            return
         if cfg.source == "builtin":
             records, arrays = load_builtin(cfg.num_images, cfg.resolution, cfg.shared_caption_fraction, cfg.key_seed)
         elif cfg.source == "folder":
@@ -294,7 +312,7 @@ class SolidMarkDataModule(pl.LightningDataModule):
             rows, arrays = photo_tiles(cfg.resolution, cfg.tile_scale)
             records = [Record(**row) for row in rows]
         else:
-            raise DataError(f"data.source must be 'builtin' or 'folder', got {cfg.source!r}")
+            raise DataError(f"data.source must be 'builtin', 'tiles', 'folder' or 'stream', got {cfg.source!r}")
         if cfg.get("instance_prompt"):
             for r in records:
                 r.caption = str(cfg.instance_prompt)
@@ -317,6 +335,89 @@ class SolidMarkDataModule(pl.LightningDataModule):
         # copies with their own key share the pixels of their original
         self._pixel_row = [order[id(r._origin)] if hasattr(r, "_origin") else order[id(r)] for r in self.records]
 
+    def _load_stream(self) -> None:
+        """Records (no pixels) of a folder or Parquet shards: keys, split and duplication from
+        each id by a keyed hash (eidetic.keys), so they do not depend on the rest of the set."""
+        from eidetic.mitigations import near_duplicates
+        from eidetic.sources import FolderImages, ParquetImages
+        from lightning_modules.stream import probe_items
+
+        cfg = self.cfg
+        if bool(cfg.folder) == bool(cfg.get("shards")):
+            raise DataError("data.source=stream reads either data.folder=PATH (an image folder) or data.shards=PATH (Parquet files); set one")
+        problems: list[str] = []
+        if cfg.folder:
+            root = Path(cfg.folder)
+            if not root.is_dir():
+                raise DataError(f"data.folder does not exist or is not a directory: {root}")
+            source = FolderImages(root)
+            if source.bad_metadata:
+                problems.append(f"{bad_metadata_message(root, source.bad_metadata)}\n  Fix or remove these lines.")
+            if source.ignored:
+                warnings.warn(f"ignoring {len(source.ignored)} file(s) without an image extension in {root}:{_listing([p.relative_to(root) for p in source.ignored])}", stacklevel=3)
+            if not source.items:
+                raise DataError("\n".join([f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})", *problems]))
+            problems += _orphan_problems(root, source.captions, {item.id for item in source.items}, cfg.bad_files)
+        else:
+            root = Path(cfg.shards)
+            try:
+                source = ParquetImages(root)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"data.shards={root}: {exc}") from exc
+            if not source.items:
+                raise DataError(f"no Parquet rows found at data.shards={root} (a .parquet file, a directory of them, or a glob)")
+            counts: dict[str, int] = {}
+            for item in source.items:
+                counts[item.id] = counts.get(item.id, 0) + 1
+            repeated = sorted(i for i, c in counts.items() if c > 1)
+            if repeated:
+                problems.append(f"{len(repeated)} id(s) appear in more than one row of data.shards={root}:{_listing(repeated)}\n  Ids name images in the key map; make them unique.")
+        near = self.mitigation.near_dedup if self.mitigation is not None else None
+        near_on = near is not None and near.enabled
+        probes = probe_items(source, cfg.resolution, int(near.size) if near_on else None, cfg.small_images, int(cfg.num_workers))
+        broken = [f"{item.id} ({p.error})" for item, p in zip(source.items, probes) if p.error]
+        small = [f"{item.id} ({p.size[0]}x{p.size[1]})" for item, p in zip(source.items, probes)
+                 if not p.error and min(p.size) < cfg.resolution and cfg.small_images in ("error", "skip")]
+        problems += _unusable_problems(root, broken, small, cfg.resolution, cfg.small_images, cfg.bad_files)
+        if problems:
+            raise DataError("\n".join(problems))
+        usable = [i for i, p in enumerate(probes) if not p.error and (min(p.size) >= cfg.resolution or cfg.small_images == "upscale")]
+        if cfg.dedup:  # the first of identical files stays (the listing order)
+            seen: dict[bytes, str] = {}
+            keep = []
+            for i in usable:
+                first = seen.setdefault(probes[i].digest, source.items[i].id)
+                if first == source.items[i].id:
+                    keep.append(i)
+                else:
+                    self.dedup_removed.append(f"{source.items[i].id} (identical to {first})")
+            usable = keep
+            if self.dedup_removed:
+                warnings.warn(f"data.dedup removed {len(self.dedup_removed)} exact duplicate(s):{_listing(self.dedup_removed)}", stacklevel=3)
+        if near_on and usable:
+            found = near_duplicates(torch.stack([probes[i].features for i in usable]), float(near.threshold))
+            dropped = {d.removed for d in found}
+            self.near_dedup_removed += [f"{source.items[usable[d.removed]].id} (distance {d.distance:.4f} to {source.items[usable[d.kept]].id})" for d in found]
+            usable = [i for j, i in enumerate(usable) if j not in dropped]
+        del probes
+        if not usable:
+            raise DataError(f"no usable images left in {root} after the checks above")
+        records = []
+        for i in usable:
+            item = source.items[i]
+            rec = Record(id=item.id, source=source.location(item), caption=str(cfg.instance_prompt) if cfg.get("instance_prompt") else item.caption)
+            rec._item = i  # type: ignore[attr-defined]
+            records.append(rec)
+        self._split_and_duplicate(records, hashed=True)
+        if near_on and near.collapse_copies:
+            for r in records:
+                if r.copies > 1:
+                    self.near_dedup_removed.append(f"{r.id}: {r.copies - 1} duplicated cop{'y' if r.copies == 2 else 'ies'} (data.duplicate) removed")
+                    r.copies = 1
+        self.records = self._expand_keys(records, hashed=True)
+        self._item_row = [getattr(r, "_origin", r)._item for r in self.records]
+        self.source = source
+
     def _near_dedup(self, records: list[Record], arrays: np.ndarray, near) -> tuple[list[Record], np.ndarray]:
         from eidetic.mitigations import near_duplicates, perceptual_features
 
@@ -327,15 +428,32 @@ class SolidMarkDataModule(pl.LightningDataModule):
         keep = [i for i in range(len(records)) if i not in dropped]
         return [records[i] for i in keep], arrays[keep]
 
-    def _split_and_duplicate(self, records: list[Record]) -> None:
+    def _split_and_duplicate(self, records: list[Record], hashed: bool = False) -> None:
+        """Held-out split and duplication. In-memory sources draw them in order from
+        ``key_seed + 1``; ``hashed`` (the streaming source) takes each from the image's id."""
         cfg = self.cfg
         rng = random.Random(cfg.key_seed + 1)
         n = len(records)
-        n_held = int(round(cfg.heldout_fraction * n))
-        if not 0 <= cfg.heldout_fraction < 1 or (cfg.heldout_fraction > 0 and n - n_held < 1):
+        if not 0 <= cfg.heldout_fraction < 1:
             raise DataError(f"data.heldout_fraction={cfg.heldout_fraction} leaves no training images out of {n}")
-        for i in rng.sample(range(n), n_held):
-            records[i].split = "heldout"
+        if hashed:
+            for r in records:
+                r.split = id_split(r.id, cfg.key_seed, cfg.heldout_fraction)
+            if not any(r.split == "train" for r in records):
+                raise DataError(f"data.heldout_fraction={cfg.heldout_fraction} leaves no training images out of {n}")
+
+            def pick(pool: list[Record], k: int, purpose: str) -> list[Record]:
+                by_id = {r.id: r for r in pool}
+                return [by_id[i] for i in lowest_ranked(list(by_id), k, cfg.key_seed, purpose)]
+        else:
+            n_held = int(round(cfg.heldout_fraction * n))
+            if cfg.heldout_fraction > 0 and n - n_held < 1:
+                raise DataError(f"data.heldout_fraction={cfg.heldout_fraction} leaves no training images out of {n}")
+            for i in rng.sample(range(n), n_held):
+                records[i].split = "heldout"
+
+            def pick(pool: list[Record], k: int, purpose: str) -> list[Record]:
+                return rng.sample(pool, k)
         train = [r for r in records if r.split == "train"]
         dup = cfg.duplicate
         if dup.copies < 1:
@@ -350,7 +468,7 @@ class SolidMarkDataModule(pl.LightningDataModule):
             raise DataError(f"data.duplicate.ids names held-out images {heldout_dups[:10]}: held-out images are never trained on")
         if dup.fraction > 0:
             k = int(round(dup.fraction * len(train)))
-            chosen |= {r.id for r in rng.sample(train, k)}
+            chosen |= {r.id for r in pick(train, k, "duplicate")}
         for r in train:
             if r.id in chosen:
                 r.copies = dup.copies
@@ -361,11 +479,11 @@ class SolidMarkDataModule(pl.LightningDataModule):
         if wanted > len(free):
             raise DataError(f"data.duplicate.ladder asks for {wanted} images but only {len(free)} training images are left to repeat"
                             + (" (the built-in data's default positive control; data.duplicate.ladder=[] turns it off)" if dup.ladder is None else ""))
-        for (count, copies), picked in zip(ladder, _consecutive(rng.sample(free, wanted), [c for c, _ in ladder])):
+        for (count, copies), picked in zip(ladder, _consecutive(pick(free, wanted, "ladder"), [c for c, _ in ladder])):
             for r in picked:
                 r.copies = int(copies)
 
-    def _expand_keys(self, records: list[Record]) -> list[Record]:
+    def _expand_keys(self, records: list[Record], hashed: bool = False) -> list[Record]:
         out: list[Record] = []
         for r in records:
             if r.copies > 1 and self.cfg.duplicate.own_keys:
@@ -375,7 +493,8 @@ class SolidMarkDataModule(pl.LightningDataModule):
                     out.append(copy)
             else:
                 out.append(r)
-        for r, k in zip(out, make_keys(len(out), self.cfg.key_seed).tolist()):
+        keys = [id_key(r.id, self.cfg.key_seed) for r in out] if hashed else make_keys(len(out), self.cfg.key_seed).tolist()
+        for r, k in zip(out, keys):
             r.key = float(k)
         return out
 
@@ -397,6 +516,11 @@ class SolidMarkDataModule(pl.LightningDataModule):
 
     def images(self, ids: Sequence[str]) -> torch.Tensor:
         """Interiors (N, 3, R, R) in [-1, 1] of the given ids (no border)."""
+        if self.source is not None:
+            if not ids:
+                return torch.zeros(0, 3, self.cfg.resolution, self.cfg.resolution)
+            arrays = [fit_to_resolution(self.source.decode(self.source.items[self._item_row[i]]), self.cfg.resolution) for i in self.record_index(ids)]
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         rows = [self._pixel_row[i] for i in self.record_index(ids)]
         return self.pixels[rows].float() / 127.5 - 1.0
 
@@ -418,7 +542,14 @@ class SolidMarkDataModule(pl.LightningDataModule):
 
     def write_keymap(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / "keymap.jsonl"
-        write_jsonl_atomic(path, [asdict(r) for r in self.records])
+        if self.source is not None:
+            # chunk by chunk: every row is a function of its id, so a restarted writer continues
+            writer = JsonlChunkWriter(path, chunk_rows=10_000, resume=True)
+            for r in self.records[writer.rows_done :]:
+                writer.write(asdict(r))
+            writer.close()
+        else:
+            write_jsonl_atomic(path, [asdict(r) for r in self.records])
         if self.dedup_removed:
             write_text_atomic(Path(run_dir) / "dedup_removed.txt", "\n".join(self.dedup_removed) + "\n")
         if self.mitigation is not None and self.mitigation.near_dedup.enabled:
@@ -429,6 +560,8 @@ class SolidMarkDataModule(pl.LightningDataModule):
         index = self.train_index()
         if not index:
             raise DataError("no training images left (all held out or excluded)")
+        if self.source is not None:
+            return self._stream_loader(index)
         rows = [self._pixel_row[i] for i in range(len(self.records))]
         dataset = BorderedDataset(self.pixels[rows], self.records, index, self.cfg.border)
         batch = self.cfg.batch_size
@@ -453,6 +586,25 @@ class SolidMarkDataModule(pl.LightningDataModule):
             drop_last=drop_last,
             persistent_workers=self.cfg.num_workers > 0,
         )
+
+    def _stream_loader(self, index: list[int]) -> DataLoader:
+        from lightning_modules.stream import StreamingBorderedDataset, StreamLoader
+
+        dataset = StreamingBorderedDataset(
+            self.source, np.asarray(index), np.asarray(self._item_row), [r.id for r in self.records], [r.caption for r in self.records],
+            np.array([r.key for r in self.records]), self.cfg.resolution, self.cfg.border, self.cfg.batch_size, self.seed,
+        )
+        trainer = self.trainer if self._trainer_attached() else None
+        position = None
+        if trainer is not None:
+            def position():
+                accum = trainer.accumulate_grad_batches
+                # with exclusions the epoch length changed mid-run: start the new epoch at its beginning
+                consumed = None if self.excluded else trainer.global_step * accum
+                return trainer.current_epoch, consumed, trainer.global_rank, max(1, int(trainer.world_size))
+
+            dataset.begin(0, None, trainer.global_rank, max(1, int(trainer.world_size)))  # its length is per process
+        return StreamLoader(dataset, position, num_workers=self.cfg.num_workers)
 
     def _trainer_attached(self) -> bool:
         try:

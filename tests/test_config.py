@@ -31,7 +31,7 @@ def test_files_merge_left_to_right_then_overrides(tmp_path):
         ("model.vae=3", "is a section"),
         ("train.min_snr_gamma=high", "'train.min_snr_gamma' expects float or null"),
         ("solidmark.deltas=[0.1,x]", "expects a list of float"),
-        ("data.source=foldr", "data.source must be one of builtin, tiles, folder; got 'foldr' \\(did you mean 'folder'\\?\\)"),
+        ("data.source=foldr", "data.source must be one of builtin, tiles, folder, stream; got 'foldr' \\(did you mean 'folder'\\?\\)"),
         ("train.lr=-1", "train.lr must be > 0"),
         ("solidmark.deltas=[0.1,2]", r"solidmark.deltas must lie in \(0, 1\)"),
         ("extraction.detectors=[denoising_confidance]", "did you mean 'denoising_confidence'"),

@@ -79,8 +79,12 @@ class DuplicateSettings(Section):
 
 @dataclass
 class DataSettings(Section):
-    source: str = "builtin"  # builtin (random crops of the scikit-image photographs) | tiles (distinct non-overlapping tiles) | folder
+    # builtin (random crops of the scikit-image photographs) | tiles (distinct non-overlapping tiles) | folder |
+    # stream (data.folder or data.shards decoded in DataLoader workers as training reads them; keys,
+    # split and duplication from each image's id: for sets too large to hold in memory)
+    source: str = "builtin"
     folder: Optional[str] = None  # image folder (optional metadata.jsonl with file_name/text)
+    shards: Optional[str] = None  # stream: Parquet shards (a .parquet file, a directory of them, or a glob)
     resolution: int = 32  # interior size; the canvas is resolution + 2 * border
     border: int = 4  # SolidMark border thickness in pixels (16 px at 256 px in the paper)
     num_images: int = 64  # builtin: how many crops to cut
@@ -100,11 +104,17 @@ class DataSettings(Section):
     cache_latents: bool = False
 
     def problems(self) -> list[str]:
-        out = choice_problem("source", self.source, ("builtin", "tiles", "folder"))
+        out = choice_problem("source", self.source, ("builtin", "tiles", "folder", "stream"))
         out += choice_problem("small_images", self.small_images, ("error", "upscale", "skip"))
         out += choice_problem("bad_files", self.bad_files, ("error", "skip"))
         if self.source == "folder" and not self.folder:
             out.append("source=folder needs folder=PATH (data.folder)")
+        if self.source == "stream" and bool(self.folder) == bool(self.shards):
+            out.append("source=stream needs exactly one of folder=PATH (an image folder) and shards=PATH (Parquet files)")
+        if self.shards and self.source != "stream":
+            out.append(f"shards is read by source=stream only (source is {self.source})")
+        if self.source == "stream" and self.cache_latents:
+            out.append("cache_latents encodes the whole set up front; it does not apply to source=stream")
         if self.resolution < 8:
             out.append(f"resolution must be >= 8, got {self.resolution}")
         out += _positive(self, "border", "num_images", "batch_size", "tile_scale")
@@ -390,10 +400,13 @@ class VerifySettings(Section):
     guidance: float = 1.0  # guidance exaggerates a copy's contrast past the L2 threshold
     threshold: float = 0.1  # RMS on the [0,1] scale
     template_mask: str = "border"  # border (SolidMark frame may differ: template copies) | none
+    # training images the nearest-neighbour check compares generations with: all of them up to this
+    # many; a larger set uses the images of the probed captions plus a seeded sample of the rest
+    max_reference: int = 4096
 
     def problems(self) -> list[str]:
         return (choice_problem("sampler", self.sampler, SAMPLERS) + choice_problem("template_mask", self.template_mask, ("border", "none"))
-                + _positive(self, "generations", "steps"))
+                + _positive(self, "generations", "steps", "max_reference"))
 
 
 @dataclass
@@ -401,7 +414,7 @@ class ExtractionSettings(Section):
     enabled: bool = True
     every_n_steps: int = 500  # probe every N optimizer steps (0: only at the end)
     at_end: bool = True  # probe once more when training ends
-    max_train_captions: int = 256  # seeded sample of distinct training captions (0: all); duplicated ones always kept
+    max_train_captions: int = 256  # seeded sample of distinct training captions (0: all); duplicated ones always kept; held-out captions are sampled to the same number
     heldout: bool = True  # also score held-out captions (the trained-vs-held-out AUC)
     detectors: list[str] = field(default_factory=lambda: ["denoising_confidence", "edge_consistency", "noise_prediction_norm", "anisotropy"])
     guidance: float = 7.5  # classifier-free guidance of the one-step probes (Stable Diffusion's default, the papers')
@@ -469,6 +482,9 @@ class SolidMarkSettings(Section):
     at_train_end: bool = True  # always evaluate once more when training ends
     train_sample: Optional[int] = None  # trained images scored each time (null: all); more than the split has is an error
     heldout_sample: Optional[int] = None  # held-out images scored each time (null: all)
+    # a null sample size scores every image of a split up to this many; a larger split (a streamed
+    # set) is sampled to this size, stratified by copy count, and only the sample is ever decoded
+    max_sample: int = 1024
     sample_seed: int = 0  # which images form the fixed sample
     ema: bool = True  # score the EMA weights (false: the raw weights)
     steps: int = 25  # outpainting steps (paper: 250 ancestral DDPM in pixel space, 100 for SD); cost ~ images x steps
@@ -512,7 +528,7 @@ class SolidMarkSettings(Section):
     def problems(self) -> list[str]:
         out = choice_problem("sampler", self.sampler, SAMPLERS)
         out += _non_negative(self, "every_n_steps", "every_n_epochs", "table_rows")
-        out += _positive(self, "steps", "reencode_every", "samples_per_image", "batch_size", "resample_count")
+        out += _positive(self, "steps", "reencode_every", "samples_per_image", "batch_size", "resample_count", "max_sample")
         out += _non_negative(self, "resample_jump")
         out += choice_problem("conditioning", self.conditioning, ("guided", "replace"))
         out += choice_problem("known_noise", self.known_noise, ("fresh", "fixed"))
