@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -39,15 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
 PURIFICATIONS = ("[{kind: jpeg, quality: 75}, {kind: gaussian, sigma: 0.05}, {kind: noisy_upscale, sigma: 0.02, factor: 2},"
                  " {kind: diffpure, t_star: 100, steps: 10}]")
-
-
-def t_interval(mean: float, se: float | None, n: int, level: float = 0.95) -> list[float] | None:
-    from scipy.stats import t as student_t
-
-    if se is None or n < 2 or not math.isfinite(se):
-        return None
-    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * se
-    return [mean - half, mean + half]
 
 
 def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, args) -> dict:
@@ -67,6 +57,12 @@ def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, a
 
 def cell_rows(section: dict, objective: str, levels: int, n: int) -> list[dict]:
     """One row per (purification, strength): the PSNR drop with its interval."""
+    from eidetic.stats import t_interval
+
+    def interval(mean, se):
+        ci = t_interval(mean, se, n)
+        return None if ci is None else list(ci)
+
     rows = []
     threats = {"none": section["sdedit"]["by_strength"]}
     threats.update({label: p["sdedit"]["by_strength"] for label, p in section.get("purification", {}).items()})
@@ -74,8 +70,8 @@ def cell_rows(section: dict, objective: str, levels: int, n: int) -> list[dict]:
         for strength, r in by_strength.items():
             rows.append({
                 "objective": objective, "eps_levels": levels, "purification": purification, "strength": float(strength),
-                "psnr_drop": r["psnr_drop"], "psnr_drop_ci": t_interval(r["psnr_drop"], r["psnr_drop_se"], n),
-                "ssim_drop": r["ssim_drop"], "ssim_drop_ci": t_interval(r["ssim_drop"], r["ssim_drop_se"], n),
+                "psnr_drop": r["psnr_drop"], "psnr_drop_ci": interval(r["psnr_drop"], r["psnr_drop_se"]),
+                "ssim_drop": r["ssim_drop"], "ssim_drop_ci": interval(r["ssim_drop"], r["ssim_drop_se"]),
                 "visibility_psnr": section["visibility"]["psnr_mean"],
             })
     return rows
@@ -147,12 +143,11 @@ def main(argv=None) -> dict:
         if objective not in OBJECTIVES or not levels.isdigit():
             ap.error(f"--control must be OBJECTIVE:LEVELS with OBJECTIVE one of {', '.join(OBJECTIVES)}, got {args.control!r}")
         cells.append((objective, int(levels)))
-    rows, costs, seconds = [], {}, {}
+    rows, costs = [], {}
     for i, (objective, levels) in enumerate(cells):
         print(f"[{i + 1}/{len(cells)}] {objective} at {levels}/255", file=sys.stderr, flush=True)
         section = run_cell(model, clean, args.out / f"{objective}-eps{levels}", objective, levels, args)
         rows += cell_rows(section, objective, levels, args.images)
-        seconds[f"{objective}@{levels}"] = section.get("seconds_per_image")
         for label, p in section.get("purification", {}).items():
             costs.setdefault(label, p["clean_cost"])
     middle = sorted(args.strengths)[len(args.strengths) // 2]

@@ -23,7 +23,7 @@ import torch
 __all__ = [
     "rank_auc", "tpr_at_fpr", "auc_p_value", "bootstrap_interval", "auc_report", "clopper_pearson",
     "poisson_binomial_sf", "poisson_binomial_pmf", "poisson_binomial_interval", "roc_curve", "benjamini_hochberg", "spearman",
-    "mean_and_standard_error", "stratified_difference",
+    "mean_and_standard_error", "stratified_difference", "t_interval",
 ]
 
 
@@ -193,6 +193,16 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float | None, floa
     if v.size == 0:
         return None, None
     return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else None)
+
+
+def t_interval(mean: float | None, standard_error: float | None, n: int, level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of a mean of ``n`` values from its standard error (None without two values)."""
+    from scipy.stats import t as student_t
+
+    if mean is None or standard_error is None or n < 2 or not math.isfinite(standard_error):
+        return None
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * standard_error
+    return mean - half, mean + half
 
 
 def stratified_difference(a: Sequence[float], b: Sequence[float], variance_a: Sequence[float], variance_b: Sequence[float],

@@ -65,9 +65,7 @@ def over_seeds(rows: list[dict], level: float = 0.95) -> list[dict]:
     standard error over seeds and the difference to the first setting paired by seed, with a
     Student-t interval over the per-seed differences (training variance included; with two
     seeds it is wide, as it should be). ``eidetic_excess`` is the SolidMark count minus chance."""
-    from scipy.stats import t as student_t
-
-    from eidetic.stats import mean_and_standard_error
+    from eidetic.stats import mean_and_standard_error, t_interval
 
     def value(row: dict, col: str) -> float | None:
         if col == "eidetic_excess":
@@ -95,31 +93,43 @@ def over_seeds(rows: list[dict], level: float = 0.95) -> list[dict]:
             mean, se = mean_and_standard_error(diffs)
             if mean is None:
                 continue
-            half = None if se is None else float(student_t.ppf(0.5 + level / 2, len(diffs) - 1)) * se
-            entry[f"{c}_delta"] = (mean, None if half is None else mean - half, None if half is None else mean + half, len(diffs))
+            lo, hi = t_interval(mean, se, len(diffs), level) or (None, None)
+            entry[f"{c}_delta"] = (mean, lo, hi, len(diffs))
         out.append(entry)
     return out
 
 
-def _over_seeds_lines(summary: list[dict]) -> list[str]:
+def _over_seeds_table(summary: list[dict]) -> tuple[str, list[str], list[list[str]]] | None:
+    """Title, header and rows (cells: mean ± s.e., then Δ [interval] on a second line) of the
+    over-seeds table; None with one seed per setting (a standard error needs two)."""
     if not summary or max(e["seeds"] for e in summary) < 2:
-        return []
+        return None
     cols = [c for c in summary[0] if c not in ("setting", "seeds") and not c.endswith("_delta")]
-    base = summary[0]["setting"]
-    lines = ["", f"## Over seeds (mean ± standard error; Δ: vs {base}, paired by seed, 95 % t interval)", "",
-             "| setting | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    title = f"Over seeds (mean ± standard error; Δ: vs {summary[0]['setting']}, paired by seed, 95 % t interval)"
+    rows = []
     for e in summary:
-        cells = []
+        cells = [e["setting"], str(e["seeds"])]
         for c in cols:
             mean, se = e.get(c, (None, None))
             cell = "" if mean is None else _fmt(mean) + ("" if se is None else f" ± {_fmt(se)}")
             d = e.get(f"{c}_delta")
             if d is not None:
-                cell += f"<br>Δ {_fmt(d[0])}" + ("" if d[1] is None else f" [{_fmt(d[1])}, {_fmt(d[2])}]")
+                cell += f"\nΔ {_fmt(d[0])}" + ("" if d[1] is None else f" [{_fmt(d[1])}, {_fmt(d[2])}]")
             cells.append(cell)
-        lines.append(f"| {e['setting']} | {e['seeds']} | " + " | ".join(cells) + " |")
-    lines += ["", "A difference is a finding only when its interval excludes 0."]
-    return lines
+        rows.append(cells)
+    return title, ["setting", "seeds", *cols], rows
+
+
+SEED_TABLE_NOTE = "A difference is a finding only when its interval excludes 0."
+
+
+def _over_seeds_lines(summary: list[dict]) -> list[str]:
+    table = _over_seeds_table(summary)
+    if table is None:
+        return []
+    title, header, rows = table
+    return (["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(c.replace("\n", "<br>") for c in row) + " |" for row in rows] + ["", SEED_TABLE_NOTE])
 
 
 def write_outputs(out: Path, rows: list[dict], cfg) -> None:
@@ -152,10 +162,10 @@ def write_outputs(out: Path, rows: list[dict], cfg) -> None:
     lines += ["", "![memorization vs quality](memorization_vs_quality.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
     _plot(out, rows, summary)
-    write_text_atomic(out / "report.html", _html(cfg, cols, rows, out / "memorization_vs_quality.png", _over_seeds_lines(summary)))
+    write_text_atomic(out / "report.html", _html(cfg, cols, rows, out / "memorization_vs_quality.png", _over_seeds_table(summary)))
 
 
-def _html(cfg, cols: list[str], rows: list[dict], plot: Path, seed_lines: list[str] = ()) -> str:
+def _html(cfg, cols: list[str], rows: list[dict], plot: Path, seed_table: tuple | None = None) -> str:
     import base64
     import html
 
@@ -164,13 +174,12 @@ def _html(cfg, cols: list[str], rows: list[dict], plot: Path, seed_lines: list[s
     body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
     settings = "".join(f"<li><b>{esc(s.name)}</b>: <code>{esc(' '.join(s.overrides) or '(none)')}</code></li>" for s in cfg.settings)
     img = base64.b64encode(plot.read_bytes()).decode() if plot.exists() else ""  # embedded: the report is one file
-    seed_table = ""
-    table_lines = [ln for ln in seed_lines if ln.startswith("|") and not ln.startswith("|---")]
-    if table_lines:
-        cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table_lines]
-        seed_table = (f"<h2>{esc(seed_lines[1].lstrip('# '))}</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in cells[0]) + "</tr>"
-                      + "".join("<tr>" + "".join(f"<td>{esc(c).replace('&lt;br&gt;', '<br>')}</td>" for c in row) + "</tr>" for row in cells[1:])
-                      + "</table><p>A difference is a finding only when its interval excludes 0.</p>")
+    seeds = ""
+    if seed_table is not None:
+        title, header, seed_rows = seed_table
+        seeds = (f"<h2>{esc(title)}</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>"
+                 + "".join("<tr>" + "".join(f"<td>{esc(c).replace(chr(10), '<br>')}</td>" for c in row) + "</tr>" for row in seed_rows)
+                 + f"</table><p>{esc(SEED_TABLE_NOTE)}</p>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>Mitigation comparison: {esc(str(cfg.name))}</title>"
@@ -181,7 +190,7 @@ def _html(cfg, cols: list[str], rows: list[dict], plot: Path, seed_lines: list[s
         f"<p>Seed {cfg.seed}; base {esc(str(list(cfg.base)))}; shared overrides <code>{esc(' '.join(cfg.overrides))}</code>. "
         f"SolidMark columns at delta={cfg.delta}. <code>frechet_distance</code> uses a fixed-seed random conv net "
         "(not Inception): compare within this table only.</p>"
-        f"<table><tr>{head}</tr>{body}</table>{seed_table}<h2>Settings</h2><ul>{settings}</ul>"
+        f"<table><tr>{head}</tr>{body}</table>{seeds}<h2>Settings</h2><ul>{settings}</ul>"
         + (f"<h2>Memorization vs quality</h2><img alt='memorization vs quality' src='data:image/png;base64,{img}'>" if img else "")
         + "</body></html>\n"
     )
