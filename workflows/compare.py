@@ -98,7 +98,7 @@ def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = No
     from eidetic.diffusion import generate
     from eidetic.pipelines import load_components
     from eidetic.quality import classifier_accuracy, frechet_distance, local_features, precision_recall
-    from eidetic.schema.compare import CLASSIFIER_FOLDS
+    from eidetic.schema.compare import CLASSIFIER_FOLDS, unseen_minimum
     from lightning_modules.data import SolidMarkDataModule
 
     from eidetic.inference_mitigations import InferenceMitigation, mitigate
@@ -123,7 +123,7 @@ def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = No
            "unet_passes_per_sample": round(per_sample, 2)}
     if int(q.reference) > 0:
         reference, kind = _unseen_reference(dm, int(q.reference))
-        need = max(CLASSIFIER_FOLDS, int(q.knn_k) + 1)
+        need = unseen_minimum(q.knn_k)
         if reference.shape[0] < need:  # a folder's held-out split is only known here: skip, keep the row
             print(f"quality: {reference.shape[0]} unseen real image(s) ({kind}), fewer than the {need} the unseen-image "
                   "measures need; reporting the training-set Fréchet distance only", file=sys.stderr)

@@ -13,6 +13,12 @@ __all__ = ["CompareConfig", "ComparisonSetting", "QualitySettings", "QUERY_SECTI
 CLASSIFIER_FOLDS = 5  # cross-validation folds of the real-vs-generated classifier
 
 
+def unseen_minimum(knn_k: int) -> int:
+    """Images each side needs for the unseen-image measures: a k-NN manifold needs k + 1
+    points, the classifier one image per fold."""
+    return max(CLASSIFIER_FOLDS, int(knn_k) + 1)
+
+
 @dataclass
 class QualitySettings(Section):
     enabled: bool = True
@@ -32,8 +38,7 @@ class QualitySettings(Section):
         if self.reference < 0:
             out.append(f"reference must be >= 0, got {self.reference}")
         elif self.reference > 0:
-            # the unseen-image measures: a k-NN manifold needs k + 1 points, the classifier one image per fold
-            need = max(CLASSIFIER_FOLDS, self.knn_k + 1)
+            need = unseen_minimum(self.knn_k)
             out += [f"{n} must be >= {need} for the unseen-image measures (or quality.reference=0 to turn them off), got {getattr(self, n)}"
                     for n in ("num_samples", "reference") if getattr(self, n) < need]
         return out
