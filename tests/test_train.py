@@ -79,6 +79,13 @@ def test_pixel_space_run_exports_pixel_pipeline(tiny_cfg):
     out = pipe("a photo of the moon surface", num_inference_steps=2, output_type="pt")
     assert out.images.shape == (1, 3, 24, 24)
 
+    from eidetic.config import ConfigError
+    from workflows.train import read_inputs
+
+    # the run's config says model.space=latent (the default) but the directory has no autoencoder
+    with pytest.raises(ConfigError, match="pixel-space model.*data.cache_latents=false"):
+        read_inputs(tiny_cfg(f"model.pretrained={run_dir / 'model'}", "data.cache_latents=true"))
+
 
 def test_finetune_an_exported_model(tiny_cfg, tmp_path):
     base = run(tiny_cfg(f"run.dir={tmp_path / 'base'}"))

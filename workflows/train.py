@@ -205,6 +205,11 @@ def read_inputs(cfg: DictConfig, dm=None) -> Inputs:
                 f"model.pretrained={cfg.model.pretrained} works on {parts.unet.config.sample_size}px inputs, but the data gives "
                 f"{dm.canvas_size}px canvases ({expected}px for its UNet); set data.resolution/data.border to match"
             )
+        if cfg.data.cache_latents and parts.vae is None:
+            raise ConfigError(
+                f"data.cache_latents=true, but model.pretrained={cfg.model.pretrained} is a pixel-space model (no vae/): "
+                "there are no latents to cache; set data.cache_latents=false"
+            )
     elif cfg.model.space == "latent" and cfg.model.vae.pretrained:
         inputs.vae = load_vae(cfg.model.vae.pretrained)
     return inputs
