@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from eidetic import extraction, solidmark  # noqa: E402
+from eidetic import extraction, ladder, solidmark  # noqa: E402
 from eidetic.borders import strip_border  # noqa: E402
 from eidetic.schema.train import SolidMarkSettings  # noqa: E402
-from eidetic.stats import auc_report, benjamini_hochberg, clopper_pearson, poisson_binomial_sf, spearman  # noqa: E402
+from eidetic.stats import auc_report, benjamini_hochberg, spearman  # noqa: E402
 
 CONFIG = ROOT / "configs" / "experiments" / "selective.yaml"
 
@@ -94,14 +94,8 @@ def trained_run(args):
 
 
 def evaluation_set(dm, args):
-    rng = random.Random(args.seed)
     records = dm.records
-    laddered = [i for i, r in enumerate(records) if r.split == "train" and r.copies > 1]
-    singles = [i for i, r in enumerate(records) if r.split == "train" and r.copies == 1]
-    heldout = [i for i, r in enumerate(records) if r.split == "heldout"]
-    singles = sorted(rng.sample(singles, min(args.singles, len(singles))))
-    heldout = sorted(rng.sample(heldout, min(args.heldout, len(heldout))))
-    return laddered + singles + heldout
+    return ladder.evaluation_set([r.copies for r in records], [r.split == "train" for r in records], args.singles, args.heldout, args.seed)
 
 
 # ---- scoring ----------------------------------------------------------------------------------
@@ -113,14 +107,12 @@ def report(scores, labels, args) -> dict | None:
     return {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list) else v) for k, v in out.items()}
 
 
-def solidmark_scores(model, dm, idx, border, options, args):
+def solidmark_scores(model, dm, idx, keys, border, options, args):
     records = dm.records
     canvases = dm.canvases([records[i].id for i in idx])
     options = {"sampler": "ddpm", **options, "seed": args.seed, "batch_size": args.batch_size}
     out = solidmark.outpaint_border(model, canvases, [records[i].caption for i in idx], border, noise_ids=idx, **options)
-    keys = torch.tensor([records[i].key for i in idx], dtype=torch.float64)
-    loss = solidmark.eidetic_scores(out.border_key, keys)
-    return out.border_key, loss, out.unet_evals / len(idx)
+    return out.border_key, solidmark.eidetic_scores(out.border_key, keys), out.unet_evals / len(idx)
 
 
 def main(argv=None) -> dict:
@@ -140,6 +132,7 @@ def main(argv=None) -> dict:
     ev = [records[i] for i in idx]
     copies = np.array([r.copies for r in ev])
     trained = np.array([r.split == "train" for r in ev])
+    keys = torch.tensor([r.key for r in ev], dtype=torch.float64)
     captions = [r.caption for r in ev]
     shape = (dm.canvas_size, dm.canvas_size)
     timings: dict[str, float] = {"train_s": round(train_s, 1)}
@@ -160,16 +153,7 @@ def main(argv=None) -> dict:
     memorized = (truth.own_rate.numpy() >= 0.5) & trained
     timings["ground_truth_s"] = round(time.perf_counter() - t, 1)
     rungs = sorted(set(copies[trained].tolist()))
-    copy_rates = {}
-    for c in rungs:
-        m = trained & (copies == c)
-        k = int(round(float(truth.own_rate[torch.from_numpy(m)].sum()) * args.generations))
-        n = int(m.sum()) * args.generations
-        copy_rates[f"x{c}"] = {"images": int(m.sum()), "copy_rate": round(k / n, 4), "ci": [round(v, 4) for v in clopper_pearson(k, n)],
-                               "memorized_images": int((memorized & m).sum())}
-    kh = int(round(float(truth.copy_rate[torch.from_numpy(~trained)].sum()) * args.generations))
-    nh = int((~trained).sum()) * args.generations
-    copy_rates["heldout_any"] = {"images": int((~trained).sum()), "copy_rate": round(kh / nh, 4), "ci": [round(v, 4) for v in clopper_pearson(kh, nh)]}
+    copy_rates = ladder.copy_rates_by_rung(truth.own_rate, truth.copy_rate, copies, trained, args.generations)
     print(f"[benchmark] ground truth: {json.dumps(copy_rates)}", flush=True)
 
     single = trained & (copies == 1)
@@ -196,19 +180,19 @@ def main(argv=None) -> dict:
                 ("solidmark_monitor_default", monitor_default)]
     for name, options in settings:
         t = time.perf_counter()
-        pred, loss, evals = solidmark_scores(model, dm, idx, border, options, args)
+        pred, loss, evals = solidmark_scores(model, dm, idx, keys, border, options, args)
         losses[name] = (pred, loss)
         entry = labels_for(-loss.numpy())
         entry.update(unet_evals_per_image=evals, seconds=round(time.perf_counter() - t, 1), options=options)
-        for split, mask in (("single", single), ("heldout", ~trained)):
+        entry["by_rung"] = ladder.solidmark_by_rung(pred, keys, copies, trained, args.delta, n_boot=args.boot, seed=args.seed)
+        for split, rung, mask in (("single", "x1", single), ("heldout", "heldout", ~trained)):
             m = torch.from_numpy(mask)
-            hits = int((loss[m] < args.delta).sum())
-            probs = solidmark.chance_probability(pred[m], args.delta)
-            flagged = benjamini_hochberg(solidmark.per_image_p_values(pred[m], torch.tensor([r.key for r, keep in zip(ev, mask) if keep])).numpy(), args.flag_q)
-            entry[f"{split}_eidetic"] = {"count": hits, "chance": round(float(probs.sum()), 2), "p_value": poisson_binomial_sf(hits, probs),
-                                         "n": int(mask.sum()), "flagged_fraction": round(float(flagged.mean()), 4)}
+            flagged = benjamini_hochberg(solidmark.per_image_p_values(pred[m], keys[m]).numpy(), args.flag_q)
+            counts = entry["by_rung"][rung]
+            entry[f"{split}_eidetic"] = {"count": counts["eidetic"], "chance": round(counts["chance"], 2), "p_value": counts["p_value"],
+                                         "n": counts["n"], "flagged_fraction": round(float(flagged.mean()), 4)}
         m_top = torch.from_numpy(top)
-        flagged_top = benjamini_hochberg(solidmark.per_image_p_values(pred[m_top], torch.tensor([r.key for r, keep in zip(ev, top) if keep])).numpy(), args.flag_q)
+        flagged_top = benjamini_hochberg(solidmark.per_image_p_values(pred[m_top], keys[m_top]).numpy(), args.flag_q)
         entry["top_rung_flagged_fraction"] = round(float(flagged_top.mean()), 4)
         results["monitors"][name] = entry
         print(f"[benchmark] {name}: {json.dumps(entry)}", flush=True)
