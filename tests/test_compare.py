@@ -152,6 +152,13 @@ def test_inference_time_settings_evaluate_the_baselines_model_at_every_seed_in_p
         assert float(by[f"delayed_guidance-seed{s}"]["unet_passes_per_sample"]) != 6  # its own schedule and Wen's steps cost differently
         changed = _table(out / f"query_random_token-seed{s}" / "solidmark.csv")
         assert [r["pred_key"] for r in changed] != [r["pred_key"] for r in same]
+        # memorization per rung of the ladder: SolidMark, the detector, generations; the unchanged query reproduces it
+        ladder = [k for k in base if k.startswith(("x1_", "x3_", "heldout_", "denoising_confidence_x3"))]
+        assert {"x3_eidetic", "x3_chance", "x3_p", "x3_auc", "x3_auc_ci", "x1_eidetic", "heldout_eidetic", "x3_copy_rate",
+                "x3_copy_rate_ci", "x1_copy_rate", "heldout_copy_rate", "denoising_confidence_x3_auc"} <= set(ladder)
+        assert 0 <= float(base["x3_auc"]) <= 1 and 0 <= float(base["x3_copy_rate"]) <= 1 and 0 < float(base["x3_chance"]) <= 2
+        assert all(by[f"same-seed{s}"][k] == base[k] for k in ladder)
+    assert "x3_excess" in (out / "report.md").read_text() and "x3_copy_rate" in (out / "report.md").read_text()
     assert float(by["baseline-seed0"]["final_loss"]) != float(by["baseline-seed1"]["final_loss"])  # the seeds differ
     # resume keeps every finished run
     stamp = (out / "same-seed1" / "summary.json").stat().st_mtime_ns

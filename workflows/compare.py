@@ -88,24 +88,28 @@ def _unseen_reference(dm, count: int):
     return dm.images([r.id for r in dm.records if r.split == "heldout"]), "heldout_split"
 
 
-def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = None) -> dict:
-    """Measures of ``q.num_samples`` seeded samples that no setting optimises: the Fréchet
-    distance vs the unmitigated training canvases, and (``q.reference`` > 0) Fréchet distance,
-    precision/recall and a real-vs-generated classifier's accuracy of the samples' interiors
-    vs real images never trained on (:func:`_unseen_reference`)."""
+def query_model(train_cfg: DictConfig, model_dir: Path):
+    """The model in ``model_dir`` as a setting queries it: through its own ``inference_mitigation``."""
+    from eidetic.inference_mitigations import InferenceMitigation, mitigate
+    from eidetic.pipelines import load_components
+
+    parts = load_components(model_dir)
+    return mitigate(parts.diffusion_model(), InferenceMitigation.from_settings(train_cfg.inference_mitigation), tokenizer=parts.tokenizer)
+
+
+def quality(train_cfg: DictConfig, q, model) -> dict:
+    """Measures of ``q.num_samples`` seeded samples of ``model`` (:func:`query_model`) that no
+    setting optimises: the Fréchet distance vs the unmitigated training canvases, and
+    (``q.reference`` > 0) Fréchet distance, precision/recall and a real-vs-generated
+    classifier's accuracy of the samples' interiors vs real images never trained on
+    (:func:`_unseen_reference`)."""
     import torch
 
     from eidetic.diffusion import generate
-    from eidetic.pipelines import load_components
     from eidetic.quality import classifier_accuracy, frechet_distance, local_features, precision_recall
     from eidetic.schema.compare import CLASSIFIER_FOLDS, unseen_minimum
     from lightning_modules.data import SolidMarkDataModule
 
-    from eidetic.inference_mitigations import InferenceMitigation, mitigate
-
-    # an inference-time setting samples the model it evaluates with its own query-time mitigation
-    parts = load_components(model_dir or run_dir / "model")
-    model = mitigate(parts.diffusion_model(), InferenceMitigation.from_settings(train_cfg.inference_mitigation), tokenizer=parts.tokenizer)
     dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)  # the reference: no mitigation
     train = [r for r in dm.records if r.split == "train"]
     real = dm.canvases([r.id for r in train])
@@ -142,6 +146,67 @@ def quality(run_dir: Path, train_cfg: DictConfig, q, model_dir: Path | None = No
             "quality_unseen": int(reference.shape[0]), "quality_unseen_kind": kind,
         })
     return out
+
+
+def ladder_scores(train_cfg: DictConfig, model, s, delta: float) -> dict:
+    """Row columns of memorization per rung of the data's duplication ladder (empty when
+    nothing is repeated or ``s.enabled`` is off), all scored on one evaluation set (every
+    repeated image, ``s.singles`` single and ``s.heldout`` held-out ones), through ``model``
+    as the setting queries it: ``<rung>_eidetic/_chance/_p`` (SolidMark at ``delta`` with the
+    setting's ``solidmark`` settings) and ``<rung>_auc`` (−ℓ vs single images),
+    ``<detector>_<rung>_auc`` (caption-level detectors with its ``extraction`` settings), and
+    ``<rung>_copy_rate`` (full generations copying the caption's own image; held-out: any
+    training image). Rungs are ``x<copies>`` and ``heldout``; the labels come from the
+    unmitigated data (a mitigation that drops copies is judged on the images it was given)."""
+    import numpy as np
+    import torch
+
+    from callbacks.extraction import detector_options
+    from eidetic import extraction, ladder, solidmark
+    from eidetic.borders import strip_border
+    from eidetic.config import build_section
+    from eidetic.schema.train import SolidMarkSettings
+    from eidetic.stats import rank_auc
+    from lightning_modules.data import SolidMarkDataModule
+
+    dm = SolidMarkDataModule(train_cfg.data, seed=train_cfg.seed)
+    records = dm.records
+    copies = np.array([r.copies for r in records])
+    trained = np.array([r.split == "train" for r in records])
+    if not s.enabled or not (copies[trained] > 1).any():
+        return {}
+    idx = ladder.evaluation_set(copies.tolist(), trained.tolist(), int(s.singles), int(s.heldout), int(s.seed))
+    ev_copies, ev_trained = copies[idx], trained[idx]
+    names = np.array(ladder.rung_names(ev_copies, ev_trained))
+    captions = [records[i].caption for i in idx]
+    keys = torch.tensor([records[i].key for i in idx], dtype=torch.float64)
+    border, shape = int(train_cfg.data.border), (dm.canvas_size, dm.canvas_size)
+    row: dict = {}
+
+    out = solidmark.outpaint_border(model, dm.canvases([records[i].id for i in idx]), captions, border, noise_ids=idx,
+                                    **build_section(SolidMarkSettings, train_cfg.solidmark).outpaint_options(latent=model.is_latent))
+    for rung, e in ladder.solidmark_by_rung(out.border_key, keys, ev_copies, ev_trained, delta, int(s.n_boot), int(s.seed)).items():
+        row.update({f"{rung}_eidetic": e["eidetic"], f"{rung}_chance": e["chance"], f"{rung}_p": e["p_value"]})
+        if "auc" in e:
+            row.update({f"{rung}_auc": e["auc"], f"{rung}_auc_ci": e["auc_ci"]})
+
+    single = names == "x1"
+    for name in s.detectors:
+        scores = extraction.DETECTORS[name](model, captions, shape, seed=int(train_cfg.extraction.seed), batch_size=int(s.batch_size),
+                                            **detector_options(name, train_cfg.extraction)).scores.numpy()
+        for rung in sorted({n for n in names.tolist() if n not in ("x1", "heldout")}, key=lambda n: int(n[1:])):
+            both = (names == rung) | single
+            row[f"{name}_{rung}_auc"] = rank_auc(scores[both], (names == rung)[both])
+
+    train_idx = [i for i, r in enumerate(records) if r.split == "train"]
+    position = {i: k for k, i in enumerate(train_idx)}
+    truth = extraction.generation_ground_truth(
+        model, captions, [position.get(i, -1) for i in idx], dm.images([records[i].id for i in train_idx]), shape,
+        crop=lambda x: strip_border(x, border), generations=int(s.generations), steps=int(s.steps), guidance=float(s.guidance),
+        threshold=float(s.threshold), seed=int(s.seed), batch_size=int(s.batch_size), noise_ids=idx)
+    for rung, e in ladder.copy_rates_by_rung(truth.own_rate, truth.copy_rate, ev_copies, ev_trained, int(s.generations)).items():
+        row.update({f"{rung}_copy_rate": e["copy_rate"], f"{rung}_copy_rate_ci": e["ci"]})
+    return row
 
 
 # what quality() adds to a row (the rest of its output is in the summary's compare section too)
@@ -243,7 +308,7 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _execute(job: _Job, out: Path, delta: str, quality_cfg) -> dict:
+def _execute(job: _Job, out: Path, delta: str, quality_cfg, ladder_cfg) -> dict:
     """Train (or evaluate) one job, score it, and record its row in its summary."""
     from . import train
 
@@ -260,8 +325,10 @@ def _execute(job: _Job, out: Path, delta: str, quality_cfg) -> dict:
         summary_extra = {k: base_summary[k] for k in ("train", "mitigation") if k in base_summary}  # the model's own training
         model_dir = base / "model"
     wall = time.perf_counter() - started
-    q = quality(run_dir, job.cfg, quality_cfg, model_dir=model_dir) if quality_cfg.enabled else {}
+    model = query_model(job.cfg, model_dir or run_dir / "model")
+    q = quality(job.cfg, quality_cfg, model) if quality_cfg.enabled else {}
     row = _row(job.name, {**summary_extra, **RunDirectory(run_dir).summary}, delta, wall, q)
+    row.update(ladder_scores(job.cfg, model, ladder_cfg, float(delta)))
     row = {"setting": row.pop("setting"), "seed": job.seed, "model_of": job.base, **row}
     RunDirectory(run_dir).update_summary("compare", row)  # marks the job finished (resume=true keeps it)
     return row
@@ -323,7 +390,7 @@ def run(cfg: DictConfig) -> Path:
         todo = [j for j in phase if j.name not in done]
         if int(cfg.workers) <= 1 or len(todo) <= 1:
             for job in todo:
-                rows[job.name] = _execute(job, out, delta, cfg.quality)
+                rows[job.name] = _execute(job, out, delta, cfg.quality, cfg.ladder)
                 write_outputs(out, table(), cfg)  # partial results survive a crash of a later setting
         else:
             import multiprocessing
@@ -331,7 +398,7 @@ def run(cfg: DictConfig) -> Path:
 
             with ProcessPoolExecutor(max_workers=int(cfg.workers), mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_single_thread) as pool:
-                futures = {pool.submit(_execute, job, out, delta, cfg.quality): job for job in todo}
+                futures = {pool.submit(_execute, job, out, delta, cfg.quality, cfg.ladder): job for job in todo}
                 for future in as_completed(futures):
                     rows[futures[future].name] = future.result()
                     write_outputs(out, table(), cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 
 from eidetic.io import atomic_write, write_text_atomic
@@ -22,7 +23,7 @@ def _fmt(v) -> str:
 # Column order of the table, as _row builds a row. Rows of settings kept by resume=true come
 # back from summary.json with their keys sorted, so the order is imposed here, not inherited.
 COLUMNS = (
-    "setting", "seed", "model_of", "eidetic", "chance", "p_value", "solidmark_auc_heldout", "<detector AUCs>", "verified_extractions",
+    "setting", "seed", "model_of", "eidetic", "chance", "p_value", "solidmark_auc_heldout", "<ladder>", "<detector AUCs>", "verified_extractions",
     "irs_paper_generated_mean", "irs_paper_real_mean", "fake_rate_paper",
     "irs_two_sided_generated_mean", "irs_two_sided_real_mean", "fake_rate_two_sided", "realism_loss_seconds", "frechet_distance",
     "frechet_unseen", "precision", "precision_ci", "recall", "recall_ci", "classifier_accuracy", "classifier_accuracy_ci", "final_loss",
@@ -31,15 +32,36 @@ COLUMNS = (
 )
 
 
+_RUNG = re.compile(r"^(?:(.+)_)?(x\d+|heldout)_(eidetic|chance|p|auc|auc_ci|copy_rate|copy_rate_ci)$")
+LADDER_MEASURES = ("eidetic", "chance", "p", "auc", "auc_ci", "copy_rate", "copy_rate_ci")
+
+
+def _ladder_key(name: str) -> tuple | None:
+    """Sort key of a per-rung column (workflows.compare.ladder_scores): rung, then measure, then
+    detector; None for any other column."""
+    m = _RUNG.match(name)
+    if not m:
+        return None
+    detector, rung, measure = m.groups()
+    return (1 if rung == "heldout" else 0, int(rung[1:]) if rung != "heldout" else 0, detector or "", LADDER_MEASURES.index(measure))
+
+
 def _column_rank(name: str) -> int:
     if name in COLUMNS:
         return COLUMNS.index(name)
+    if _ladder_key(name) is not None:
+        return COLUMNS.index("<ladder>")
     return COLUMNS.index("<detector AUCs>") if name.endswith(("_auc_dup", "_auc_heldout")) else len(COLUMNS)
+
+
+def _sorted_columns(names) -> list[str]:
+    """Columns in table order; per-rung columns by rung, detector and measure."""
+    return sorted(dict.fromkeys(names), key=lambda c: (_column_rank(c), _ladder_key(c) or ()))
 
 
 # What the over-seeds table summarises: the measures a reader compares settings by
 SEED_COLUMNS = (
-    "eidetic_excess", "solidmark_auc_heldout", "<detector AUCs>", "verified_extractions", "irs_paper_generated_mean",
+    "eidetic_excess", "solidmark_auc_heldout", "<ladder>", "<detector AUCs>", "verified_extractions", "irs_paper_generated_mean",
     "irs_two_sided_generated_mean", "frechet_distance", "frechet_unseen", "precision", "recall", "classifier_accuracy",
     "final_loss", "wall_time_s", "unet_passes_per_sample",
 )
@@ -68,14 +90,20 @@ def over_seeds(rows: list[dict], level: float = 0.95) -> list[dict]:
     from eidetic.stats import mean_and_standard_error, t_interval
 
     def value(row: dict, col: str) -> float | None:
-        if col == "eidetic_excess":
-            e, c = _number(row.get("eidetic")), _number(row.get("chance"))
+        if col.endswith("excess"):  # a SolidMark count minus its chance level: the monitor's, or a rung's
+            prefix = col[: -len("excess")]
+            count, chance = ("eidetic", "chance") if prefix == "eidetic_" else (prefix + "eidetic", prefix + "chance")
+            e, c = _number(row.get(count)), _number(row.get(chance))
             return None if e is None or c is None else e - c
         return _number(row.get(col))
 
-    detectors = [c for c in dict.fromkeys(k for r in rows for k in r) if c.endswith(("_auc_dup", "_auc_heldout")) and c != "solidmark_auc_heldout"]
-    cols = [c for name in SEED_COLUMNS for c in (detectors if name == "<detector AUCs>" else [name])
-            if any(value(r, c) is not None for r in rows)]
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    detectors = [c for c in names if c.endswith(("_auc_dup", "_auc_heldout")) and c != "solidmark_auc_heldout"]
+    # per rung: SolidMark excess and AUC, the detectors' AUCs, the generation copy rate
+    ladder = [c.replace("_eidetic", "_excess") if c.endswith("_eidetic") else c for c in _sorted_columns(names)
+              if _ladder_key(c) is not None and c.endswith(("_eidetic", "_auc", "_copy_rate"))]
+    expand = {"<detector AUCs>": detectors, "<ladder>": ladder}
+    cols = [c for name in SEED_COLUMNS for c in expand.get(name, [name]) if any(value(r, c) is not None for r in rows)]
     groups: dict[str, dict] = {}
     for r in rows:
         groups.setdefault(_setting_of(r), {})[str(r.get("seed"))] = r
@@ -134,7 +162,7 @@ def _over_seeds_lines(summary: list[dict]) -> list[str]:
 
 def write_outputs(out: Path, rows: list[dict], cfg) -> None:
     """``comparison.csv``, ``report.md``, ``report.html`` (plot embedded) and ``memorization_vs_quality.png``."""
-    fields = sorted(dict.fromkeys(k for r in rows for k in r), key=_column_rank)  # stable: detector columns keep their order
+    fields = _sorted_columns(k for r in rows for k in r)  # stable: detector columns keep their order
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, restval="")
     w.writeheader()
@@ -197,8 +225,14 @@ def _html(cfg, cols: list[str], rows: list[dict], plot: Path, seed_table: tuple 
 
 
 def memorization_axis(rows: list[dict]) -> tuple[str, list[float | None], float | None]:
-    """The memorization measure the plot uses: SolidMark excess over chance if present, else an
-    extraction AUC. Returns its label, the values, and its chance level (None: it has none)."""
+    """The memorization measure the plot uses: with a duplication ladder the top rung's
+    generation copy rate (ground truth no detector produced), else SolidMark excess over chance,
+    else an extraction AUC. Returns its label (starting with its column name), the values, and
+    its chance level (None: it has none)."""
+    rates = [c for c in dict.fromkeys(k for r in rows for k in r) if re.fullmatch(r"x\d+_copy_rate", c) and c != "x1_copy_rate"]
+    if rates:
+        top = max(rates, key=lambda c: int(c[1:].split("_")[0]))
+        return f"{top} (generations copying their own image)", [_number(r.get(top)) for r in rows], None
     if any(r.get("eidetic") is not None for r in rows):
         values = [None if r.get("eidetic") is None else r["eidetic"] - (r.get("chance") or 0) for r in rows]
         return "eidetic - chance (SolidMark)", values, 0.0
@@ -218,7 +252,7 @@ def _plot(out: Path, rows: list[dict], summary: list[dict] | None = None) -> Non
     # with several seeds a setting is one point at its means, with standard-error bars
     many = bool(summary) and max(e["seeds"] for e in summary) > 1
     if many:
-        key = "eidetic_excess" if label.startswith("eidetic") else label.split(" ")[0]
+        key = "eidetic_excess" if label.startswith("eidetic -") else label.split(" ")[0]
         points = [(e["setting"], e.get("frechet_distance", (None, None)), e.get(key, (None, None))) for e in summary]
     else:
         points = [(r["setting"], (r.get("frechet_distance"), None), (y, None)) for r, y in zip(rows, ys)]

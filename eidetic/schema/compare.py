@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from eidetic.config import Section
+from eidetic.config import Section, choice_problem
 
-__all__ = ["CompareConfig", "ComparisonSetting", "QualitySettings", "QUERY_SECTIONS"]
+__all__ = ["CompareConfig", "ComparisonSetting", "QualitySettings", "LadderSettings", "QUERY_SECTIONS"]
 
 
 CLASSIFIER_FOLDS = 5  # cross-validation folds of the real-vs-generated classifier
@@ -42,6 +42,39 @@ class QualitySettings(Section):
             out += [f"{n} must be >= {need} for the unseen-image measures (or quality.reference=0 to turn them off), got {getattr(self, n)}"
                     for n in ("num_samples", "reference") if getattr(self, n) < need]
         return out
+
+
+@dataclass
+class LadderSettings(Section):
+    """Memorization per rung of the data's duplication ladder (``data.duplicate.ladder``), scored
+    after every setting on all repeated training images and a seeded sample of single and
+    held-out ones (:mod:`eidetic.ladder`): SolidMark with the setting's own ``solidmark``
+    settings, the ``detectors`` with its ``extraction`` settings, and full generations (the
+    fraction copying the caption's own image: ground truth no detector produced). Queries
+    go through the setting's ``inference_mitigation``. Skipped when nothing is repeated."""
+
+    enabled: bool = True
+    singles: int = 100  # single training images scored beside the repeated ones
+    heldout: int = 100  # held-out images scored
+    detectors: list[str] = field(default_factory=lambda: ["denoising_confidence"])  # caption-level detectors (AUC per rung vs single)
+    generations: int = 4  # full generations per caption for the copy rate
+    steps: int = 25
+    guidance: float = 3.0
+    threshold: float = 0.1  # a generation copies an image within this RMS ([0, 1] scale) and nearest/second-nearest < 1/3
+    batch_size: int = 256
+    seed: int = 0
+    n_boot: int = 1000  # bootstrap resamples of each AUC interval
+
+    def problems(self) -> list[str]:
+        from eidetic.extraction import DETECTORS
+
+        out = [f"{n} must be >= 1, got {getattr(self, n)}" for n in ("generations", "steps", "batch_size") if getattr(self, n) < 1]
+        out += [f"{n} must be >= 0, got {getattr(self, n)}" for n in ("singles", "heldout", "n_boot") if getattr(self, n) < 0]
+        if self.enabled and self.singles < 1:
+            out.append("singles must be >= 1: every rung is compared with single images")
+        if not 0 < self.threshold < 1:
+            out.append(f"threshold must be in (0, 1), got {self.threshold}")
+        return out + [p for d in self.detectors for p in choice_problem("detectors", d, tuple(DETECTORS))]
 
 
 # what an inference-time setting may change: how the trained model is queried, not how it trains
@@ -83,6 +116,7 @@ class CompareConfig(Section):
     share_autoencoder: bool = True  # train the first-stage autoencoder once (OUT/shared/) and use it in every setting
     delta: float = 0.05  # SolidMark delta reported (one of solidmark.deltas)
     quality: QualitySettings = field(default_factory=QualitySettings)
+    ladder: LadderSettings = field(default_factory=LadderSettings)
     settings: list[ComparisonSetting] = field(default_factory=lambda: [ComparisonSetting()])
 
     def problems(self) -> list[str]:
