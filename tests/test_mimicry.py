@@ -222,3 +222,24 @@ def test_mimicry_after_purification_scores_against_the_clean_images(tiny_model, 
     assert p["images"] == m["images"] and finite(p["drop"]["ssim_mean"])
     assert (out.with_name("out.mimicry") / "purified-jpeg" / "runs" / "clean" / "model").is_dir()
     assert "purified with `jpeg`" in (out / "report.md").read_text()
+
+
+def test_a_second_protection_reuses_the_clean_fine_tune_and_a_different_one_is_refused(mimicry_run, tiny_model, images, tmp_path):
+    """Protections of the same images compared side by side share one clean fine-tune: the reused
+    clean model scores exactly as it did, and a clean run made with other settings is refused."""
+    _, first = mimicry_run
+    m1 = json.loads((first / "summary.json").read_text())["protection"]["mimicry"]
+    clean_run = Path(m1["finetune"]["clean"]["run_dir"])
+    common = [f"input={images}", f"model={tiny_model}", "objective=photoguard", "steps=2", "evaluate.enabled=false", "mimicry.enabled=true",
+              "mimicry.samples_per_image=2", "mimicry.sample_steps=2", "mimicry.train_overrides=[train.lr_warmup_steps=0]",
+              f"mimicry.clean_run={clean_run}"]
+    out = tmp_path / "second"
+    assert protect.main([*common, f"output={out}", f"mimicry.steps={MIMICRY_STEPS}"]) == 0
+    m2 = json.loads((out / "summary.json").read_text())["protection"]["mimicry"]
+    assert m2["finetune"]["clean"]["reused"] and m2["finetune"]["clean"]["run_dir"] == str(clean_run)
+    assert m2["similarity"]["clean_tuned"] == m1["similarity"]["clean_tuned"]
+    assert m2["similarity"]["base"] == m1["similarity"]["base"]
+    assert not (Path(m2["work_dir"]) / "clean").exists()  # nothing fine-tuned on the clean images here
+    with pytest.raises(ConfigError, match=r"another config \(train.max_steps"):
+        protect_workflow.run(protect_workflow.load_config([], [*common, f"output={tmp_path / 'third'}", f"mimicry.steps={MIMICRY_STEPS + 1}"]))
+    assert not (tmp_path / "third").exists()  # refused before protecting anything

@@ -258,12 +258,7 @@ def _loss_tail(metrics_csv: Path, fraction: float = 0.25) -> float | None:
     return float(np.mean(tail))
 
 
-def _finetune(cfg: DictConfig) -> dict:
-    from . import train
-
-    started = time.perf_counter()
-    run_dir = train.run(cfg)
-    total = time.perf_counter() - started
+def _finetune_record(cfg: DictConfig, run_dir: Path, total: float | None) -> dict:
     train = read_summary(run_dir).get("train", {})
     return {
         "run_dir": str(run_dir),
@@ -275,8 +270,46 @@ def _finetune(cfg: DictConfig) -> dict:
         "final_loss": train.get("final_loss"),
         "loss_last_quarter_mean": _loss_tail(run_dir / "metrics.csv"),
         "wall_time_s": train.get("wall_time_s"),
-        "total_seconds": round(total, 2),
+        "total_seconds": None if total is None else round(total, 2),
     }
+
+
+def _finetune(cfg: DictConfig) -> dict:
+    from . import train
+
+    started = time.perf_counter()
+    run_dir = train.run(cfg)
+    return _finetune_record(cfg, Path(run_dir), time.perf_counter() - started)
+
+
+_RUN_KEYS = ("run.dir", "run.name", "data.folder", "logging.wandb.id")  # what differs between two fine-tunes of the same images
+
+
+def check_reusable_clean_run(run_dir: str | Path, cfg: DictConfig, images: bool = True) -> Path:
+    """``run_dir`` if it is a finished fine-tune with ``cfg`` (up to its directory and data
+    folder) on byte-identical staged images to ``cfg.data.folder``'s (``images=False``: the
+    config only, before anything is staged); else a ConfigError saying what differs. Lets
+    several protections of the same images share one clean fine-tune."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "model" / "model_index.json").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"mimicry.clean_run={run_dir} is not a finished fine-tune (no model/ or config.yaml): "
+                          "point it at the clean/ run directory of an earlier mimicry evaluation")
+    from .train import changed_settings
+
+    differ = changed_settings(cfg, run_dir / "config.yaml", sections=("",), ignore=_RUN_KEYS)
+    if differ:
+        raise ConfigError(f"mimicry.clean_run={run_dir} was fine-tuned with another config ({'; '.join(differ[:4])}"
+                          f"{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}); it cannot stand in for this evaluation's clean fine-tune")
+    if not images:
+        return run_dir
+    here, there = Path(cfg.data.folder), Path(OmegaConf.load(run_dir / "config.yaml").data.folder)
+    names = sorted(p.name for p in here.iterdir())
+    if not there.is_dir() or sorted(p.name for p in there.iterdir()) != names:
+        raise ConfigError(f"mimicry.clean_run={run_dir} was fine-tuned on other images ({there}) than this evaluation stages ({here})")
+    changed = [n for n in names if (here / n).read_bytes() != (there / n).read_bytes()]
+    if changed:
+        raise ConfigError(f"mimicry.clean_run={run_dir} was fine-tuned on other pixels or captions: {', '.join(changed[:5])} differ")
+    return run_dir
 
 
 # ---- the evaluation -----------------------------------------------------------------
@@ -293,6 +326,7 @@ def mimicry_after_finetuning(
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
     references: Mapping[str, str | Path] | None = None,
+    clean_run: str | Path | None = None,
 ) -> dict:
     """Fine-tune ``model_dir`` on clean and on protected copies; compare how each reproduces the clean images.
 
@@ -309,6 +343,9 @@ def mimicry_after_finetuning(
         references: clean file name -> the image generations are compared with (default: the
             clean image itself); purified arms train on purified copies but are still scored
             against the original clean images.
+        clean_run: a finished clean fine-tune of the same images with the same config (e.g. the
+            ``clean/`` run of an earlier evaluation with another protection) used instead of
+            fine-tuning on the clean images again (:func:`check_reusable_clean_run`).
 
     Returns the summary (also written to ``work_dir/mimicry.json``), with ``per_image`` rows.
     """
@@ -352,16 +389,22 @@ def mimicry_after_finetuning(
     for arm in ARMS:
         write_jsonl_atomic(work / "data" / arm / METADATA, metadata)
 
-    finetunes = {}
+    finetunes, tuned = {}, {arm: work / arm / "model" for arm in ARMS}
+    if clean_run:
+        reused = check_reusable_clean_run(clean_run, configs["clean"])
+        say(f"reusing the clean fine-tune {reused}")
+        finetunes["clean"] = {**_finetune_record(configs["clean"], reused, None), "reused": True}
+        tuned["clean"] = reused / "model"
     for arm in ARMS:
-        say(f"fine-tuning on the {arm} images ({len(rows)} images, {section.steps} steps) in {work / arm}")
-        finetunes[arm] = _finetune(configs[arm])
+        if arm not in finetunes:
+            say(f"fine-tuning on the {arm} images ({len(rows)} images, {section.steps} steps) in {work / arm}")
+            finetunes[arm] = _finetune(configs[arm])
 
     captions_list = [r["text"] for r in rows]
     target = torch.stack(targets)
     scores: dict[str, dict[str, np.ndarray]] = {}
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key, directory in (("base", model_dir), ("clean_tuned", work / "clean" / "model"), ("protected_tuned", work / "protected" / "model")):
+    for key, directory in (("base", model_dir), ("clean_tuned", tuned["clean"]), ("protected_tuned", tuned["protected"])):
         say(f"sampling {section.samples_per_image} images per caption from the {key.replace('_', '-')} model")
         model = load_diffusion_model(directory, device=str(device))
         raw[key] = _reproduction(model, captions_list, target, section, canvas, border)

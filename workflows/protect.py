@@ -161,7 +161,10 @@ def run(cfg: DictConfig) -> Path:
     if cfg.mimicry.enabled:  # a config that cannot fine-tune fails now, not after the attack
         work = mimicry_work_dir(cfg)
         base = mimicry.base_config(cfg.model)
-        mimicry.check_geometry(mimicry.training_config(cfg.model, work / "data" / "clean", work / "clean", cfg.mimicry, base), cfg.model, base[1])
+        clean_cfg = mimicry.training_config(cfg.model, work / "data" / "clean", work / "clean", cfg.mimicry, base)
+        mimicry.check_geometry(clean_cfg, cfg.model, base[1])
+        if cfg.mimicry.clean_run:
+            mimicry.check_reusable_clean_run(cfg.mimicry.clean_run, clean_cfg, images=False)
 
     images: dict[str, torch.Tensor] = OrderedDict()
     failed: list[dict] = []
@@ -247,6 +250,7 @@ def run_mimicry(cfg, src: Path, out: Path, captions, saved, per_image, device, m
         result = mimicry.mimicry_after_finetuning(
             cfg.model, src, out, captions, cfg.mimicry, mimicry_work_dir(cfg), files=list(saved), default_caption=cfg.caption,
             device=device, progress=lambda message: print(f"protect: mimicry: {message}", file=sys.stderr),
+            clean_run=cfg.mimicry.clean_run or None,
         )
     except (DataError, ModelLoadError) as exc:
         raise ConfigError(f"mimicry evaluation failed (the protected images and report were written): {exc}") from exc

@@ -125,8 +125,8 @@ def render_mimicry(m: dict) -> list[str]:
             return format(v, fmt) if v is not None else "n/a"
 
         lines.append(
-            f"| {arm} | {num(f['final_loss'], '.4f')} | {num(f['loss_last_quarter_mean'], '.4f')} | {f['global_step']} | "
-            f"{num(f['wall_time_s'], '.1f')} | {f['total_seconds']:.1f} | `{f['run_dir']}` |"
+            f"| {arm}{' (reused)' if f.get('reused') else ''} | {num(f['final_loss'], '.4f')} | {num(f['loss_last_quarter_mean'], '.4f')} | "
+            f"{f['global_step']} | {num(f['wall_time_s'], '.1f')} | {num(f['total_seconds'], '.1f')} | `{f['run_dir']}` |"
         )
     gain = m["clean_finetune_gain"]
     lines.append("")

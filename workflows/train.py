@@ -307,13 +307,14 @@ def check_checkpoint(cfg: DictConfig, run_dir: RunDirectory, inputs: Inputs) -> 
         )
 
 
-def changed_settings(cfg: DictConfig, saved: Path, sections: tuple[str, ...] = ("model.", "data.")) -> list[str]:
-    """``key: old -> new`` for every model/data setting of ``cfg`` that differs from the run's saved config."""
+def changed_settings(cfg: DictConfig, saved: Path, sections: tuple[str, ...] = ("model.", "data."), ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: old -> new`` for every setting of ``cfg`` under ``sections`` (``("",)``: all) that
+    differs from the run's saved config, except the keys in ``ignore``."""
     if not saved.is_file():
         return []
     old, new = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True)), _flat(OmegaConf.to_container(cfg, resolve=True))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k.startswith(sections) and old.get(k) != new.get(k)]
+            if k.startswith(sections) and k not in ignore and old.get(k) != new.get(k)]
 
 
 def _flat(tree, prefix: str = "") -> dict:

@@ -91,6 +91,10 @@ class MimicrySettings(Section):
     sample_steps: int = 25  # sampler steps per generation
     guidance: float = 3.0  # classifier-free guidance of the generations
     train_overrides: list[str] = field(default_factory=list)  # extra training key=value overrides for both fine-tunes
+    # the clean/ run directory of an earlier evaluation of the same images, steps, seed and config:
+    # reused instead of fine-tuning on the clean images again (checked to match), so protections
+    # of one image set compared side by side share one clean fine-tune; "" = fine-tune it here
+    clean_run: str = ""
 
     def problems(self) -> list[str]:
         out = [f"{k} must be an integer >= 1, got {getattr(self, k)!r}" for k in ("steps", "samples_per_image", "sample_steps") if getattr(self, k) < 1]
