@@ -1,7 +1,9 @@
-"""Every protection objective at several budgets against SDEdit, with and without purification.
+"""Every protection objective at several budgets against SDEdit (with and without purification)
+and against mimicry by fine-tuning.
 
     python benchmarks/protection_grid.py --train-base [--out DIR]          # trains the default model first
     python benchmarks/protection_grid.py --model RUN/model [--objectives sds- photoguard] [--eps 8 16 32]
+    python benchmarks/protection_grid.py --model RUN/model --mimicry-seeds 0 1   # also fine-tunes on every cell
 
 ``--images`` crops of the scikit-image photographs that the default data set does not contain
 (as in ``protection_mimicry.py``) are protected by ``protect.py`` with every objective at every
@@ -14,9 +16,16 @@ protected-edit PSNR, paired per image, with a 95 % t interval over images; posit
 protection works. At low strength an edit keeps much of its input, so part of any drop there is
 the perturbation itself: read the visibility column beside it.
 
+With ``--mimicry-seeds``, every cell is also evaluated against mimicry (``protect.py``
+``mimicry.enabled=true``): the model is fine-tuned on the protected images once per seed, and
+the clean fine-tune of that seed is shared by every cell (``mimicry.clean_run``); the drop is
+clean-tuned minus protected-tuned similarity of generations to the clean images (PSNR and
+SSIM, best of ``--samples`` per caption), per seed with a t interval over images, and pooled
+(each image's drop averaged over the seeds, t interval over images).
+
 A cell whose ``summary.json`` exists is kept (rerun the same command to resume). Writes
-``OUT/grid.md`` and ``OUT/grid.json``; the last line is JSON with the positive control's drop
-at the middle strength, each objective's drop at 16/255, and the wall time.
+``OUT/grid.md`` and ``OUT/grid.json`` (and ``OUT/mimicry.md``); the last line is JSON with the
+positive control's drop at the middle strength, each objective's drop at 16/255, and the wall time.
 """
 
 from __future__ import annotations
@@ -53,6 +62,80 @@ def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, a
         if rc != 0:
             raise SystemExit(f"protect.py failed on {objective} at {levels}/255 (exit {rc})")
     return json.loads(summary.read_text())["protection"]
+
+
+def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, seed: int, clean_run: Path | None, args) -> dict:
+    """One cell fine-tuned on (protection as in ``run_cell``, no SDEdit); returns its mimicry section."""
+    import protect
+
+    summary = out / "summary.json"
+    if not summary.is_file() or "mimicry" not in json.loads(summary.read_text()).get("protection", {}):
+        rc = protect.main([
+            f"input={clean}", f"model={model}", f"output={out}", f"objective={objective}", f"eps={levels}/255",
+            f"steps={args.pgd_steps}", f"seed={args.seed}", "evaluate.enabled=false", "purification=[]", "mimicry.enabled=true",
+            f"mimicry.seed={seed}", f"mimicry.steps={args.finetune_steps}", f"mimicry.samples_per_image={args.samples}",
+            *([f"mimicry.clean_run={clean_run}"] if clean_run else []),
+        ])
+        if rc != 0:
+            raise SystemExit(f"protect.py failed on {objective} at {levels}/255 with mimicry seed {seed} (exit {rc})")
+    return json.loads(summary.read_text())["protection"]["mimicry"]
+
+
+MIMICRY_MEASURES = ("psnr_best", "ssim_best", "psnr_mean", "ssim_mean")
+
+
+def mimicry_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -> list[dict]:
+    """Drops per seed and pooled over seeds (each image's drop averaged over them), with t
+    intervals over images; ``per_image[seed]`` are the protect run's per-image mimicry rows."""
+    import numpy as np
+
+    from eidetic.stats import mean_and_standard_error, t_interval
+
+    def drops(rows, m):
+        return np.array([r["mimicry"]["clean_tuned"][m] - r["mimicry"]["protected_tuned"][m] for r in rows])
+
+    out = []
+    seeds = sorted(per_image)
+    for label, by_seed in [*((str(s), [per_image[s]]) for s in seeds), ("pooled", [per_image[s] for s in seeds])]:
+        row = {"objective": objective, "eps_levels": levels, "seeds": label, "images": len(by_seed[0])}
+        for m in MIMICRY_MEASURES:
+            d = np.mean([drops(rows, m) for rows in by_seed], axis=0)
+            mean, se = mean_and_standard_error(d.tolist())
+            row[m] = mean
+            row[f"{m}_ci"] = list(t_interval(mean, se, len(d)) or (None, None))
+        if label != "pooled":
+            row["clean_gain_psnr_best"] = float(np.mean([r["mimicry"]["clean_tuned"]["psnr_best"] - r["mimicry"]["base"]["psnr_best"]
+                                                         for r in by_seed[0]]))
+        out.append(row)
+    return out
+
+
+def mimicry_table(rows: list[dict], n: int, steps: int) -> str:
+    seeds = list(dict.fromkeys(r["seeds"] for r in rows))
+    cells = sorted({(r["objective"], r["eps_levels"]) for r in rows}, key=lambda c: (c[1], c[0]))
+    by = {(r["objective"], r["eps_levels"], r["seeds"]): r for r in rows}
+
+    def cell(r, m):
+        lo, hi = r[f"{m}_ci"]
+        if lo is None:
+            return f"{r[m]:+.3f}"
+        mark = "**" if lo > 0 else ""
+        digits = 2 if m.startswith("psnr") else 3
+        return f"{mark}{r[m]:+.{digits}f}{mark} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+    head = ["objective", "ε"] + [f"{m.replace('_', ' ')} drop, seed {s}" for s in seeds for m in ("psnr_best", "ssim_best")]
+    lines = [f"Mimicry after fine-tuning ({steps} steps on the {n} protected images, one fine-tune per seed; the clean fine-tune of "
+             "each seed shared by every cell): clean-tuned minus protected-tuned similarity of the best of the samples to the clean "
+             f"image, mean [95 % t interval over {n} images]; pooled: each image's drop averaged over the seeds first. Bold: the "
+             "interval excludes 0.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for objective, levels in cells:
+        lines.append(f"| {objective} | {levels}/255 | " + " | ".join(cell(by[(objective, levels, s)], m) for s in seeds
+                                                                  for m in ("psnr_best", "ssim_best")) + " |")
+    gains = [r["clean_gain_psnr_best"] for r in rows if "clean_gain_psnr_best" in r]
+    if gains:
+        lines += ["", f"Clean fine-tune's own gain over the untuned model (PSNR best of samples): {min(gains):+.2f} to {max(gains):+.2f} dB "
+                  "(what there is to protect against)."]
+    return "\n".join(lines)
 
 
 def cell_rows(section: dict, objective: str, levels: int, n: int) -> list[dict]:
@@ -116,7 +199,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--pgd-steps", type=int, default=100)
     ap.add_argument("--strengths", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     ap.add_argument("--no-purify", dest="purify", action="store_false", help="SDEdit on the unpurified images only")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="PGD seed")
+    ap.add_argument("--mimicry-seeds", nargs="*", type=int, default=[], help="fine-tuning seeds of the mimicry evaluation (none: SDEdit only)")
+    ap.add_argument("--finetune-steps", type=int, default=1500)
+    ap.add_argument("--samples", type=int, default=4, help="generations per caption and model (mimicry)")
+    ap.add_argument("--mimicry-only", action="store_true", help="skip the SDEdit cells (mimicry only)")
     args = ap.parse_args(argv)
     if (args.model is None) == (not args.train_base):
         ap.error("give either --model DIR or --train-base")
@@ -144,25 +231,49 @@ def main(argv=None) -> dict:
             ap.error(f"--control must be OBJECTIVE:LEVELS with OBJECTIVE one of {', '.join(OBJECTIVES)}, got {args.control!r}")
         cells.append((objective, int(levels)))
     rows, costs = [], {}
-    for i, (objective, levels) in enumerate(cells):
+    for i, (objective, levels) in enumerate([] if args.mimicry_only else cells):
         print(f"[{i + 1}/{len(cells)}] {objective} at {levels}/255", file=sys.stderr, flush=True)
         section = run_cell(model, clean, args.out / f"{objective}-eps{levels}", objective, levels, args)
         rows += cell_rows(section, objective, levels, args.images)
         for label, p in section.get("purification", {}).items():
             costs.setdefault(label, p["clean_cost"])
     middle = sorted(args.strengths)[len(args.strengths) // 2]
-    text = table(rows, middle, args.images, costs)
-    write_text_atomic(args.out / "grid.md", text + "\n")
-    write_json_atomic(args.out / "grid.json", {"images": args.images, "pgd_steps": args.pgd_steps, "rows": rows, "purification_cost": costs})
-    print(text)
-    pick = {(r["objective"], r["eps_levels"]): r for r in rows if r["purification"] == "none" and r["strength"] == middle}
-    result = {
-        "benchmark": "protection_grid", "images": args.images, "strength": middle,
-        "positive_control": None if not args.control else {
-            "cell": args.control, "psnr_drop": pick[cells[-1]]["psnr_drop"], "psnr_drop_ci": pick[cells[-1]]["psnr_drop_ci"]},
-        "psnr_drop_at_16": {o: round(pick[(o, 16)]["psnr_drop"], 3) for o in args.objectives if (o, 16) in pick},
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
+    result = {"benchmark": "protection_grid", "images": args.images}
+    if rows:
+        text = table(rows, middle, args.images, costs)
+        write_text_atomic(args.out / "grid.md", text + "\n")
+        write_json_atomic(args.out / "grid.json", {"images": args.images, "pgd_steps": args.pgd_steps, "rows": rows, "purification_cost": costs})
+        print(text)
+        pick = {(r["objective"], r["eps_levels"]): r for r in rows if r["purification"] == "none" and r["strength"] == middle}
+        result.update({
+            "strength": middle,
+            "positive_control": None if not args.control else {
+                "cell": args.control, "psnr_drop": pick[cells[-1]]["psnr_drop"], "psnr_drop_ci": pick[cells[-1]]["psnr_drop_ci"]},
+            "psnr_drop_at_16": {o: round(pick[(o, 16)]["psnr_drop"], 3) for o in args.objectives if (o, 16) in pick},
+        })
+    if args.mimicry_seeds:
+        per_cell: dict = {}
+        for seed in args.mimicry_seeds:
+            clean_run = None
+            for i, (objective, levels) in enumerate(cells):
+                print(f"[mimicry seed {seed}: {i + 1}/{len(cells)}] {objective} at {levels}/255", file=sys.stderr, flush=True)
+                cell_out = args.out / f"mimicry-seed{seed}" / f"{objective}-eps{levels}"
+                section = run_mimicry_cell(model, clean, cell_out, objective, levels, seed, clean_run, args)
+                clean_run = clean_run or Path(section["finetune"]["clean"]["run_dir"])
+                per_cell.setdefault((objective, levels), {})[seed] = [json.loads(line) for line in (cell_out / "protection_per_image.jsonl").read_text().splitlines() if line.strip()]
+        mrows = [r for (objective, levels), by_seed in per_cell.items() for r in mimicry_rows(by_seed, objective, levels)]
+        text = mimicry_table(mrows, args.images, args.finetune_steps)
+        write_text_atomic(args.out / "mimicry.md", text + "\n")
+        write_json_atomic(args.out / "mimicry.json", {"images": args.images, "finetune_steps": args.finetune_steps, "seeds": args.mimicry_seeds,
+                                                      "rows": mrows})
+        print(text)
+        pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}
+        result["mimicry"] = {
+            "seeds": args.mimicry_seeds,
+            "positive_control": None if not args.control else {k: pooled[cells[-1]][k] for k in ("psnr_best", "psnr_best_ci", "ssim_best", "ssim_best_ci")},
+            "psnr_best_drop_at_16": {o: round(pooled[(o, 16)]["psnr_best"], 3) for o in args.objectives if (o, 16) in pooled},
+        }
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
     return result
 

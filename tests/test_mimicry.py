@@ -243,3 +243,34 @@ def test_a_second_protection_reuses_the_clean_fine_tune_and_a_different_one_is_r
     with pytest.raises(ConfigError, match=r"another config \(train.max_steps"):
         protect_workflow.run(protect_workflow.load_config([], [*common, f"output={tmp_path / 'third'}", f"mimicry.steps={MIMICRY_STEPS + 1}"]))
     assert not (tmp_path / "third").exists()  # refused before protecting anything
+
+
+def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_pools_seeds(tiny_model, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import protection_grid
+
+    out = tmp_path / "grid"
+    argv = ["--model", str(tiny_model), "--out", str(out), "--images", "3", "--objectives", "sds-", "--eps", "8", "--control", "photoguard:32",
+            "--pgd-steps", "2", "--mimicry-only", "--mimicry-seeds", "0", "1", "--finetune-steps", "3", "--samples", "2"]
+    result = protection_grid.main(argv)
+    rows = json.loads((out / "mimicry.json").read_text())["rows"]
+    assert {(r["objective"], r["eps_levels"], r["seeds"]) for r in rows} == {
+        (o, e, s) for o, e in (("sds-", 8), ("photoguard", 32)) for s in ("0", "1", "pooled")}
+    for objective, levels in (("sds-", 8), ("photoguard", 32)):
+        by = {r["seeds"]: r for r in rows if (r["objective"], r["eps_levels"]) == (objective, levels)}
+        for m in protection_grid.MIMICRY_MEASURES:
+            assert by["pooled"][m] == pytest.approx((by["0"][m] + by["1"][m]) / 2)  # the mean over seeds of the means over images
+            lo, hi = by["pooled"][f"{m}_ci"]
+            assert lo <= by["pooled"][m] <= hi
+    for seed in (0, 1):  # one clean fine-tune per seed, used by every cell of that seed
+        first = json.loads((out / f"mimicry-seed{seed}" / "sds--eps8" / "summary.json").read_text())["protection"]["mimicry"]
+        second = json.loads((out / f"mimicry-seed{seed}" / "photoguard-eps32" / "summary.json").read_text())["protection"]["mimicry"]
+        assert not first["finetune"]["clean"].get("reused") and second["finetune"]["clean"]["reused"]
+        assert second["finetune"]["clean"]["run_dir"] == first["finetune"]["clean"]["run_dir"]
+        assert second["similarity"]["clean_tuned"] == first["similarity"]["clean_tuned"] and first["seed"] == seed
+    assert set(result["mimicry"]["psnr_best_drop_at_16"]) == set() and result["mimicry"]["positive_control"]["psnr_best_ci"]
+    assert "| photoguard | 32/255 |" in (out / "mimicry.md").read_text()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "protection_grid"
+    stamp = (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns
+    protection_grid.main(argv)  # resumes: every finished cell kept
+    assert (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns == stamp
