@@ -128,7 +128,7 @@ def test_summary_rows_are_what_the_table_shows(finished):
 TINY_INFERENCE = str(workflow.ROOT / "configs" / "compare" / "tiny_inference.yaml")
 
 
-def test_inference_time_settings_evaluate_the_baselines_model_at_every_seed_in_parallel(tmp_path):
+def test_inference_time_settings_evaluate_the_baselines_model_at_every_seed_in_parallel(tmp_path, render):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(open(TINY_INFERENCE).read() + "  - name: same\n    model_of: baseline\n    overrides: []\n")
     out = tmp_path / "ti"
@@ -159,6 +159,7 @@ def test_inference_time_settings_evaluate_the_baselines_model_at_every_seed_in_p
         assert 0 <= float(base["x3_auc"]) <= 1 and 0 <= float(base["x3_copy_rate"]) <= 1 and 0 < float(base["x3_chance"]) <= 2
         assert all(by[f"same-seed{s}"][k] == base[k] for k in ladder)
     assert "x3_excess" in (out / "report.md").read_text() and "x3_copy_rate" in (out / "report.md").read_text()
+    assert "x3 copy rate" in render(workflow.console_summary(out))
     assert float(by["baseline-seed0"]["final_loss"]) != float(by["baseline-seed1"]["final_loss"])  # the seeds differ
     # resume keeps every finished run
     stamp = (out / "same-seed1" / "summary.json").stat().st_mtime_ns

@@ -288,7 +288,10 @@ def console_summary(out: Path):
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     detector = next((c[: -len("_auc_dup")] for c in (rows[0] if rows else {}) if c.endswith("_auc_dup")), None)
-    wanted = [("setting", "setting"), ("eidetic", "eidetic"), ("chance", "chance"), ("p_value", "p"),
+    rungs = sorted({m.group(2) for c in (rows[0] if rows else {}) if (m := _RUNG.match(c)) and m.group(2).startswith("x")}, key=lambda r: int(r[1:]))
+    top = [(f"{rungs[-1]}_auc", f"{rungs[-1]} SolidMark AUC"), (f"{rungs[-1]}_copy_rate", f"{rungs[-1]} copy rate"),
+           ("x1_copy_rate", "x1 copy rate")] if len(rungs) > 1 else []
+    wanted = [("setting", "setting"), ("eidetic", "eidetic"), ("chance", "chance"), ("p_value", "p"), *top,
               ("solidmark_auc_heldout", "SolidMark AUC"), (f"{detector}_auc_dup", f"{detector} AUC"),
               ("verified_extractions", "verified"), ("frechet_distance", "Fréchet"), ("precision", "precision"),
               ("classifier_accuracy", "classifier acc."), ("final_loss", "final loss"),
