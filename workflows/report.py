@@ -173,18 +173,40 @@ def _p(value) -> str:
     return f"{float(value):.2g}" if float(value) >= 1e-3 else f"{float(value):.1e}"
 
 
-def _duplicated_counts(c: RunContents, deltas: list[str]) -> dict[str, tuple[int, float, int]]:
-    """δ -> (eidetic, chance, n) of the duplicated images at the newest evaluation."""
+def _newest_trained_rows(c: RunContents) -> list[dict]:
+    last = max(int(float(r["step"])) for r in c.solidmark)
+    return [r for r in c.solidmark if int(float(r["step"])) == last and r.get("split") == "train"]
+
+
+def _duplicated_counts(c: RunContents, deltas: list[str]) -> dict[str, tuple[int, float, float, int]]:
+    """δ -> (eidetic, chance, one-sided Poisson-binomial p, n) of the duplicated images at the newest evaluation."""
     from eidetic.figures import split_of
+    from eidetic.stats import poisson_binomial_sf
 
     if not c.solidmark:
         return {}
-    last = max(int(float(r["step"])) for r in c.solidmark)
-    rows = [r for r in c.solidmark if int(float(r["step"])) == last and "duplicated" in split_of(r)]
+    rows = [r for r in _newest_trained_rows(c) if "duplicated" in split_of(r)]
     if not rows:
         return {}
-    return {d: (sum(int(float(r.get(f"memorized@{d}") or 0)) for r in rows), sum(float(r.get(f"chance@{d}") or 0) for r in rows), len(rows))
-            for d in deltas}
+    out = {}
+    for d in deltas:
+        hits, probs = sum(int(float(r.get(f"memorized@{d}") or 0)) for r in rows), [float(r.get(f"chance@{d}") or 0) for r in rows]
+        out[d] = (hits, sum(probs), poisson_binomial_sf(hits, probs), len(rows))
+    return out
+
+
+def _duplicated_ranks(c: RunContents) -> str | None:
+    """Where the duplicated images stand among the trained ones by ℓ (1 = most memorized), with
+    the one-sided Mann-Whitney p of "duplicated images score lower ℓ than single ones"."""
+    from eidetic.stats import auc_p_value
+
+    rows = sorted(_newest_trained_rows(c), key=lambda r: float(r["loss"])) if c.solidmark else []
+    dup = [int(r.get("copies") or 1) > 1 for r in rows]
+    if not any(dup) or all(dup):
+        return None
+    ranks = [i + 1 for i, d in enumerate(dup) if d]
+    p = auc_p_value([-float(r["loss"]) for r in rows], dup)
+    return f"Duplicated images rank {', '.join(map(str, ranks))} of {len(rows)} trained by ℓ (one-sided Mann-Whitney p {_p(p)})."
 
 
 def solidmark_table(c: RunContents) -> Table | None:
@@ -197,18 +219,21 @@ def solidmark_table(c: RunContents) -> Table | None:
     dup = _duplicated_counts(c, deltas)
     headers = ["δ", f"trained (n={s.get('n_trained')})", "chance", "p", f"held-out (n={s.get('n_heldout')})", "chance", "p"]
     if dup:
-        headers += [f"duplicated (n={next(iter(dup.values()))[2]})", "chance"]
+        headers += [f"duplicated (n={next(iter(dup.values()))[3]})", "chance", "p"]
     rows = []
     for d in deltas:
         row = [d + (" *" if d in floor else ""), _num(s["eidetic"].get(d)), _num(s["chance"].get(d), 2), _p(s["p_value"].get(d)),
                _num(held.get("eidetic", {}).get(d)), _num(held.get("chance", {}).get(d), 2), _p(held.get("p_value", {}).get(d))]
         if dup:
-            row += [str(dup[d][0]), _num(dup[d][1], 2)]
+            row += [str(dup[d][0]), _num(dup[d][1], 2), _p(dup[d][2])]
         rows.append(row)
     note = (f"step {s.get('step')}; eidetic count = images with ℓ < δ; chance = expected count if predictions ignored their keys; "
             f"p = one-sided Poisson-binomial. {s.get('flagged', 0)} trained image(s) flagged at FDR {s.get('flag_q')} "
             f"({s.get('heldout_flagged', 0)} held-out). AUC trained vs held-out {_num(s.get('auc_heldout'), 2)}, "
             f"duplicated vs single {_num(s.get('auc_duplicated'), 2)}; {s.get('unet_evals')} UNet evaluations in {s.get('seconds')} s.")
+    ranks = _duplicated_ranks(c)
+    if ranks:
+        note += " " + ranks
     if floor:
         f = s.get("autoencoder_floor") or {}
         note += f" * δ under the autoencoder floor (mean round-trip error {_num(f.get('mean'))}): counts there are uninformative."
@@ -219,7 +244,7 @@ def memorized_table(c: RunContents, limit: int | None = None) -> Table | None:
     if not c.solidmark:
         return None
     last = max(int(float(r["step"])) for r in c.solidmark)
-    rows = sorted((r for r in c.solidmark if int(float(r["step"])) == last and r.get("split") == "train"), key=lambda r: float(r["loss"]))
+    rows = sorted(_newest_trained_rows(c), key=lambda r: float(r["loss"]))
     rows = rows[:limit] if limit else rows
     return Table(
         f"Most memorized training images (step {last})", ["id", "caption", "copies", "ℓ", "p", "flagged"],
