@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--delta", type=float, default=0.05)
     p.add_argument("--flag-q", type=float, default=0.1)
     p.add_argument("--clique-captions", type=int, default=40, help="captions for the (expensive) clique baseline")
+    p.add_argument("--clique-tiles", type=int, default=None,
+                   help="tiles per side of the clique's tiled distance (Carlini et al.: 4); default: the largest divisor of the canvas <= 4")
     p.add_argument("--sigma", type=float, nargs="*", default=[None, 14.6], help="probe noise levels (None: the largest timestep)")
     p.add_argument("--boot", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=256)
@@ -135,6 +137,9 @@ def main(argv=None) -> dict:
     keys = torch.tensor([r.key for r in ev], dtype=torch.float64)
     captions = [r.caption for r in ev]
     shape = (dm.canvas_size, dm.canvas_size)
+    clique_tiles = args.clique_tiles or max(t for t in range(1, 5) if dm.canvas_size % t == 0)
+    if dm.canvas_size % clique_tiles:  # checked now, not after half an hour of scoring
+        raise SystemExit(f"--clique-tiles {clique_tiles} does not divide the {dm.canvas_size}px canvas")
     timings: dict[str, float] = {"train_s": round(train_s, 1)}
     print(f"[benchmark] {len(ev)} images evaluated: {int((copies > 1).sum())} laddered, {int(((copies == 1) & trained).sum())} single, "
           f"{int((~trained).sum())} held out", flush=True)
@@ -231,13 +236,14 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed + 1)
     sub = sorted(set(np.flatnonzero(copies > 1).tolist()) | set(rng.sample(np.flatnonzero(single).tolist(), min(args.clique_captions, int(single.sum())))))
     t = time.perf_counter()
-    r = extraction.clique_detector(model, [captions[i] for i in sub], shape, generations=16, steps=25, guidance=3.0, threshold=0.15, tiles=3,
+    r = extraction.clique_detector(model, [captions[i] for i in sub], shape, generations=16, steps=25, guidance=3.0, threshold=0.15, tiles=clique_tiles,
                                    min_clique=4, seed=args.seed, batch_size=args.batch_size, noise_ids=[idx[i] for i in sub])
     sub_np = np.array(sub)
     entry = {"top_vs_single": report(r.scores.numpy(), top[sub_np], args) if top[sub_np].any() else None,
              "laddered_vs_single": report(r.scores.numpy(), (copies > 1)[sub_np], args),
              "generation_truth": report(r.scores.numpy(), memorized[sub_np], args),
-             "unet_evals_per_image": r.unet_evals_per_caption, "seconds": round(time.perf_counter() - t, 1), "captions": len(sub)}
+             "unet_evals_per_image": r.unet_evals_per_caption, "seconds": round(time.perf_counter() - t, 1), "captions": len(sub),
+             "tiles": clique_tiles}
     results["monitors"]["clique"] = entry
 
     results["timings"] = timings
