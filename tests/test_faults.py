@@ -256,7 +256,7 @@ FAILING = {
     "not a model directory": (["train.resume=last", "model.pretrained={root}"], ["is not a diffusers text-to-image directory", "unet/"]),
     "model shape changed on resume": (["train.resume=last", "model.unet.block_out_channels=[8,16]"],
                                       ["does not fit this config", "unet.conv_in.weight (checkpoint [16, 4, 3, 3], config [8, 4, 3, 3])",
-                                       "and 411 more", "model.unet.block_out_channels: [16, 32] -> [8, 16]"]),
+                                       "and 255 more", "model.unet.block_out_channels: [16, 32] -> [8, 16]"]),
     "model kind changed on resume": (["train.resume=last", "model.space=pixel"], ["does not fit this config", "vae.encoder.conv_in.weight",
                                                                                   "model.space: 'latent' -> 'pixel'"]),
     "typo'd key": (["train.resume=last", "train.lrr=0.1"], ["unknown config key 'train.lrr': did you mean 'train.lr'?"]),
