@@ -55,8 +55,9 @@ def train_base(run_dir: Path, steps: int, config: Path | None) -> Path:
 
     if (run_dir / "model" / "model_index.json").is_file():
         return run_dir / "model"
-    cfg = load_config([config] if config else [], [f"run.dir={run_dir}", f"train.max_steps={steps}", "solidmark.enabled=false",
-                           "extraction.enabled=false", "logging.wandb.enabled=false"])
+    # attention at every UNet level: the base model the README's protection figures were measured on
+    cfg = load_config([config] if config else [], [f"run.dir={run_dir}", f"train.max_steps={steps}", "model.unet.attention=all",
+                           "solidmark.enabled=false", "extraction.enabled=false", "logging.wandb.enabled=false"])
     run(cfg)
     return run_dir / "model"
 

@@ -89,6 +89,26 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(finished, tmp_path):
     assert (out / "comparison.csv").read_text().splitlines()[0] == (finished / "comparison.csv").read_text().splitlines()[0]
 
 
+def test_only_runs_the_named_settings_and_keeps_the_rest(finished, tmp_path):
+    out = tmp_path / "only"
+    shutil.copytree(finished, out)
+    baseline_metrics = (out / "baseline" / "metrics.csv").stat().st_mtime_ns
+    shutil.rmtree(out / "random_word")
+    assert compare.main(["--config", TINY, f"out={out}", "resume=true", "only=[random_word]"]) == 0
+    assert (out / "baseline" / "metrics.csv").stat().st_mtime_ns == baseline_metrics
+    assert [r["setting"] for r in _table(out / "comparison.csv")] == ["baseline", "random_word"]
+    # an unfinished setting outside `only` is neither rerun nor removed
+    summary = json.loads((out / "baseline" / "summary.json").read_text())
+    del summary["compare"]
+    (out / "baseline" / "summary.json").write_text(json.dumps(summary))
+    shutil.rmtree(out / "random_word")
+    assert compare.main(["--config", TINY, f"out={out}", "resume=true", "only=[random_word]"]) == 0
+    assert (out / "baseline" / "metrics.csv").stat().st_mtime_ns == baseline_metrics
+    assert [r["setting"] for r in _table(out / "comparison.csv")] == ["random_word"]
+    with pytest.raises(ConfigError, match="did you mean 'random_word'"):
+        workflow.load_config([TINY], ["only=[random_wrd]"])
+
+
 def test_comparison_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'settings'"):
         workflow.load_config([TINY], ["settingz=1"])

@@ -363,7 +363,9 @@ def run(cfg: DictConfig) -> Path:
                               "pick one of them or add it to solidmark.deltas")
     done = {j.name: finished_row(out / j.name) for j in jobs} if cfg.resume else {}
     done = {k: v for k, v in done.items() if v is not None}
-    existing = [n for n in [j.name for j in jobs] + ["shared"] if (out / n).exists() and n not in done]
+    selected = set(cfg.only) | {by_name[n].model_of for n in cfg.only if by_name[n].model_of}
+    to_run = [j for j in jobs if not cfg.only or j.setting.name in selected]
+    existing = [n for n in [j.name for j in to_run] + ["shared"] if (out / n).exists() and n not in done]
     if cfg.resume and "shared" in existing and (out / "shared" / "autoencoder").exists():
         existing.remove("shared")  # a finished shared autoencoder is reused as it is
     if existing and not (cfg.overwrite or cfg.resume):
@@ -386,7 +388,7 @@ def run(cfg: DictConfig) -> Path:
         return [rows[j.name] for j in jobs if j.name in rows]
 
     # training runs first, then the inference-time settings on the models they trained
-    for phase in ([j for j in jobs if j.base is None], [j for j in jobs if j.base is not None]):
+    for phase in ([j for j in to_run if j.base is None], [j for j in to_run if j.base is not None]):
         todo = [j for j in phase if j.name not in done]
         if int(cfg.workers) <= 1 or len(todo) <= 1:
             for job in todo:

@@ -118,6 +118,9 @@ class CompareConfig(Section):
     quality: QualitySettings = field(default_factory=QualitySettings)
     ladder: LadderSettings = field(default_factory=LadderSettings)
     settings: list[ComparisonSetting] = field(default_factory=lambda: [ComparisonSetting()])
+    # run only these settings (and the training settings their model_of names); the others are left
+    # as they are in out, and with resume=true their finished rows still appear in the report
+    only: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         out = []
@@ -130,6 +133,8 @@ class CompareConfig(Section):
         for s in self.settings:
             if s.model_of is not None and s.model_of not in trained:
                 out.append(f"setting {s.name!r}: model_of={s.model_of!r} must name a training setting (one without model_of) of {sorted(trained)}")
+        for n in self.only:
+            out += choice_problem("only", n, tuple(names))
         if len(set(self.seeds)) != len(self.seeds):
             out.append(f"seeds must be distinct, got {list(self.seeds)}")
         if self.workers < 1:
