@@ -105,6 +105,7 @@ def test_only_runs_the_named_settings_and_keeps_the_rest(finished, tmp_path):
     assert compare.main(["--config", TINY, f"out={out}", "resume=true", "only=[random_word]"]) == 0
     assert (out / "baseline" / "metrics.csv").stat().st_mtime_ns == baseline_metrics
     assert [r["setting"] for r in _table(out / "comparison.csv")] == ["random_word"]
+    assert "- **baseline**: `(none)` (not run)" in (out / "report.md").read_text()
     with pytest.raises(ConfigError, match="did you mean 'random_word'"):
         workflow.load_config([TINY], ["only=[random_wrd]"])
 
@@ -178,7 +179,9 @@ def test_inference_time_settings_evaluate_the_baselines_model_at_every_seed_in_p
                 "x3_copy_rate_ci", "x1_copy_rate", "heldout_copy_rate", "denoising_confidence_x3_auc"} <= set(ladder)
         assert 0 <= float(base["x3_auc"]) <= 1 and 0 <= float(base["x3_copy_rate"]) <= 1 and 0 < float(base["x3_chance"]) <= 2
         assert all(by[f"same-seed{s}"][k] == base[k] for k in ladder)
-    assert "x3_excess" in (out / "report.md").read_text() and "x3_copy_rate" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "x3_excess" in report and "x3_copy_rate" in report and "Seeds 0, 1;" in report
+    assert all(x == float(f"{x:.4g}") for x in json.loads(base["x3_auc_ci"]))  # intervals printed to 4 digits
     assert "x3 copy rate" in render(workflow.console_summary(out))
     assert float(by["baseline-seed0"]["final_loss"]) != float(by["baseline-seed1"]["final_loss"])  # the seeds differ
     # resume keeps every finished run

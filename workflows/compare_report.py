@@ -17,6 +17,8 @@ def _fmt(v) -> str:
         return ""
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):  # an interval
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return str(v)
 
 
@@ -160,6 +162,11 @@ def _over_seeds_lines(summary: list[dict]) -> list[str]:
             + ["| " + " | ".join(c.replace("\n", "<br>") for c in row) + " |" for row in rows] + ["", SEED_TABLE_NOTE])
 
 
+def _seeds_text(cfg) -> str:
+    seeds = list(cfg.seeds) or [cfg.seed]
+    return f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def write_outputs(out: Path, rows: list[dict], cfg) -> None:
     """``comparison.csv``, ``report.md``, ``report.html`` (plot embedded) and ``memorization_vs_quality.png``."""
     fields = _sorted_columns(k for r in rows for k in r)  # stable: detector columns keep their order
@@ -174,7 +181,7 @@ def write_outputs(out: Path, rows: list[dict], cfg) -> None:
     lines = [
         f"# Mitigation comparison: {cfg.name}",
         "",
-        f"Seed {cfg.seed}; base {list(cfg.base)}; shared overrides {list(cfg.overrides)}. "
+        f"{_seeds_text(cfg)}; base {list(cfg.base)}; shared overrides {list(cfg.overrides)}. "
         f"SolidMark columns at delta={cfg.delta}. `frechet_distance` is a Fréchet distance on features of a "
         "fixed-seed random conv net (not Inception; compare within this table only); `frechet_unseen`, `precision`/`recall` "
         "(k-NN manifolds) and `classifier_accuracy` (real vs generated, cross-validated; 0.5: indistinguishable) compare the "
@@ -186,7 +193,9 @@ def write_outputs(out: Path, rows: list[dict], cfg) -> None:
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     summary = over_seeds(rows)
     lines += _over_seeds_lines(summary)
-    lines += ["", "Settings:", ""] + [f"- **{s.name}**: `{' '.join(s.overrides) or '(none)'}`" for s in cfg.settings]
+    ran = {_setting_of(r) for r in rows}
+    lines += ["", "Settings:", ""] + [f"- **{s.name}**: `{' '.join(s.overrides) or '(none)'}`" + ("" if s.name in ran else " (not run)")
+                                      for s in cfg.settings]
     lines += ["", "![memorization vs quality](memorization_vs_quality.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
     _plot(out, rows, summary)
@@ -215,7 +224,7 @@ def _html(cfg, cols: list[str], rows: list[dict], plot: Path, seed_table: tuple 
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
         "td:first-child{text-align:left}</style></head><body>"
         f"<h1>Mitigation comparison: {esc(str(cfg.name))}</h1>"
-        f"<p>Seed {cfg.seed}; base {esc(str(list(cfg.base)))}; shared overrides <code>{esc(' '.join(cfg.overrides))}</code>. "
+        f"<p>{_seeds_text(cfg)}; base {esc(str(list(cfg.base)))}; shared overrides <code>{esc(' '.join(cfg.overrides))}</code>. "
         f"SolidMark columns at delta={cfg.delta}. <code>frechet_distance</code> uses a fixed-seed random conv net "
         "(not Inception): compare within this table only.</p>"
         f"<table><tr>{head}</tr>{body}</table>{seeds}<h2>Settings</h2><ul>{settings}</ul>"
