@@ -232,8 +232,8 @@ def test_over_seeds_pairs_each_setting_with_the_baseline_by_seed():
 
     from workflows.compare_report import _over_seeds_lines, over_seeds
 
-    rows = [{"setting": f"{name}-seed{s}", "seed": s, "eidetic": e, "chance": 1.0, "frechet_distance": f}
-            for name, vals in (("baseline", [(5, 3.0), (7, 4.0), (6, 5.0)]), ("mitigated", [(2, 3.5), (5, 4.0), (2, 6.5)]))
+    rows = [{"setting": f"{name}-seed{s}", "seed": s, "eidetic": e, "chance": 1.0, "frechet_distance": f, "final_loss": s + shift}
+            for name, vals, shift in (("baseline", [(5, 3.0), (7, 4.0), (6, 5.0)], 0.0), ("mitigated", [(2, 3.5), (5, 4.0), (2, 6.5)], 0.5))
             for s, (e, f) in enumerate(vals)]
     base, mit = over_seeds(rows)
     assert (base["setting"], base["seeds"], mit["setting"]) == ("baseline", 3, "mitigated")
@@ -248,5 +248,7 @@ def test_over_seeds_pairs_each_setting_with_the_baseline_by_seed():
     assert d == pytest.approx(2 / 3) and lo < 0 < hi
     text = "\n".join(_over_seeds_lines([base, mit]))
     assert "| mitigated | 3 |" in text and "paired by seed" in text
+    # +0.5 at every seed: a zero-width interval, flagged rather than read as certainty
+    assert mit["final_loss_delta"][1] == mit["final_loss_delta"][2] and "the same at every seed" in text
     # one seed per setting: no over-seeds section (a standard error needs two)
     assert _over_seeds_lines(over_seeds([r for r in rows if r["seed"] == 0])) == []

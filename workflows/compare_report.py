@@ -145,6 +145,8 @@ def _over_seeds_table(summary: list[dict]) -> tuple[str, list[str], list[list[st
             d = e.get(f"{c}_delta")
             if d is not None:
                 cell += f"\nΔ {_fmt(d[0])}" + ("" if d[1] is None else f" [{_fmt(d[1])}, {_fmt(d[2])}]")
+                if d[1] is not None and d[1] == d[2] and d[0] != 0:  # a zero-width interval is an artefact of few seeds
+                    cell += " (the same at every seed: no spread to estimate)"
             cells.append(cell)
         rows.append(cells)
     return title, ["setting", "seeds", *cols], rows
