@@ -270,21 +270,23 @@ def _plot(out: Path, rows: list[dict], summary: list[dict] | None = None) -> Non
     # Settings that leave memorization unchanged land on the same point, so a legend names
     # them (colour and marker) where text labels next to the points would overprint.
     markers = "osD^v<>pPX*h"
+    colours = plt.get_cmap("tab20").colors  # tab10 repeats after ten settings
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, (x, xerr), (y, yerr)) in enumerate(points):
         if x is None or y is None:
             continue
         ax.errorbar([x], [y], xerr=None if xerr is None else [xerr], yerr=None if yerr is None else [yerr],
-                    fmt=markers[i % len(markers)], markersize=7, alpha=0.8, capsize=3, label=name)
+                    fmt=markers[i % len(markers)], color=colours[(2 * i) % 20 + (2 * i) // 20 % 2], markersize=7, alpha=0.8,
+                    capsize=3, label=name)
     if chance_level is not None:
         ax.axhline(chance_level, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("Fréchet distance, local features (lower = closer to data)")
-    ax.set_ylabel(label + (" (mean ± s.e. over seeds)" if many else ""))
+    ax.set_ylabel(label.replace(" (", "\n(", 1) + ("\n(mean ± s.e. over seeds)" if many else ""), fontsize=9)
     ax.set_title("memorization vs quality")
     fig.tight_layout()
     with atomic_write(out / "memorization_vs_quality.png", "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
+        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
