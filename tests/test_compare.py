@@ -106,6 +106,7 @@ def test_only_runs_the_named_settings_and_keeps_the_rest(finished, tmp_path):
     assert (out / "baseline" / "metrics.csv").stat().st_mtime_ns == baseline_metrics
     assert [r["setting"] for r in _table(out / "comparison.csv")] == ["random_word"]
     assert "- **baseline**: `(none)` (not run)" in (out / "report.md").read_text()
+    assert "<code>(none)</code> (not run)</li>" in (out / "report.html").read_text()
     with pytest.raises(ConfigError, match="did you mean 'random_word'"):
         workflow.load_config([TINY], ["only=[random_wrd]"])
 

@@ -211,7 +211,9 @@ def _html(cfg, cols: list[str], rows: list[dict], plot: Path, seed_table: tuple 
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
-    settings = "".join(f"<li><b>{esc(s.name)}</b>: <code>{esc(' '.join(s.overrides) or '(none)')}</code></li>" for s in cfg.settings)
+    ran = {_setting_of(r) for r in rows}
+    settings = "".join(f"<li><b>{esc(s.name)}</b>: <code>{esc(' '.join(s.overrides) or '(none)')}</code>{'' if s.name in ran else ' (not run)'}</li>"
+                       for s in cfg.settings)
     img = base64.b64encode(plot.read_bytes()).decode() if plot.exists() else ""  # embedded: the report is one file
     seeds = ""
     if seed_table is not None:
@@ -270,13 +272,13 @@ def _plot(out: Path, rows: list[dict], summary: list[dict] | None = None) -> Non
     # Settings that leave memorization unchanged land on the same point, so a legend names
     # them (colour and marker) where text labels next to the points would overprint.
     markers = "osD^v<>pPX*h"
-    colours = plt.get_cmap("tab20").colors  # tab10 repeats after ten settings
+    colours = plt.get_cmap("tab20").colors  # its ten dark shades first, then the light ones (tab10 repeats after ten)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, (x, xerr), (y, yerr)) in enumerate(points):
         if x is None or y is None:
             continue
         ax.errorbar([x], [y], xerr=None if xerr is None else [xerr], yerr=None if yerr is None else [yerr],
-                    fmt=markers[i % len(markers)], color=colours[(2 * i) % 20 + (2 * i) // 20 % 2], markersize=7, alpha=0.8,
+                    fmt=markers[i % len(markers)], color=colours[(2 * i + 2 * i // 20) % 20], markersize=7, alpha=0.8,
                     capsize=3, label=name)
     if chance_level is not None:
         ax.axhline(chance_level, color="grey", linestyle="--", linewidth=1, label="chance")
