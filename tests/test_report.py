@@ -206,3 +206,16 @@ def test_report_renders_in_a_browser(monitored_run, tmp_path):
     # figures are colourful, text is grey: a page with its figures has many saturated pixels
     saturation = pixels.max(axis=2) - pixels.min(axis=2)
     assert (saturation > 60).mean() > 0.01, "no figures visible in the rendered page"
+
+
+def test_duplicated_images_rank_with_an_auc_interval(tmp_path):
+    # 2 duplicated images with the smallest l among 6 trained ones (a held-out row is ignored)
+    losses = {"a": (0.01, 8), "b": (0.02, 8), "c": (0.30, 1), "d": (0.40, 1), "e": (0.50, 1), "f": (0.60, 1)}
+    rows = [{"step": "10", "split": "train", "id": k, "loss": str(v), "copies": str(n)} for k, (v, n) in losses.items()]
+    rows.append({"step": "10", "split": "heldout", "id": "h", "loss": "0.001", "copies": "1"})
+    text = report._duplicated_ranks(report.RunContents(path=tmp_path, solidmark=rows))
+    assert text.startswith("Duplicated images rank 1, 2 of 6 trained by ℓ (AUC 1.00 [1.00, 1.00], 2 vs 4;")
+    rows[1]["loss"] = "0.45"  # one duplicate falls among the singles: the AUC and its interval move
+    text = report._duplicated_ranks(report.RunContents(path=tmp_path, solidmark=rows))
+    lo, hi = map(float, re.search(r"AUC 0\.75 \[([\d.]+), ([\d.]+)\], 2 vs 4", text).groups())
+    assert "rank 1, 4 of 6" in text and lo < 0.75 and hi == 1.0

@@ -197,16 +197,19 @@ def _duplicated_counts(c: RunContents, deltas: list[str]) -> dict[str, tuple[int
 
 def _duplicated_ranks(c: RunContents) -> str | None:
     """Where the duplicated images stand among the trained ones by ℓ (1 = most memorized), with
-    the one-sided Mann-Whitney p of "duplicated images score lower ℓ than single ones"."""
-    from eidetic.stats import auc_p_value
+    the AUC of −ℓ duplicated vs single (bootstrap interval over images) and the one-sided
+    Mann-Whitney p of "duplicated images score lower ℓ than single ones"."""
+    from eidetic.stats import auc_report
 
     rows = sorted(_newest_trained_rows(c), key=lambda r: float(r["loss"])) if c.solidmark else []
     dup = [int(r.get("copies") or 1) > 1 for r in rows]
     if not any(dup) or all(dup):
         return None
     ranks = [i + 1 for i, d in enumerate(dup) if d]
-    p = auc_p_value([-float(r["loss"]) for r in rows], dup)
-    return f"Duplicated images rank {', '.join(map(str, ranks))} of {len(rows)} trained by ℓ (one-sided Mann-Whitney p {_p(p)})."
+    auc = auc_report([-float(r["loss"]) for r in rows], dup)
+    lo, hi = auc["auc_ci"]
+    return (f"Duplicated images rank {', '.join(map(str, ranks))} of {len(rows)} trained by ℓ (AUC {auc['auc']:.2f} "
+            f"[{lo:.2f}, {hi:.2f}], {sum(dup)} vs {len(dup) - sum(dup)}; one-sided Mann-Whitney p {_p(auc['auc_p_value'])}).")
 
 
 def solidmark_table(c: RunContents) -> Table | None:
