@@ -3,6 +3,7 @@ and against mimicry by fine-tuning.
 
     python benchmarks/protection_grid.py --train-base [--out DIR]          # trains the default model first
     python benchmarks/protection_grid.py --model RUN/model [--objectives sds- photoguard] [--eps 8 16 32]
+    python benchmarks/protection_grid.py --model RUN/model --seed 0 1            # two PGD seeds, pooled
     python benchmarks/protection_grid.py --model RUN/model --mimicry-seeds 0 1   # also fine-tunes on every cell
 
 ``--images`` crops of the scikit-image photographs that the default data set does not contain
@@ -14,7 +15,10 @@ unpurified and after each purification (JPEG 75, Gaussian noise, noisy upscaling
 the target model), and compared with the clean image. The drop is clean-edit minus
 protected-edit PSNR, paired per image, with a 95 % t interval over images; positive means the
 protection works. At low strength an edit keeps much of its input, so part of any drop there is
-the perturbation itself: read the visibility column beside it.
+the perturbation itself: read the visibility column beside it. With several PGD seeds (``--seed
+0 1``) every cell is protected and edited once per seed (the seed also draws the SDEdit noise);
+the table shows each image's drop averaged over the seeds, with its t interval over images, and
+each seed's unpurified drop beside it.
 
 With ``--mimicry-seeds``, every cell is also evaluated against mimicry (``protect.py``
 ``mimicry.enabled=true``): the model is fine-tuned on the protected images once per seed, and
@@ -49,14 +53,14 @@ PURIFICATIONS = ("[{kind: jpeg, quality: 75}, {kind: gaussian, sigma: 0.05}, {ki
                  " {kind: diffpure, t_star: 100, steps: 10}]")
 
 
-def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, args) -> dict:
+def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, pgd_seed: int, args) -> dict:
     import protect
 
     summary = out / "summary.json"
     if not summary.is_file():
         rc = protect.main([
             f"input={clean}", f"model={model}", f"output={out}", f"objective={objective}", f"eps={levels}/255",
-            f"steps={args.pgd_steps}", f"seed={args.seed}", f"evaluate.strengths=[{','.join(map(str, args.strengths))}]",
+            f"steps={args.pgd_steps}", f"seed={pgd_seed}", f"evaluate.strengths=[{','.join(map(str, args.strengths))}]",
             f"evaluate.max_images={args.images}", f"purification={PURIFICATIONS if args.purify else '[]'}",
         ])
         if rc != 0:
@@ -72,7 +76,7 @@ def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels
     if not summary.is_file() or "mimicry" not in json.loads(summary.read_text()).get("protection", {}):
         rc = protect.main([
             f"input={clean}", f"model={model}", f"output={out}", f"objective={objective}", f"eps={levels}/255",
-            f"steps={args.pgd_steps}", f"seed={args.seed}", "evaluate.enabled=false", "purification=[]", "mimicry.enabled=true",
+            f"steps={args.pgd_steps}", f"seed={args.seeds[0]}", "evaluate.enabled=false", "purification=[]", "mimicry.enabled=true",
             f"mimicry.seed={seed}", f"mimicry.steps={args.finetune_steps}", f"mimicry.samples_per_image={args.samples}",
             *([f"mimicry.clean_run={clean_run}"] if clean_run else []),
         ])
@@ -138,25 +142,38 @@ def mimicry_table(rows: list[dict], n: int, steps: int) -> str:
     return "\n".join(lines)
 
 
-def cell_rows(section: dict, objective: str, levels: int, n: int) -> list[dict]:
-    """One row per (purification, strength): the PSNR drop with its interval."""
-    from eidetic.stats import t_interval
+def sdedit_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -> list[dict]:
+    """One row per (PGD seed or "pooled", purification, strength): the SDEdit PSNR and SSIM drops
+    (clean edit minus protected edit, paired per image) with t intervals over images; pooled
+    averages each image's drop over the seeds first. ``per_image[seed]`` are the protect run's
+    per-image rows (only the evaluated images carry SDEdit results)."""
+    import numpy as np
 
-    def interval(mean, se):
-        ci = t_interval(mean, se, n)
-        return None if ci is None else list(ci)
+    from eidetic.stats import mean_and_standard_error, t_interval
 
+    seeds = sorted(per_image)
+    evaluated = {s: [r for r in per_image[s] if any(k.startswith("sdedit_") for k in r)] for s in seeds}
+    first = evaluated[seeds[0]]
+    threats = {"none": lambda r: r, **{label: (lambda r, label=label: r["purified"][label]) for label in first[0].get("purified", {})}}
+    strengths = sorted(float(k.removeprefix("sdedit_")) for k in first[0] if k.startswith("sdedit_"))
+
+    def drops(rows, pick, key, metric):
+        return np.array([pick(r)[key][f"clean_{metric}"] - pick(r)[key][f"protected_{metric}"] for r in rows])
+
+    labels = [(str(s), [evaluated[s]]) for s in seeds] + ([("pooled", [evaluated[s] for s in seeds])] if len(seeds) > 1 else [])
     rows = []
-    threats = {"none": section["sdedit"]["by_strength"]}
-    threats.update({label: p["sdedit"]["by_strength"] for label, p in section.get("purification", {}).items()})
-    for purification, by_strength in threats.items():
-        for strength, r in by_strength.items():
-            rows.append({
-                "objective": objective, "eps_levels": levels, "purification": purification, "strength": float(strength),
-                "psnr_drop": r["psnr_drop"], "psnr_drop_ci": interval(r["psnr_drop"], r["psnr_drop_se"]),
-                "ssim_drop": r["ssim_drop"], "ssim_drop_ci": interval(r["ssim_drop"], r["ssim_drop_se"]),
-                "visibility_psnr": section["visibility"]["psnr_mean"],
-            })
+    for label, by_seed in labels:
+        visibility = float(np.mean([r["visibility_psnr"] for rows_ in by_seed for r in rows_]))
+        for purification, pick in threats.items():
+            for strength in strengths:
+                row = {"objective": objective, "eps_levels": levels, "seeds": label, "purification": purification,
+                       "strength": strength, "images": len(by_seed[0]), "visibility_psnr": visibility}
+                for metric in ("psnr", "ssim"):
+                    d = np.mean([drops(rows_, pick, f"sdedit_{strength:g}", metric) for rows_ in by_seed], axis=0)
+                    mean, se = mean_and_standard_error(d.tolist())
+                    ci = t_interval(mean, se, len(d))
+                    row[f"{metric}_drop"], row[f"{metric}_drop_ci"] = mean, None if ci is None else list(ci)
+                rows.append(row)
     return rows
 
 
@@ -169,17 +186,29 @@ def _cell(r: dict | None) -> str:
 
 
 def table(rows: list[dict], strength: float, n: int, costs: dict) -> str:
+    """The grid at one strength; with several PGD seeds the pooled drops, and each seed's
+    unpurified drop beside them."""
+    seeds = [s for s in dict.fromkeys(r["seeds"] for r in rows) if s != "pooled"]
+    shown = "pooled" if len(seeds) > 1 else seeds[0]
     purifications = list(dict.fromkeys(r["purification"] for r in rows))
     cells = sorted({(r["objective"], r["eps_levels"]) for r in rows}, key=lambda c: (c[1], c[0]))
-    by = {(r["objective"], r["eps_levels"], r["purification"], r["strength"]): r for r in rows}
+    by = {(r["objective"], r["eps_levels"], r["seeds"], r["purification"], r["strength"]): r for r in rows}
     head = ["objective", "ε", "visibility PSNR"] + [f"drop, {p}" for p in purifications]
-    lines = [f"SDEdit at strength {strength:g}: clean-edit minus protected-edit PSNR (dB) vs the clean image, mean "
+    if shown == "pooled":
+        head.append("drop, none, per seed")
+        what = (f"pooled over PGD seeds {', '.join(seeds)} (each image's drop averaged over the seeds first; "
+                "each seed also changes the SDEdit noise), ")
+    else:
+        what = f"PGD seed {shown}, "
+    lines = [f"SDEdit at strength {strength:g}: clean-edit minus protected-edit PSNR (dB) vs the clean image, {what}mean "
              f"[95 % t interval] over {n} images; bold: the interval excludes 0.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for objective, levels in cells:
-        base = by.get((objective, levels, "none", strength))
-        lines.append(f"| {objective} | {levels}/255 | {base['visibility_psnr']:.1f} | "
-                     + " | ".join(_cell(by.get((objective, levels, p, strength))) for p in purifications) + " |")
+        base = by[(objective, levels, shown, "none", strength)]
+        cols = [_cell(by.get((objective, levels, shown, p, strength))) for p in purifications]
+        if shown == "pooled":
+            cols.append(" / ".join(f"{by[(objective, levels, s, 'none', strength)]['psnr_drop']:+.2f}" for s in seeds))
+        lines.append(f"| {objective} | {levels}/255 | {base['visibility_psnr']:.1f} | " + " | ".join(cols) + " |")
     if costs:
         lines += ["", "Purification's own cost on clean images (PSNR of purified vs clean, mean ± s.e.): "
                   + "; ".join(f"{k} {v['psnr_mean']:.1f} ± {v['psnr_se']:.1f} dB" for k, v in costs.items())]
@@ -199,7 +228,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--pgd-steps", type=int, default=100)
     ap.add_argument("--strengths", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     ap.add_argument("--no-purify", dest="purify", action="store_false", help="SDEdit on the unpurified images only")
-    ap.add_argument("--seed", type=int, default=0, help="PGD seed")
+    ap.add_argument("--seed", dest="seeds", nargs="+", type=int, default=[0],
+                    help="PGD seeds of the SDEdit grid (several: per-seed and pooled drops; the mimicry cells use the first)")
     ap.add_argument("--mimicry-seeds", nargs="*", type=int, default=[], help="fine-tuning seeds of the mimicry evaluation (none: SDEdit only)")
     ap.add_argument("--finetune-steps", type=int, default=1500)
     ap.add_argument("--samples", type=int, default=4, help="generations per caption and model (mimicry)")
@@ -232,21 +262,28 @@ def main(argv=None) -> dict:
         cells.append((objective, int(levels)))
     rows, costs = [], {}
     for i, (objective, levels) in enumerate([] if args.mimicry_only else cells):
-        print(f"[{i + 1}/{len(cells)}] {objective} at {levels}/255", file=sys.stderr, flush=True)
-        section = run_cell(model, clean, args.out / f"{objective}-eps{levels}", objective, levels, args)
-        rows += cell_rows(section, objective, levels, args.images)
-        for label, p in section.get("purification", {}).items():
-            costs.setdefault(label, p["clean_cost"])
+        by_seed = {}
+        for seed in args.seeds:
+            print(f"[{i + 1}/{len(cells)}] {objective} at {levels}/255, PGD seed {seed}", file=sys.stderr, flush=True)
+            cell_out = args.out / f"pgd-seed{seed}" / f"{objective}-eps{levels}"
+            section = run_cell(model, clean, cell_out, objective, levels, seed, args)
+            by_seed[seed] = [json.loads(line) for line in (cell_out / "protection_per_image.jsonl").read_text().splitlines() if line.strip()]
+            for label, p in section.get("purification", {}).items():
+                costs.setdefault(label, p["clean_cost"])
+        rows += sdedit_rows(by_seed, objective, levels)
     middle = sorted(args.strengths)[len(args.strengths) // 2]
     result = {"benchmark": "protection_grid", "images": args.images}
     if rows:
         text = table(rows, middle, args.images, costs)
         write_text_atomic(args.out / "grid.md", text + "\n")
-        write_json_atomic(args.out / "grid.json", {"images": args.images, "pgd_steps": args.pgd_steps, "rows": rows, "purification_cost": costs})
+        write_json_atomic(args.out / "grid.json", {"images": args.images, "pgd_steps": args.pgd_steps, "pgd_seeds": args.seeds,
+                                                   "rows": rows, "purification_cost": costs})
         print(text)
-        pick = {(r["objective"], r["eps_levels"]): r for r in rows if r["purification"] == "none" and r["strength"] == middle}
+        shown = "pooled" if len(args.seeds) > 1 else str(args.seeds[0])
+        pick = {(r["objective"], r["eps_levels"]): r for r in rows
+                if r["seeds"] == shown and r["purification"] == "none" and r["strength"] == middle}
         result.update({
-            "strength": middle,
+            "strength": middle, "pgd_seeds": args.seeds,
             "positive_control": None if not args.control else {
                 "cell": args.control, "psnr_drop": pick[cells[-1]]["psnr_drop"], "psnr_drop_ci": pick[cells[-1]]["psnr_drop_ci"]},
             "psnr_drop_at_16": {o: round(pick[(o, 16)]["psnr_drop"], 3) for o in args.objectives if (o, 16) in pick},

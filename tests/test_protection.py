@@ -667,6 +667,30 @@ def test_protection_grid_benchmark_tabulates_every_cell_with_intervals_and_resum
     assert "| photoguard | 32/255 |" in table and "drop, diffpure" in table and "over 3 images" in table
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "protection_grid"
     # a second run keeps every finished cell
-    stamp = (out / "sds--eps8" / "summary.json").stat().st_mtime_ns
+    stamp = (out / "pgd-seed0" / "sds--eps8" / "summary.json").stat().st_mtime_ns
     protection_grid.main(argv)
-    assert (out / "sds--eps8" / "summary.json").stat().st_mtime_ns == stamp
+    assert (out / "pgd-seed0" / "sds--eps8" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_protection_grid_pools_pgd_seeds_per_image_before_the_interval():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import protection_grid
+
+    def image(clean_psnr, protected_psnr, purified_protected_psnr):
+        edit = lambda c, p: {"sdedit_0.4": {"clean_psnr": c, "protected_psnr": p, "clean_ssim": 0.5, "protected_ssim": 0.5}}
+        return {"visibility_psnr": 30.0, **edit(clean_psnr, protected_psnr), "purified": {"jpeg": edit(clean_psnr, purified_protected_psnr)}}
+
+    unevaluated = {"visibility_psnr": 30.0}  # an image outside evaluate.max_images carries no SDEdit result
+    per_image = {0: [image(20, 20, 20), image(20, 18, 20), image(20, 18, 20), unevaluated],
+                 1: [image(20, 18, 20), image(20, 18, 20), image(20, 16, 21), unevaluated]}
+    rows = protection_grid.sdedit_rows(per_image, "sds-", 16)
+    by = {(r["seeds"], r["purification"]): r for r in rows}
+    assert set(by) == {(s, p) for s in ("0", "1", "pooled") for p in ("none", "jpeg")}
+    assert by[("0", "none")]["psnr_drop"] == pytest.approx(4 / 3) and by[("1", "none")]["psnr_drop"] == pytest.approx(8 / 3)
+    pooled = by[("pooled", "none")]  # per-image drops over seeds: 1, 2, 3 (not six values: images are the unit)
+    assert pooled["psnr_drop"] == pytest.approx(2.0) and pooled["images"] == 3
+    half = 4.302652729911275 * 1 / 3 ** 0.5  # t(0.975, 2) x s.e. of (1, 2, 3)
+    assert pooled["psnr_drop_ci"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert by[("pooled", "jpeg")]["psnr_drop"] == pytest.approx(-1 / 6) and by[("0", "none")]["ssim_drop"] == 0.0
+    table = protection_grid.table(rows, 0.4, 3, {})
+    assert "pooled over PGD seeds 0, 1" in table and "| sds- | 16/255 | 30.0 | +2.00 [" in table and "+1.33 / +2.67 |" in table
