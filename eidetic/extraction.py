@@ -785,11 +785,20 @@ class CopyTest:
 
 
 def copy_test(images: torch.Tensor, train: torch.Tensor, threshold: float = 0.1, ratio: float = 1 / 3,
-              chunk: int = 4096) -> CopyTest:
-    """:class:`CopyTest` of (G, C, H, W) images against (N, C, H, W) training images (N >= 2), both in [-1, 1]."""
+              chunk: int = 4096, mirrored: bool = False) -> CopyTest:
+    """:class:`CopyTest` of (G, C, H, W) images against (N, C, H, W) training images (N >= 2), both in [-1, 1].
+
+    ``mirrored``: a training image's distance is the nearer of it and its left-right mirror
+    (for a model trained with flip augmentation, which saw both), so a mirrored copy counts as
+    a copy of that image and an image's own mirror is never its second-nearest neighbour."""
     if train.shape[0] < 2:
         raise ValueError("the nearest/second-nearest test needs at least two training images")
-    d = torch.cat([_rms_to_all(images, train[s : s + chunk], None) for s in range(0, train.shape[0], chunk)], dim=1)
+
+    def distances(block: torch.Tensor) -> torch.Tensor:
+        d = _rms_to_all(images, block, None)
+        return torch.minimum(d, _rms_to_all(images, block.flip(-1), None)) if mirrored else d
+
+    d = torch.cat([distances(train[s : s + chunk]) for s in range(0, train.shape[0], chunk)], dim=1)
     two = torch.topk(d, 2, dim=1, largest=False)
     d1, d2 = two.values[:, 0], two.values[:, 1]
     copy = (d1 <= threshold) & (d1 < ratio * d2)
@@ -826,13 +835,15 @@ def generation_ground_truth(
     seed: int = 0,
     batch_size: int = 256,
     noise_ids: Sequence[int] | None = None,
+    mirrored: bool = False,
 ) -> GenerationTruth:
     """Label captions by what full generations reproduce — independent of every detector.
 
     ``own[i]`` is the index in ``train_images`` of caption i's own image (-1: none, e.g. a
     held-out caption). ``crop(images) -> images`` maps generations to what is compared (e.g.
     the interior inside a SolidMark border; ``train_images`` are given already cropped).
-    Noise is seeded per (caption, generation).
+    Noise is seeded per (caption, generation). ``mirrored``: a left-right mirrored copy counts
+    (see :func:`copy_test`; for models trained with flip augmentation).
     """
     captions = _check_captions(captions)
     generations = _check_positive("generations", generations)
@@ -846,7 +857,7 @@ def generation_ground_truth(
         out = generate(model, [c for c in chunk for _ in range(generations)], shape=shape, steps=steps, guidance=guidance,
                        generator=gens[0], sampler=sampler, noise=randn_per_item(gens, _latent_shape(model, shape)))
         out = crop(out) if crop is not None else out
-        test = copy_test(out.float().cpu(), train_images, threshold, ratio)
+        test = copy_test(out.float().cpu(), train_images, threshold, ratio, mirrored=mirrored)
         is_copy, nearest = test.copy.view(len(chunk), generations), test.nearest.view(len(chunk), generations)
         for row, idx, mine in zip(is_copy, nearest, list(own)[part]):
             rates.append(float(row.float().mean()))

@@ -352,3 +352,16 @@ def test_anisotropy_norm_part_flags_single_image_captions(setup):
     rescaled = extraction.anisotropy(setup.model, setup.captions, (SIZE, SIZE), steps=50, norm_scale="sd1_latent")
     assert rank_auc(rescaled.scores, setup.memorized) > 0.9
     assert r.details["t_high"] > r.details["t_low"]
+
+
+def test_copy_test_counts_a_mirrored_copy_only_when_asked_and_never_pairs_an_image_with_its_own_mirror():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    train[0] = (train[0] + train[0].flip(-1)) / 2  # left-right symmetric: its mirror is itself
+    generations = torch.stack([train[1].flip(-1), train[2], train[0], torch.rand(3, 8, 8, generator=g) * 2 - 1])
+    plain = extraction.copy_test(generations, train)
+    mirrored = extraction.copy_test(generations, train, mirrored=True)
+    assert plain.copy.tolist() == [False, True, True, False]
+    assert mirrored.copy.tolist() == [True, True, True, False]
+    assert mirrored.nearest[:3].tolist() == [1, 2, 0]
+    assert float(mirrored.d1[0]) == pytest.approx(0.0, abs=1e-6) and float(mirrored.d2[2]) > 0.1

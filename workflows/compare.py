@@ -156,7 +156,8 @@ def ladder_scores(train_cfg: DictConfig, model, s, delta: float) -> dict:
     setting's ``solidmark`` settings) and ``<rung>_auc`` (−ℓ vs single images),
     ``<detector>_<rung>_auc`` (caption-level detectors with its ``extraction`` settings), and
     ``<rung>_copy_rate`` (full generations copying the caption's own image; held-out: any
-    training image). Rungs are ``x<copies>`` and ``heldout``; the labels come from the
+    training image; a model trained with flip augmentation also copies by reproducing an image's
+    mirror, which counts). Rungs are ``x<copies>`` and ``heldout``; the labels come from the
     unmitigated data (a mitigation that drops copies is judged on the images it was given)."""
     import numpy as np
     import torch
@@ -203,7 +204,8 @@ def ladder_scores(train_cfg: DictConfig, model, s, delta: float) -> dict:
     truth = extraction.generation_ground_truth(
         model, captions, [position.get(i, -1) for i in idx], dm.images([records[i].id for i in train_idx]), shape,
         crop=lambda x: strip_border(x, border), generations=int(s.generations), steps=int(s.steps), guidance=float(s.guidance),
-        threshold=float(s.threshold), seed=int(s.seed), batch_size=int(s.batch_size), noise_ids=idx)
+        threshold=float(s.threshold), seed=int(s.seed), batch_size=int(s.batch_size), noise_ids=idx,
+        mirrored=float(train_cfg.mitigation.augment.flip) > 0)
     for rung, e in ladder.copy_rates_by_rung(truth.own_rate, truth.copy_rate, ev_copies, ev_trained, int(s.generations)).items():
         row.update({f"{rung}_copy_rate": e["copy_rate"], f"{rung}_copy_rate_ci": e["ci"]})
     return row
