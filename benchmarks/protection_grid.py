@@ -79,6 +79,7 @@ def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels
             f"steps={args.pgd_steps}", f"seed={args.seeds[0]}", "evaluate.enabled=false", "purification=[]", "mimicry.enabled=true",
             f"mimicry.seed={seed}", f"mimicry.steps={args.finetune_steps}", f"mimicry.samples_per_image={args.samples}",
             *([f"mimicry.clean_run={clean_run}"] if clean_run else []),
+            *([f"mimicry.train_overrides=[{','.join(args.finetune_overrides)}]"] if args.finetune_overrides else []),
         ])
         if rc != 0:
             raise SystemExit(f"protect.py failed on {objective} at {levels}/255 with mimicry seed {seed} (exit {rc})")
@@ -220,6 +221,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", type=Path, help="a run's model/ directory")
     ap.add_argument("--train-base", action="store_true", help="train the default model first (OUT/base)")
     ap.add_argument("--base-steps", type=int, default=800)
+    ap.add_argument("--base-config", type=Path, help="config file of that base training (default: configs/default.yaml), e.g. a larger model")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "protection-grid")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
@@ -232,7 +234,10 @@ def main(argv=None) -> dict:
                     help="PGD seeds of the SDEdit grid (several: per-seed and pooled drops; the mimicry cells use the first)")
     ap.add_argument("--mimicry-seeds", nargs="*", type=int, default=[], help="fine-tuning seeds of the mimicry evaluation (none: SDEdit only)")
     ap.add_argument("--finetune-steps", type=int, default=1500)
-    ap.add_argument("--samples", type=int, default=4, help="generations per caption and model (mimicry)")
+    ap.add_argument("--samples", type=int, default=16,
+                    help="generations per caption and model (mimicry); best of 16 resolves a fine-tune's mimicry where best of 4 is mostly sampling luck")
+    ap.add_argument("--finetune-override", dest="finetune_overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="training overrides of every fine-tune (mimicry.train_overrides), e.g. train.ema.enabled=false")
     ap.add_argument("--mimicry-only", action="store_true", help="skip the SDEdit cells (mimicry only)")
     args = ap.parse_args(argv)
     if (args.model is None) == (not args.train_base):
@@ -248,7 +253,7 @@ def main(argv=None) -> dict:
     from workflows.train import Schema
 
     t0 = time.perf_counter()
-    model = train_base(args.out / "base", args.base_steps, None) if args.train_base else args.model
+    model = train_base(args.out / "base", args.base_steps, args.base_config) if args.train_base else args.model
     base_layer, _, _ = base_config(model)
     interior = int(load(Schema, base=base_layer).data.resolution)
     clean = args.out / "clean"

@@ -75,7 +75,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed of both fine-tunes (training variance is part of the uncertainty)")
     ap.add_argument("--pgd-steps", type=int, default=100)
     ap.add_argument("--finetune-steps", type=int, default=1500, help="steps of each fine-tune (at 200 the default model barely learns the images)")
-    ap.add_argument("--samples", type=int, default=4, help="generations per caption and model")
+    ap.add_argument("--samples", type=int, default=16,
+                    help="generations per caption and model; best of 16 resolves a fine-tune's mimicry where best of 4 is mostly sampling luck")
     args = ap.parse_args(argv)
     if (args.model is None) == (not args.train_base):
         ap.error("give either --model DIR or --train-base")

@@ -251,7 +251,8 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
 
     out = tmp_path / "grid"
     argv = ["--model", str(tiny_model), "--out", str(out), "--images", "3", "--objectives", "sds-", "--eps", "8", "--control", "photoguard:32",
-            "--pgd-steps", "2", "--mimicry-only", "--mimicry-seeds", "0", "1", "--finetune-steps", "3", "--samples", "2"]
+            "--pgd-steps", "2", "--mimicry-only", "--mimicry-seeds", "0", "1", "--finetune-steps", "3", "--samples", "2",
+            "--finetune-override", "train.ema.enabled=false", "train.lr_warmup_steps=0"]
     result = protection_grid.main(argv)
     rows = json.loads((out / "mimicry.json").read_text())["rows"]
     assert {(r["objective"], r["eps_levels"], r["seeds"]) for r in rows} == {
@@ -268,6 +269,9 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
         assert not first["finetune"]["clean"].get("reused") and second["finetune"]["clean"]["reused"]
         assert second["finetune"]["clean"]["run_dir"] == first["finetune"]["clean"]["run_dir"]
         assert second["similarity"]["clean_tuned"] == first["similarity"]["clean_tuned"] and first["seed"] == seed
+        for arm in ("clean", "protected"):  # --finetune-override reached every fine-tune
+            train_cfg = OmegaConf.load(Path(first["finetune"][arm]["run_dir"]) / "config.yaml").train
+            assert train_cfg.ema.enabled is False and train_cfg.lr_warmup_steps == 0
     assert set(result["mimicry"]["psnr_best_drop_at_16"]) == set() and result["mimicry"]["positive_control"]["psnr_best_ci"]
     assert "| photoguard | 32/255 |" in (out / "mimicry.md").read_text()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "protection_grid"
