@@ -178,6 +178,50 @@ def sdedit_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -
     return rows
 
 
+ENCODER_ONLY = ("photoguard",)  # attacks the autoencoder alone
+DENOISER_ONLY = ("advdm+", "advdm-", "sds+", "sds-")  # attack the denoiser alone
+
+
+def encoder_vs_denoiser_rows(per_cell: dict, strength: float) -> list[dict]:
+    """Xue et al.'s "the encoder is the weak point", paired per image: for each ε, the unpurified
+    SDEdit PSNR drop of each encoder-only objective minus that of each denoiser-only one, each
+    image's drop averaged over the PGD seeds first, with a t interval over images (positive: the
+    encoder attack protects more). ``per_cell[(objective, levels)][seed]`` are per-image rows."""
+    import numpy as np
+
+    from eidetic.stats import mean_and_standard_error, t_interval
+
+    def drops(objective, levels):
+        by_seed = per_cell[(objective, levels)]
+        key = f"sdedit_{strength:g}"
+        return np.mean([[r[key]["clean_psnr"] - r[key]["protected_psnr"] for r in rows if key in r]
+                        for rows in by_seed.values()], axis=0)
+
+    out = []
+    for levels in sorted({e for _, e in per_cell}):
+        for enc in (o for o in ENCODER_ONLY if (o, levels) in per_cell):
+            for den in (o for o in DENOISER_ONLY if (o, levels) in per_cell):
+                d = drops(enc, levels) - drops(den, levels)
+                mean, se = mean_and_standard_error(d.tolist())
+                ci = t_interval(mean, se, len(d))
+                out.append({"encoder": enc, "denoiser": den, "eps_levels": levels, "strength": strength, "images": len(d),
+                            "psnr_drop_difference": mean, "psnr_drop_difference_ci": None if ci is None else list(ci)})
+    return out
+
+
+def encoder_table(rows: list[dict]) -> str:
+    lines = ["Encoder-only minus denoiser-only objective, paired per image: difference of the unpurified SDEdit PSNR drops "
+             f"(dB) at strength {rows[0]['strength']:g}, mean [95 % t interval over {rows[0]['images']} images]; positive: the "
+             "encoder attack protects more; bold: the interval excludes 0.", "",
+             "| ε | encoder | denoiser | difference |", "|---|---|---|---|"]
+    for r in rows:
+        lo_hi = r["psnr_drop_difference_ci"]
+        mark = "**" if lo_hi and (lo_hi[0] > 0 or lo_hi[1] < 0) else ""
+        ci = "" if lo_hi is None else f" [{lo_hi[0]:+.2f}, {lo_hi[1]:+.2f}]"
+        lines.append(f"| {r['eps_levels']}/255 | {r['encoder']} | {r['denoiser']} | {mark}{r['psnr_drop_difference']:+.2f}{mark}{ci} |")
+    return "\n".join(lines)
+
+
 def _cell(r: dict | None) -> str:
     if r is None:
         return ""
@@ -265,7 +309,7 @@ def main(argv=None) -> dict:
         if objective not in OBJECTIVES or not levels.isdigit():
             ap.error(f"--control must be OBJECTIVE:LEVELS with OBJECTIVE one of {', '.join(OBJECTIVES)}, got {args.control!r}")
         cells.append((objective, int(levels)))
-    rows, costs = [], {}
+    rows, costs, sdedit_per_image = [], {}, {}
     for i, (objective, levels) in enumerate([] if args.mimicry_only else cells):
         by_seed = {}
         for seed in args.seeds:
@@ -276,13 +320,17 @@ def main(argv=None) -> dict:
             for label, p in section.get("purification", {}).items():
                 costs.setdefault(label, p["clean_cost"])
         rows += sdedit_rows(by_seed, objective, levels)
+        sdedit_per_image[(objective, levels)] = by_seed
     middle = sorted(args.strengths)[len(args.strengths) // 2]
     result = {"benchmark": "protection_grid", "images": args.images}
     if rows:
         text = table(rows, middle, args.images, costs)
+        encoder_rows = encoder_vs_denoiser_rows(sdedit_per_image, middle)
+        if encoder_rows:
+            text += "\n\n" + encoder_table(encoder_rows)
         write_text_atomic(args.out / "grid.md", text + "\n")
         write_json_atomic(args.out / "grid.json", {"images": args.images, "pgd_steps": args.pgd_steps, "pgd_seeds": args.seeds,
-                                                   "rows": rows, "purification_cost": costs})
+                                                   "rows": rows, "purification_cost": costs, "encoder_vs_denoiser": encoder_rows})
         print(text)
         shown = "pooled" if len(args.seeds) > 1 else str(args.seeds[0])
         pick = {(r["objective"], r["eps_levels"]): r for r in rows
@@ -292,6 +340,8 @@ def main(argv=None) -> dict:
             "positive_control": None if not args.control else {
                 "cell": args.control, "psnr_drop": pick[cells[-1]]["psnr_drop"], "psnr_drop_ci": pick[cells[-1]]["psnr_drop_ci"]},
             "psnr_drop_at_16": {o: round(pick[(o, 16)]["psnr_drop"], 3) for o in args.objectives if (o, 16) in pick},
+            "encoder_minus_denoiser_at_16": {f"{r['encoder']}-{r['denoiser']}": [round(r["psnr_drop_difference"], 3), r["psnr_drop_difference_ci"]]
+                                             for r in encoder_rows if r["eps_levels"] == 16},
         })
     if args.mimicry_seeds:
         per_cell: dict = {}

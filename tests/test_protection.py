@@ -694,3 +694,23 @@ def test_protection_grid_pools_pgd_seeds_per_image_before_the_interval():
     assert by[("pooled", "jpeg")]["psnr_drop"] == pytest.approx(-1 / 6) and by[("0", "none")]["ssim_drop"] == 0.0
     table = protection_grid.table(rows, 0.4, 3, {})
     assert "pooled over PGD seeds 0, 1" in table and "| sds- | 16/255 | 30.0 | +2.00 [" in table and "+1.33 / +2.67 |" in table
+
+
+def test_encoder_versus_denoiser_pairs_each_images_seed_pooled_drops():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import protection_grid
+
+    def rows(*protected):
+        return [{"sdedit_0.4": {"clean_psnr": 20.0, "protected_psnr": p}} for p in protected] + [{"visibility_psnr": 30.0}]
+
+    per_cell = {("photoguard", 16): {0: rows(18, 17, 16), 1: rows(18, 17, 14)},  # drops per image over seeds: 2, 3, 5
+                ("sds-", 16): {0: rows(20, 19, 19), 1: rows(20, 19, 19)},        # 0, 1, 1
+                ("mist", 16): {0: rows(10, 10, 10), 1: rows(10, 10, 10)},        # neither encoder- nor denoiser-only
+                ("photoguard", 64): {0: rows(10, 10, 10), 1: rows(10, 10, 10)}}  # no denoiser cell at 64: no pair
+    out = protection_grid.encoder_vs_denoiser_rows(per_cell, 0.4)
+    assert [(r["encoder"], r["denoiser"], r["eps_levels"]) for r in out] == [("photoguard", "sds-", 16)]
+    r = out[0]  # paired differences 2, 2, 4
+    assert r["psnr_drop_difference"] == pytest.approx(8 / 3) and r["images"] == 3
+    half = 4.302652729911275 * (4 / 3) ** 0.5 / 3 ** 0.5  # t(0.975, 2) x s.e. of (2, 2, 4)
+    assert r["psnr_drop_difference_ci"] == pytest.approx([8 / 3 - half, 8 / 3 + half])
+    assert "| 16/255 | photoguard | sds- | +2.67 [-0.20, +5.54] |" in protection_grid.encoder_table(out)  # interval spans 0: not bold
