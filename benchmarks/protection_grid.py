@@ -86,6 +86,18 @@ def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels
     return json.loads(summary.read_text())["protection"]["mimicry"]
 
 
+def finished_clean_run(folder: Path, cells) -> Path | None:
+    """The clean fine-tune of a finished cell of this seed, so a resumed grid does not fine-tune on
+    the clean images again whichever of its cells happens to come first."""
+    for objective, levels in cells:
+        summary = folder / f"{objective}-eps{levels}" / "summary.json"
+        if summary.is_file():
+            finetune = json.loads(summary.read_text()).get("protection", {}).get("mimicry", {}).get("finetune", {})
+            if "clean" in finetune:
+                return Path(finetune["clean"]["run_dir"])
+    return None
+
+
 MIMICRY_MEASURES = ("psnr_best", "ssim_best", "psnr_mean", "ssim_mean")
 
 
@@ -346,7 +358,7 @@ def main(argv=None) -> dict:
     if args.mimicry_seeds:
         per_cell: dict = {}
         for seed in args.mimicry_seeds:
-            clean_run = None
+            clean_run = finished_clean_run(args.out / f"mimicry-seed{seed}", cells)
             for i, (objective, levels) in enumerate(cells):
                 print(f"[mimicry seed {seed}: {i + 1}/{len(cells)}] {objective} at {levels}/255", file=sys.stderr, flush=True)
                 cell_out = args.out / f"mimicry-seed{seed}" / f"{objective}-eps{levels}"

@@ -269,11 +269,15 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
         assert not first["finetune"]["clean"].get("reused") and second["finetune"]["clean"]["reused"]
         assert second["finetune"]["clean"]["run_dir"] == first["finetune"]["clean"]["run_dir"]
         assert second["similarity"]["clean_tuned"] == first["similarity"]["clean_tuned"] and first["seed"] == seed
+        # a resumed grid finds that clean fine-tune whichever cell it meets first
+        found = protection_grid.finished_clean_run(out / f"mimicry-seed{seed}", [("photoguard", 32), ("sds-", 8)])
+        assert found == Path(first["finetune"]["clean"]["run_dir"])
         for arm in ("clean", "protected"):  # --finetune-override reached every fine-tune
             train_cfg = OmegaConf.load(Path(first["finetune"][arm]["run_dir"]) / "config.yaml").train
             assert train_cfg.ema.enabled is False and train_cfg.lr_warmup_steps == 0
     assert set(result["mimicry"]["psnr_best_drop_at_16"]) == set() and result["mimicry"]["positive_control"]["psnr_best_ci"]
     assert "| photoguard | 32/255 |" in (out / "mimicry.md").read_text()
+    assert protection_grid.finished_clean_run(out / "mimicry-seed2", [("sds-", 8)]) is None
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "protection_grid"
     stamp = (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns
     protection_grid.main(argv)  # resumes: every finished cell kept
