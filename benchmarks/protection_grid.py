@@ -155,6 +155,14 @@ def mimicry_table(rows: list[dict], n: int, steps: int) -> str:
     return "\n".join(lines)
 
 
+def edit_drops(rows: list[dict], key: str, metric: str = "psnr", pick=lambda r: r):
+    """Per image, clean-edit minus protected-edit ``metric`` of the SDEdit result ``key``
+    (``pick`` selects a purified arm of the row)."""
+    import numpy as np
+
+    return np.array([pick(r)[key][f"clean_{metric}"] - pick(r)[key][f"protected_{metric}"] for r in rows])
+
+
 def sdedit_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -> list[dict]:
     """One row per (PGD seed or "pooled", purification, strength): the SDEdit PSNR and SSIM drops
     (clean edit minus protected edit, paired per image) with t intervals over images; pooled
@@ -170,9 +178,6 @@ def sdedit_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -
     threats = {"none": lambda r: r, **{label: (lambda r, label=label: r["purified"][label]) for label in first[0].get("purified", {})}}
     strengths = sorted(float(k.removeprefix("sdedit_")) for k in first[0] if k.startswith("sdedit_"))
 
-    def drops(rows, pick, key, metric):
-        return np.array([pick(r)[key][f"clean_{metric}"] - pick(r)[key][f"protected_{metric}"] for r in rows])
-
     labels = [(str(s), [evaluated[s]]) for s in seeds] + ([("pooled", [evaluated[s] for s in seeds])] if len(seeds) > 1 else [])
     rows = []
     for label, by_seed in labels:
@@ -182,7 +187,7 @@ def sdedit_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -
                 row = {"objective": objective, "eps_levels": levels, "seeds": label, "purification": purification,
                        "strength": strength, "images": len(by_seed[0]), "visibility_psnr": visibility}
                 for metric in ("psnr", "ssim"):
-                    d = np.mean([drops(rows_, pick, f"sdedit_{strength:g}", metric) for rows_ in by_seed], axis=0)
+                    d = np.mean([edit_drops(rows_, f"sdedit_{strength:g}", metric, pick) for rows_ in by_seed], axis=0)
                     mean, se = mean_and_standard_error(d.tolist())
                     ci = t_interval(mean, se, len(d))
                     row[f"{metric}_drop"], row[f"{metric}_drop_ci"] = mean, None if ci is None else list(ci)
@@ -204,10 +209,8 @@ def encoder_vs_denoiser_rows(per_cell: dict, strength: float) -> list[dict]:
     from eidetic.stats import mean_and_standard_error, t_interval
 
     def drops(objective, levels):
-        by_seed = per_cell[(objective, levels)]
         key = f"sdedit_{strength:g}"
-        return np.mean([[r[key]["clean_psnr"] - r[key]["protected_psnr"] for r in rows if key in r]
-                        for rows in by_seed.values()], axis=0)
+        return np.mean([edit_drops([r for r in rows if key in r], key) for rows in per_cell[(objective, levels)].values()], axis=0)
 
     out = []
     for levels in sorted({e for _, e in per_cell}):
