@@ -283,7 +283,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--base-config", type=Path, help="config file of that base training (default: configs/default.yaml), e.g. a larger model")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "protection-grid")
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=(*OBJECTIVES, "random"),
+                    help="objectives of the grid; 'random' is the null control (a random sign of size ε at every pixel)")
     ap.add_argument("--eps", nargs="+", type=int, default=[8, 16, 32], help="budgets in 8-bit levels (of 255)")
     ap.add_argument("--control", default="photoguard:64", help="positive control OBJECTIVE:LEVELS ('' for none)")
     ap.add_argument("--pgd-steps", type=int, default=100)

@@ -46,6 +46,7 @@ from eidetic.diffusion import DiffusionModel
 
 __all__ = [
     "OBJECTIVES",
+    "RANDOM",
     "SEMANTIC_OBJECTIVES",
     "TEXTURAL_OBJECTIVES",
     "semantic_loss",
@@ -70,6 +71,9 @@ __all__ = [
 OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
 SEMANTIC_OBJECTIVES = ("advdm+", "advdm-", "mist", "sds+", "sds-", "sdst")
 TEXTURAL_OBJECTIVES = ("photoguard", "mist", "sdst")
+# The null perturbation: a seeded random sign at every pixel, the budget of a saturated PGD
+# perturbation without its objective. A protection's drop means something only above this one's.
+RANDOM = "random"
 
 
 # ---- losses -------------------------------------------------------------------------
@@ -235,8 +239,10 @@ RANDOM_START_OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist")
 
 
 def random_start_default(objective: str) -> bool:
-    """Whether Diff-Protect's code starts PGD for ``objective`` from a random point of the eps-ball."""
-    _check_objective(objective)
+    """Whether Diff-Protect's code starts PGD for ``objective`` from a random point of the eps-ball
+    (the null perturbation runs no PGD)."""
+    if objective != RANDOM:
+        _check_objective(objective)
     return objective in RANDOM_START_OBJECTIVES
 
 
@@ -347,7 +353,8 @@ def protect_images(
         encoder_latent: ``"mean"`` (the posterior mean) or ``"sample"`` (a fresh posterior
             sample at every step, Diff-Protect's ``get_first_stage_encoding``).
     """
-    _check_objective(objective)
+    if objective != RANDOM:
+        _check_objective(objective)
     if encoder_latent not in ("mean", "sample"):
         raise ValueError(f"encoder_latent must be 'mean' or 'sample', got {encoder_latent!r}")
     if images.ndim != 4 or images.shape[1] != 3:
@@ -381,6 +388,10 @@ def protect_images(
         with torch.no_grad():
             target_latents = model.encode_images(tgt)
 
+    if objective == RANDOM:
+        signs = torch.randint(0, 2, clean.shape, generator=generator).mul(2).sub(1).to(device)
+        delta = (clean + signs * eps_levels).clamp(0, 255) - clean
+        return from_levels(quantise_perturbation(clean, delta, eps_levels)[..., :h, :w])
     delta = torch.zeros_like(clean)
     if random_start:
         start = (torch.rand(clean.shape, generator=generator) * 2 - 1) * eps_levels

@@ -163,6 +163,17 @@ def protect_run(pipeline_dir, image_folder, tmp_path_factory):
     return rc, out
 
 
+def test_random_null_control_runs_end_to_end_and_says_so(pipeline_dir, image_folder, tmp_path):
+    out = tmp_path / "random"
+    assert protect.main([f"input={image_folder}", f"model={pipeline_dir}", f"output={out}", "objective=random", "eps=8/255",
+                         "evaluate.max_images=1", "evaluate.strengths=[0.5]", "evaluate.steps=2", "evaluate.semantic_samples=1"]) == 0
+    delta = np.abs(read_rgb(out / "img0.png") - read_rgb(image_folder / "img0.png"))
+    assert delta.max() == 8 and (delta == 8).mean() > 0.9  # every pixel moved by the budget, bar the clipped ones
+    s = json.loads((out / "summary.json").read_text())["protection"]
+    assert s["objective"] == "random"
+    assert "the null control: no PGD" in (out / "report.md").read_text()
+
+
 def test_perturbation_within_budget_after_save_and_reload(protect_run, image_folder):
     rc, out = protect_run
     assert rc == 0
@@ -219,6 +230,23 @@ def test_pgd_projection_quantisation_and_valid_pixels(oracle_model):
     assert levels.min() >= 0 and levels.max() <= 255
     delta = (protection.to_levels(out) - protection.to_levels(x)).abs()
     assert delta.max() <= 12 and delta.max() >= 1
+
+
+def test_random_null_perturbation_is_a_seeded_sign_of_size_eps(oracle_model):
+    x = clean_images() * 0.5  # levels 64-191: +-16 stays valid
+    x[:, :, :4] = 1.0  # saturated: the sign that would leave the valid range is clipped
+    cond = oracle_model.encode_prompt(["a"] * 4)
+
+    def run(seed):
+        return protection.protect_images(oracle_model, x, cond, protection.RANDOM, eps=16 / 255, generator=torch.Generator().manual_seed(seed))
+
+    out = run(0)
+    delta = protection.to_levels(out) - protection.to_levels(x)
+    interior = delta[:, :, 4:]  # away from the clipped rows every pixel moves by exactly +-16 levels
+    assert set(interior.unique().tolist()) == {-16.0, 16.0}
+    assert abs(float((interior > 0).float().mean()) - 0.5) < 0.05  # a fair sign, not a direction
+    assert delta[:, :, :4].max() <= 0 and delta.abs().max() == 16
+    assert torch.equal(run(0), out) and not torch.equal(run(1), out)  # seeded
 
 
 def test_sds_gradient_correlates_with_full_gradient(oracle_model):

@@ -11,8 +11,9 @@ def render_report(cfg: DictConfig, s: dict) -> str:
     lines = [
         f"# Protection report: {s['objective']}",
         "",
-        f"Model: `{s['model']}`. eps = {s['eps']:.5f} ({s['eps_levels']}/255), step {s['step_size']:.5f}, "
-        f"{s['steps']} PGD steps, t in [{s['t_range'][0]}, {s['t_range'][1]}].",
+        f"Model: `{s['model']}`. eps = {s['eps']:.5f} ({s['eps_levels']}/255), "
+        + ("a random sign of size eps at every pixel (the null control: no PGD)." if s["objective"] == "random" else
+           f"step {s['step_size']:.5f}, {s['steps']} PGD steps, t in [{s['t_range'][0]}, {s['t_range'][1]}]."),
         f"Protected {s['images_protected']} images in {s['protect_seconds']} s ({s['seconds_per_image']} s/image, "
         f"{s['unet_evals']} UNet evaluations in all). Largest perturbation after saving: {s['max_linf_levels_after_save']}/255.",
         "",
@@ -159,7 +160,7 @@ def console_summary(out):
     if not s:
         return None
     lines = [f"protected {s.get('images_protected', 0)} images ({s.get('objective')}, eps {s.get('eps_levels')}/255, "
-             f"{s.get('steps')} PGD steps) in {s.get('protect_seconds')} s"]
+             f"{'no PGD' if s.get('objective') == 'random' else str(s.get('steps')) + ' PGD steps'}) in {s.get('protect_seconds')} s"]
     if s.get("images_failed"):
         lines.append(f"{len(s['images_failed'])} image(s) could not be read (listed in report.md)")
     if "visibility" in s:

@@ -113,7 +113,7 @@ class ProtectConfig(Section):
     input: str = ""  # folder of images (read recursively); optional metadata.jsonl (file_name, text)
     model: str = ""  # local diffusers Stable Diffusion-style directory (vae/ unet/ text_encoder/ tokenizer/ scheduler/)
     output: str = ""  # folder for the protected PNGs (same relative paths, .png), metadata.jsonl, report.md, summary.json
-    objective: str = "sds-"  # advdm+ | advdm- | photoguard | mist | sds+ | sds- | sdst
+    objective: str = "sds-"  # advdm+ | advdm- | photoguard | mist | sds+ | sds- | sdst | random (the null control: a random sign of size eps at every pixel)
     eps: float = 0.06274509803921569  # L_inf budget as a fraction of the pixel range: 16/255 (eps=16/255 on the command line), 0.0627 also means 16 levels
     step_size: float = 0.00392156862745098  # PGD step (1/255)
     steps: int = 100
@@ -135,10 +135,10 @@ class ProtectConfig(Section):
     purification: list[PurificationSettings] = field(default_factory=list)
 
     def problems(self) -> list[str]:
-        from eidetic.protection import OBJECTIVES, TEXTURAL_OBJECTIVES, eps_in_levels
+        from eidetic.protection import OBJECTIVES, RANDOM, TEXTURAL_OBJECTIVES, eps_in_levels
 
         out = [f"'{key}' is required (e.g. {key}=path/to/dir)" for key in ("input", "model", "output") if not getattr(self, key)]
-        out += choice_problem("objective", self.objective, OBJECTIVES)
+        out += choice_problem("objective", self.objective, (*OBJECTIVES, RANDOM))
         out += choice_problem("dtype", self.dtype, DTYPES)
         try:
             eps_in_levels(self.eps)
