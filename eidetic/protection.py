@@ -127,9 +127,10 @@ def _textural_loss_of_latents(z, target_latents):
     return _per_image_mean((z.float() - target.float()) ** 2)
 
 
-def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown protection objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+def _check_objective(objective: str, allow_random: bool = False) -> None:
+    if objective not in OBJECTIVES and not (allow_random and objective == RANDOM):
+        choices = (*OBJECTIVES, RANDOM) if allow_random else OBJECTIVES
+        raise ValueError(f"unknown protection objective {objective!r}; choose one of {', '.join(choices)}")
 
 
 def objective_value(
@@ -241,8 +242,7 @@ RANDOM_START_OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist")
 def random_start_default(objective: str) -> bool:
     """Whether Diff-Protect's code starts PGD for ``objective`` from a random point of the eps-ball
     (the null perturbation runs no PGD)."""
-    if objective != RANDOM:
-        _check_objective(objective)
+    _check_objective(objective, allow_random=True)
     return objective in RANDOM_START_OBJECTIVES
 
 
@@ -353,8 +353,7 @@ def protect_images(
         encoder_latent: ``"mean"`` (the posterior mean) or ``"sample"`` (a fresh posterior
             sample at every step, Diff-Protect's ``get_first_stage_encoding``).
     """
-    if objective != RANDOM:
-        _check_objective(objective)
+    _check_objective(objective, allow_random=True)
     if encoder_latent not in ("mean", "sample"):
         raise ValueError(f"encoder_latent must be 'mean' or 'sample', got {encoder_latent!r}")
     if images.ndim != 4 or images.shape[1] != 3:
