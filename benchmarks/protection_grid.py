@@ -101,6 +101,50 @@ def finished_clean_run(folder: Path, cells) -> Path | None:
 MIMICRY_MEASURES = ("psnr_best", "ssim_best", "psnr_mean", "ssim_mean")
 
 
+def mimicry_drops(rows: list[dict], measure: str):
+    """Per image (in file order), clean-tuned minus protected-tuned ``measure`` of one mimicry cell and seed."""
+    import numpy as np
+
+    rows = sorted(rows, key=lambda r: r["file"])
+    return np.array([r["mimicry"]["clean_tuned"][measure] - r["mimicry"]["protected_tuned"][measure] for r in rows])
+
+
+def null_difference_rows(per_cell: dict, null: str = "random") -> list[dict]:
+    """Each objective's mimicry drop minus the null perturbation's at the same ε, paired per image
+    (each image's difference averaged over the fine-tuning seeds both ran), t interval over images:
+    whether an objective protects more than noise of its budget does."""
+    import numpy as np
+
+    from eidetic.stats import mean_and_standard_error, t_interval
+
+    out = []
+    for (objective, levels), by_seed in per_cell.items():
+        if objective == null or (null, levels) not in per_cell:
+            continue
+        seeds = sorted(set(by_seed) & set(per_cell[(null, levels)]))
+        row = {"objective": objective, "eps_levels": levels, "null": null, "seeds": seeds}
+        for m in ("psnr_best", "ssim_best"):
+            d = np.mean([mimicry_drops(by_seed[s], m) - mimicry_drops(per_cell[(null, levels)][s], m) for s in seeds], axis=0)
+            mean, se = mean_and_standard_error(d.tolist())
+            row[m], row[f"{m}_ci"], row["images"] = mean, list(t_interval(mean, se, len(d)) or (None, None)), len(d)
+        out.append(row)
+    return out
+
+
+def null_table(rows: list[dict]) -> str:
+    lines = [f"Drop minus the null perturbation's ({rows[0]['null']}, same ε), paired per image over fine-tuning seeds "
+             f"{', '.join(map(str, rows[0]['seeds']))}, mean [95 % t interval over {rows[0]['images']} images]; bold: the interval excludes 0.",
+             "", "| objective | ε | PSNR best | SSIM best |", "|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for m, digits in (("psnr_best", 2), ("ssim_best", 3)):
+            lo, hi = r[f"{m}_ci"]
+            mark = "**" if lo is not None and (lo > 0 or hi < 0) else ""
+            cells.append(f"{mark}{r[m]:+.{digits}f}{mark}" + ("" if lo is None else f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"))
+        lines.append(f"| {r['objective']} | {r['eps_levels']}/255 | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def mimicry_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -> list[dict]:
     """Drops per seed and pooled over seeds (each image's drop averaged over them), with t
     intervals over images; ``per_image[seed]`` are the protect run's per-image mimicry rows."""
@@ -108,15 +152,12 @@ def mimicry_rows(per_image: dict[int, list[dict]], objective: str, levels: int) 
 
     from eidetic.stats import mean_and_standard_error, t_interval
 
-    def drops(rows, m):
-        return np.array([r["mimicry"]["clean_tuned"][m] - r["mimicry"]["protected_tuned"][m] for r in rows])
-
     out = []
     seeds = sorted(per_image)
     for label, by_seed in [*((str(s), [per_image[s]]) for s in seeds), ("pooled", [per_image[s] for s in seeds])]:
         row = {"objective": objective, "eps_levels": levels, "seeds": label, "images": len(by_seed[0])}
         for m in MIMICRY_MEASURES:
-            d = np.mean([drops(rows, m) for rows in by_seed], axis=0)
+            d = np.mean([mimicry_drops(rows, m) for rows in by_seed], axis=0)
             mean, se = mean_and_standard_error(d.tolist())
             row[m] = mean
             row[f"{m}_ci"] = list(t_interval(mean, se, len(d)) or (None, None))
@@ -371,9 +412,12 @@ def main(argv=None) -> dict:
                 per_cell.setdefault((objective, levels), {})[seed] = [json.loads(line) for line in (cell_out / "protection_per_image.jsonl").read_text().splitlines() if line.strip()]
         mrows = [r for (objective, levels), by_seed in per_cell.items() for r in mimicry_rows(by_seed, objective, levels)]
         text = mimicry_table(mrows, args.images, args.finetune_steps)
+        nrows = null_difference_rows(per_cell)
+        if nrows:
+            text += "\n\n" + null_table(nrows)
         write_text_atomic(args.out / "mimicry.md", text + "\n")
         write_json_atomic(args.out / "mimicry.json", {"images": args.images, "finetune_steps": args.finetune_steps, "seeds": args.mimicry_seeds,
-                                                      "rows": mrows})
+                                                      "rows": mrows, "minus_null": nrows})
         print(text)
         pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}
         result["mimicry"] = {

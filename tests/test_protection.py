@@ -742,3 +742,24 @@ def test_encoder_versus_denoiser_pairs_each_images_seed_pooled_drops():
     half = 4.302652729911275 * (4 / 3) ** 0.5 / 3 ** 0.5  # t(0.975, 2) x s.e. of (2, 2, 4)
     assert r["psnr_drop_difference_ci"] == pytest.approx([8 / 3 - half, 8 / 3 + half])
     assert "| 16/255 | photoguard | sds- | +2.67 [-0.20, +5.54] |" in protection_grid.encoder_table(out)  # interval spans 0: not bold
+
+
+def test_mimicry_drop_minus_the_null_is_paired_per_image_and_averaged_over_seeds():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import protection_grid
+
+    def rows(*protected):  # clean-tuned 0.5 everywhere; files listed out of order on purpose
+        return [{"file": f"{name}.png", "mimicry": {"clean_tuned": {"psnr_best": 20.0, "ssim_best": 0.5},
+                                                     "protected_tuned": {"psnr_best": 20.0 - 10 * p, "ssim_best": 0.5 - p}}}
+                for name, p in zip("cab", protected)]
+
+    per_cell = {("sds-", 16): {0: rows(0.3, 0.1, 0.2), 1: rows(0.3, 0.1, 0.4)},
+                ("random", 16): {0: rows(0.0, 0.0, 0.0), 1: rows(0.1, 0.1, 0.1)},
+                ("sds-", 8): {0: rows(0.1, 0.1, 0.1)}}  # no null at 8/255: no row
+    out = protection_grid.null_difference_rows(per_cell)
+    assert [(r["objective"], r["eps_levels"]) for r in out] == [("sds-", 16)]
+    r = out[0]  # per image (a, b, c): seed 0 (0.1, 0.2, 0.3), seed 1 (0.0, 0.3, 0.2) -> mean 0.05, 0.25, 0.25
+    assert r["ssim_best"] == pytest.approx(0.55 / 3) and r["psnr_best"] == pytest.approx(5.5 / 3) and r["images"] == 3
+    se = np.std([0.05, 0.25, 0.25], ddof=1) / 3 ** 0.5
+    assert r["ssim_best_ci"] == pytest.approx([0.55 / 3 - 4.302652729911275 * se, 0.55 / 3 + 4.302652729911275 * se])
+    assert "| sds- | 16/255 | +1.83 [" in protection_grid.null_table(out)
