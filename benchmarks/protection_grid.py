@@ -86,6 +86,16 @@ def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels
     return json.loads(summary.read_text())["protection"]["mimicry"]
 
 
+def interval_text(mean: float, ci, digits: int = 2, two_sided: bool = True) -> str:
+    """``+m [lo, hi]``, bold when the interval excludes 0 (``two_sided=False``: only when it lies
+    above 0, for drops where only protection is the claim); just ``+m`` without an interval."""
+    lo, hi = ci if ci is not None else (None, None)
+    if lo is None:
+        return f"{mean:+.{digits}f}"
+    mark = "**" if lo > 0 or (two_sided and hi < 0) else ""
+    return f"{mark}{mean:+.{digits}f}{mark} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
 def finished_clean_run(folder: Path, cells) -> Path | None:
     """The clean fine-tune of a finished cell of this seed, so a resumed grid does not fine-tune on
     the clean images again whichever of its cells happens to come first."""
@@ -136,11 +146,7 @@ def null_table(rows: list[dict]) -> str:
              f"{', '.join(map(str, rows[0]['seeds']))}, mean [95 % t interval over {rows[0]['images']} images]; bold: the interval excludes 0.",
              "", "| objective | ε | PSNR best | SSIM best |", "|---|---|---|---|"]
     for r in rows:
-        cells = []
-        for m, digits in (("psnr_best", 2), ("ssim_best", 3)):
-            lo, hi = r[f"{m}_ci"]
-            mark = "**" if lo is not None and (lo > 0 or hi < 0) else ""
-            cells.append(f"{mark}{r[m]:+.{digits}f}{mark}" + ("" if lo is None else f" [{lo:+.{digits}f}, {hi:+.{digits}f}]"))
+        cells = [interval_text(r[m], r[f"{m}_ci"], digits) for m, digits in (("psnr_best", 2), ("ssim_best", 3))]
         lines.append(f"| {r['objective']} | {r['eps_levels']}/255 | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -174,12 +180,7 @@ def mimicry_table(rows: list[dict], n: int, steps: int) -> str:
     by = {(r["objective"], r["eps_levels"], r["seeds"]): r for r in rows}
 
     def cell(r, m):
-        lo, hi = r[f"{m}_ci"]
-        if lo is None:
-            return f"{r[m]:+.3f}"
-        mark = "**" if lo > 0 else ""
-        digits = 2 if m.startswith("psnr") else 3
-        return f"{mark}{r[m]:+.{digits}f}{mark} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+        return interval_text(r[m], r[f"{m}_ci"], 2 if m.startswith("psnr") else 3, two_sided=False)
 
     head = ["objective", "ε"] + [f"{m.replace('_', ' ')} drop, seed {s}" for s in seeds for m in ("psnr_best", "ssim_best")]
     lines = [f"Mimicry after fine-tuning ({steps} steps on the {n} protected images, one fine-tune per seed; the clean fine-tune of "
@@ -271,19 +272,13 @@ def encoder_table(rows: list[dict]) -> str:
              "encoder attack protects more; bold: the interval excludes 0.", "",
              "| ε | encoder | denoiser | difference |", "|---|---|---|---|"]
     for r in rows:
-        lo_hi = r["psnr_drop_difference_ci"]
-        mark = "**" if lo_hi and (lo_hi[0] > 0 or lo_hi[1] < 0) else ""
-        ci = "" if lo_hi is None else f" [{lo_hi[0]:+.2f}, {lo_hi[1]:+.2f}]"
-        lines.append(f"| {r['eps_levels']}/255 | {r['encoder']} | {r['denoiser']} | {mark}{r['psnr_drop_difference']:+.2f}{mark}{ci} |")
+        lines.append(f"| {r['eps_levels']}/255 | {r['encoder']} | {r['denoiser']} | "
+                     f"{interval_text(r['psnr_drop_difference'], r['psnr_drop_difference_ci'])} |")
     return "\n".join(lines)
 
 
 def _cell(r: dict | None) -> str:
-    if r is None:
-        return ""
-    ci = r["psnr_drop_ci"]
-    mark = "" if ci is None else ("**" if ci[0] > 0 else "")
-    return f"{mark}{r['psnr_drop']:+.2f}{mark}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
+    return "" if r is None else interval_text(r["psnr_drop"], r["psnr_drop_ci"], two_sided=False)
 
 
 def table(rows: list[dict], strength: float, n: int, costs: dict) -> str:
