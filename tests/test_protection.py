@@ -724,6 +724,17 @@ def test_protection_grid_pools_pgd_seeds_per_image_before_the_interval():
     assert "pooled over PGD seeds 0, 1" in table and "| sds- | 16/255 | 30.0 | +2.00 [" in table and "+1.33 / +2.67 |" in table
 
 
+def test_every_table_cell_is_bold_exactly_when_its_interval_excludes_zero_on_either_side():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import protection_grid
+
+    assert protection_grid.interval_text(0.5, (0.1, 0.9)) == "**+0.50** [+0.10, +0.90]"
+    assert protection_grid.interval_text(-0.24, (-0.47, -0.01)) == "**-0.24** [-0.47, -0.01]"  # easier to mimic: a finding too
+    assert protection_grid.interval_text(0.2, (-0.1, 0.5)) == "+0.20 [-0.10, +0.50]"
+    assert protection_grid.interval_text(0.0123, (0.001, 0.02), 3) == "**+0.012** [+0.001, +0.020]"
+    assert protection_grid.interval_text(1.5, None) == "+1.50"
+
+
 def test_encoder_versus_denoiser_pairs_each_images_seed_pooled_drops():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import protection_grid
