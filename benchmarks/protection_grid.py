@@ -49,8 +49,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
-PURIFICATIONS = ("[{kind: jpeg, quality: 75}, {kind: gaussian, sigma: 0.05}, {kind: noisy_upscale, sigma: 0.02, factor: 2},"
-                 " {kind: diffpure, t_star: 100, steps: 10}]")
+# the same settings before SDEdit and before fine-tuning
+PURIFICATION_SETTINGS = {"jpeg": "{kind: jpeg, quality: 75}", "gaussian": "{kind: gaussian, sigma: 0.05}",
+                         "noisy_upscale": "{kind: noisy_upscale, sigma: 0.02, factor: 2}", "diffpure": "{kind: diffpure, t_star: 100, steps: 10}"}
+PURIFICATIONS = "[" + ", ".join(PURIFICATION_SETTINGS.values()) + "]"
 
 
 def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, pgd_seed: int, args) -> dict:
@@ -68,22 +70,42 @@ def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, p
     return json.loads(summary.read_text())["protection"]
 
 
-def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, seed: int, clean_run: Path | None, args) -> dict:
-    """One cell fine-tuned on (protection as in ``run_cell``, no SDEdit); returns its mimicry section."""
+def mimicry_cell_dir(seed_dir: Path, objective: str, levels: int, purification: str | None = None) -> Path:
+    return seed_dir / f"{objective}-eps{levels}{f'-purified-{purification}' if purification else ''}"
+
+
+def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, seed: int, clean_run: Path | None, args,
+                     purification: str | None = None) -> dict:
+    """One cell fine-tuned on (protection as in ``run_cell``, no SDEdit); returns its mimicry section.
+    With ``purification``: both sets are purified before fine-tuning and only that pair is fine-tuned
+    (``mimicry.unpurified=false``); ``clean_run`` is then the seed's fine-tune on purified clean copies."""
     import protect
 
     summary = out / "summary.json"
     if not summary.is_file() or "mimicry" not in json.loads(summary.read_text()).get("protection", {}):
+        purify = [f"purification=[{PURIFICATION_SETTINGS[purification]}]", "mimicry.unpurified=false"] if purification else ["purification=[]"]
         rc = protect.main([
             f"input={clean}", f"model={model}", f"output={out}", f"objective={objective}", f"eps={levels}/255",
-            f"steps={args.pgd_steps}", f"seed={args.seeds[0]}", "evaluate.enabled=false", "purification=[]", "mimicry.enabled=true",
+            f"steps={args.pgd_steps}", f"seed={args.seeds[0]}", "evaluate.enabled=false", *purify, "mimicry.enabled=true",
             f"mimicry.seed={seed}", f"mimicry.steps={args.finetune_steps}", f"mimicry.samples_per_image={args.samples}",
             *([f"mimicry.clean_run={clean_run}"] if clean_run else []),
             *([f"mimicry.train_overrides=[{','.join(args.finetune_overrides)}]"] if args.finetune_overrides else []),
         ])
         if rc != 0:
-            raise SystemExit(f"protect.py failed on {objective} at {levels}/255 with mimicry seed {seed} (exit {rc})")
+            raise SystemExit(f"protect.py failed on {objective} at {levels}/255 with mimicry seed {seed}"
+                             f"{f' after {purification}' if purification else ''} (exit {rc})")
     return json.loads(summary.read_text())["protection"]["mimicry"]
+
+
+def mimicry_section(section: dict, purification: str | None = None) -> dict:
+    """The mimicry result of the unpurified pair, or of the pair purified with ``purification``."""
+    return section["purified"][purification] if purification else section
+
+
+def mimicry_per_image(out: Path, purification: str | None = None) -> list[dict]:
+    """A cell's per-image rows as ``{"file", "mimicry"}``, the mimicry scores of the unpurified or the purified pair."""
+    rows = [json.loads(line) for line in (out / "protection_per_image.jsonl").read_text().splitlines() if line.strip()]
+    return [{"file": r["file"], "mimicry": r["purified"][purification]["mimicry"] if purification else r["mimicry"]} for r in rows]
 
 
 def interval_text(mean: float, ci, digits: int = 2) -> str:
@@ -96,13 +118,15 @@ def interval_text(mean: float, ci, digits: int = 2) -> str:
     return f"{mark}{mean:+.{digits}f}{mark} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
-def finished_clean_run(folder: Path, cells) -> Path | None:
-    """The clean fine-tune of a finished cell of this seed, so a resumed grid does not fine-tune on
-    the clean images again whichever of its cells happens to come first."""
+def finished_clean_run(folder: Path, cells, purification: str | None = None) -> Path | None:
+    """The clean fine-tune (on copies purified with ``purification``, if given) of a finished cell
+    of this seed, so a resumed grid does not fine-tune on the clean images again whichever of its
+    cells happens to come first."""
     for objective, levels in cells:
-        summary = folder / f"{objective}-eps{levels}" / "summary.json"
+        summary = mimicry_cell_dir(folder, objective, levels, purification) / "summary.json"
         if summary.is_file():
-            finetune = json.loads(summary.read_text()).get("protection", {}).get("mimicry", {}).get("finetune", {})
+            section = json.loads(summary.read_text()).get("protection", {}).get("mimicry")
+            finetune = mimicry_section(section, purification).get("finetune", {}) if section else {}
             if "clean" in finetune:
                 return Path(finetune["clean"]["run_dir"])
     return None
@@ -151,6 +175,58 @@ def null_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def purification_effect_rows(per_cell: dict, purified_cell: dict, purification: str) -> list[dict]:
+    """What purifying both sets before fine-tuning does, paired per image (each image's value
+    averaged over the fine-tuning seeds both ran), t interval over images: per cell, the mimicry
+    drop after purification minus the drop without (negative: the purification removes
+    protection); and, as cell "clean", the purification's own cost to a mimic of clean images
+    (clean-tuned minus purified-clean-tuned similarity to the clean images)."""
+    import numpy as np
+
+    from eidetic.stats import mean_and_standard_error, t_interval
+
+    def interval(values: list) -> tuple[float, list]:
+        d = np.mean(values, axis=0)
+        mean, se = mean_and_standard_error(d.tolist())
+        return mean, list(t_interval(mean, se, len(d)) or (None, None))
+
+    def clean_tuned(rows, m):
+        return np.array([r["mimicry"]["clean_tuned"][m] for r in sorted(rows, key=lambda r: r["file"])])
+
+    out, cost_seeds = [], {}
+    for cell, after in purified_cell.items():
+        seeds = sorted(set(after) & set(per_cell.get(cell, {})))
+        if not seeds:
+            continue
+        row = {"objective": cell[0], "eps_levels": cell[1], "purification": purification, "seeds": seeds, "images": len(after[seeds[0]])}
+        for m in ("psnr_best", "ssim_best"):
+            row[m], row[f"{m}_ci"] = interval([mimicry_drops(after[s], m) - mimicry_drops(per_cell[cell][s], m) for s in seeds])
+        out.append(row)
+        for s in seeds:
+            cost_seeds.setdefault(s, (per_cell[cell][s], after[s]))
+    if cost_seeds:
+        seeds = sorted(cost_seeds)
+        row = {"objective": "clean", "eps_levels": 0, "purification": purification, "seeds": seeds, "images": len(cost_seeds[seeds[0]][0])}
+        for m in ("psnr_best", "ssim_best"):
+            row[m], row[f"{m}_ci"] = interval([clean_tuned(before, m) - clean_tuned(after, m) for before, after in cost_seeds.values()])
+        out.append(row)
+    return out
+
+
+def purification_effect_table(rows: list[dict]) -> str:
+    purification, n = rows[0]["purification"], rows[0]["images"]
+    lines = [f"Purification `{purification}` of both sets before fine-tuning, paired per image over fine-tuning seeds "
+             f"{', '.join(map(str, rows[0]['seeds']))}, mean [95 % t interval over {n} images]; bold: the interval excludes 0. "
+             "Cells: mimicry drop after purification minus the drop without (negative: the purification removes protection). "
+             "clean: what the purification costs a mimic of clean images (clean-tuned minus purified-clean-tuned similarity).",
+             "", "| cell | PSNR best | SSIM best |", "|---|---|---|"]
+    for r in rows:
+        name = "clean (the purification's cost)" if r["objective"] == "clean" else f"{r['objective']} {r['eps_levels']}/255"
+        cells = [interval_text(r[m], r[f"{m}_ci"], digits) for m, digits in (("psnr_best", 2), ("ssim_best", 3))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def mimicry_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -> list[dict]:
     """Drops per seed and pooled over seeds (each image's drop averaged over them), with t
     intervals over images; ``per_image[seed]`` are the protect run's per-image mimicry rows."""
@@ -174,7 +250,7 @@ def mimicry_rows(per_image: dict[int, list[dict]], objective: str, levels: int) 
     return out
 
 
-def mimicry_table(rows: list[dict], n: int, steps: int) -> str:
+def mimicry_table(rows: list[dict], n: int, steps: int, purification: str | None = None) -> str:
     seeds = list(dict.fromkeys(r["seeds"] for r in rows))
     cells = sorted({(r["objective"], r["eps_levels"]) for r in rows}, key=lambda c: (c[1], c[0]))
     by = {(r["objective"], r["eps_levels"], r["seeds"]): r for r in rows}
@@ -183,7 +259,8 @@ def mimicry_table(rows: list[dict], n: int, steps: int) -> str:
         return interval_text(r[m], r[f"{m}_ci"], 2 if m.startswith("psnr") else 3)
 
     head = ["objective", "ε"] + [f"{m.replace('_', ' ')} drop, seed {s}" for s in seeds for m in ("psnr_best", "ssim_best")]
-    lines = [f"Mimicry after fine-tuning ({steps} steps on the {n} protected images, one fine-tune per seed; the clean fine-tune of "
+    purified = f", both sets purified with `{purification}` first" if purification else ""
+    lines = [f"Mimicry after fine-tuning ({steps} steps on the {n} protected images{purified}, one fine-tune per seed; the clean fine-tune of "
              "each seed shared by every cell): clean-tuned minus protected-tuned similarity of the best of the samples to the clean "
              f"image, mean [95 % t interval over {n} images]; pooled: each image's drop averaged over the seeds first. Bold: the "
              "interval excludes 0.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -334,6 +411,9 @@ def main(argv=None) -> dict:
                     help="generations per caption and model (mimicry); best of 16 resolves a fine-tune's mimicry where best of 4 is mostly sampling luck")
     ap.add_argument("--finetune-override", dest="finetune_overrides", nargs="+", default=[], metavar="KEY=VALUE",
                     help="training overrides of every fine-tune (mimicry.train_overrides), e.g. train.ema.enabled=false")
+    ap.add_argument("--mimicry-purify", nargs="+", default=[], choices=tuple(PURIFICATION_SETTINGS),
+                    help="also fine-tune on both sets purified with each of these (one more fine-tune per cell and seed, "
+                         "plus one on the purified clean copies per seed)")
     ap.add_argument("--mimicry-only", action="store_true", help="skip the SDEdit cells (mimicry only)")
     args = ap.parse_args(argv)
     if (args.model is None) == (not args.train_base):
@@ -396,23 +476,33 @@ def main(argv=None) -> dict:
                                              for r in encoder_rows if r["eps_levels"] == 16},
         })
     if args.mimicry_seeds:
-        per_cell: dict = {}
-        for seed in args.mimicry_seeds:
-            clean_run = finished_clean_run(args.out / f"mimicry-seed{seed}", cells)
-            for i, (objective, levels) in enumerate(cells):
-                print(f"[mimicry seed {seed}: {i + 1}/{len(cells)}] {objective} at {levels}/255", file=sys.stderr, flush=True)
-                cell_out = args.out / f"mimicry-seed{seed}" / f"{objective}-eps{levels}"
-                section = run_mimicry_cell(model, clean, cell_out, objective, levels, seed, clean_run, args)
-                clean_run = clean_run or Path(section["finetune"]["clean"]["run_dir"])
-                per_cell.setdefault((objective, levels), {})[seed] = [json.loads(line) for line in (cell_out / "protection_per_image.jsonl").read_text().splitlines() if line.strip()]
-        mrows = [r for (objective, levels), by_seed in per_cell.items() for r in mimicry_rows(by_seed, objective, levels)]
+        per_cell: dict = {p: {} for p in (None, *args.mimicry_purify)}  # purification -> (objective, levels) -> seed -> rows
+        for purification in per_cell:
+            for seed in args.mimicry_seeds:
+                seed_dir = args.out / f"mimicry-seed{seed}"
+                clean_run = finished_clean_run(seed_dir, cells, purification)
+                for i, (objective, levels) in enumerate(cells):
+                    print(f"[mimicry seed {seed}{f', purified with {purification}' if purification else ''}: {i + 1}/{len(cells)}] "
+                          f"{objective} at {levels}/255", file=sys.stderr, flush=True)
+                    cell_out = mimicry_cell_dir(seed_dir, objective, levels, purification)
+                    section = run_mimicry_cell(model, clean, cell_out, objective, levels, seed, clean_run, args, purification)
+                    clean_run = clean_run or Path(mimicry_section(section, purification)["finetune"]["clean"]["run_dir"])
+                    per_cell[purification].setdefault((objective, levels), {})[seed] = mimicry_per_image(cell_out, purification)
+        mrows = [r for (objective, levels), by_seed in per_cell[None].items() for r in mimicry_rows(by_seed, objective, levels)]
         text = mimicry_table(mrows, args.images, args.finetune_steps)
-        nrows = null_difference_rows(per_cell)
+        nrows = null_difference_rows(per_cell[None])
         if nrows:
             text += "\n\n" + null_table(nrows)
+        purified = {}
+        for purification in args.mimicry_purify:
+            prows = [r for (objective, levels), by_seed in per_cell[purification].items() for r in mimicry_rows(by_seed, objective, levels)]
+            pnull, effect = null_difference_rows(per_cell[purification]), purification_effect_rows(per_cell[None], per_cell[purification], purification)
+            text += "\n\n" + mimicry_table(prows, args.images, args.finetune_steps, purification)
+            text += "".join("\n\n" + t for t in ((null_table(pnull) if pnull else ""), purification_effect_table(effect)) if t)
+            purified[purification] = {"settings": PURIFICATION_SETTINGS[purification], "rows": prows, "minus_null": pnull, "effect": effect}
         write_text_atomic(args.out / "mimicry.md", text + "\n")
         write_json_atomic(args.out / "mimicry.json", {"images": args.images, "finetune_steps": args.finetune_steps, "seeds": args.mimicry_seeds,
-                                                      "rows": mrows, "minus_null": nrows})
+                                                      "rows": mrows, "minus_null": nrows, "purified": purified})
         print(text)
         pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}
         result["mimicry"] = {

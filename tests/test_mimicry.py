@@ -176,6 +176,15 @@ def test_mimicry_config_errors(images, tmp_path):
         mimicry.training_config(tmp_path / "model", tmp_path / "d", tmp_path / "r", cfg.mimicry)
 
 
+def test_purified_only_mimicry_needs_one_purification_to_name_its_clean_run(images, tmp_path):
+    common = [f"input={images}", "model=m", f"output={tmp_path / 'o'}", "mimicry.enabled=true", "mimicry.unpurified=false"]
+    with pytest.raises(ConfigError, match="needs a purification"):
+        protect_workflow.load_config([], common)
+    with pytest.raises(ConfigError, match="names the clean fine-tune of one purification; 2 are given"):
+        protect_workflow.load_config([], [*common, "purification=[{kind: jpeg}, {kind: gaussian}]", "mimicry.clean_run=r"])
+    assert protect_workflow.load_config([], [*common, "purification=[{kind: jpeg}, {kind: gaussian}]"]).mimicry.unpurified is False
+
+
 def test_base_config_from_an_older_run_drops_unknown_keys(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "config.yaml").write_text("data:\n  resolution: 24\n  border: 4\nmodel:\n  space: latent\ntrain:\n  checkpoint:\n    export_diffusers: false\n")
@@ -222,6 +231,27 @@ def test_mimicry_after_purification_scores_against_the_clean_images(tiny_model, 
     assert p["images"] == m["images"] and finite(p["drop"]["ssim_mean"])
     assert (out.with_name("out.mimicry") / "purified-jpeg" / "runs" / "clean" / "model").is_dir()
     assert "purified with `jpeg`" in (out / "report.md").read_text()
+
+    # a second protection of the same images, purified copies only, sharing the purified clean fine-tune
+    clean_run = Path(p["finetune"]["clean"]["run_dir"])
+    second = tmp_path / "second"
+    rc = protect.main([
+        f"input={images}", f"model={tiny_model}", f"output={second}", "objective=photoguard", "steps=1", "evaluate.enabled=false",
+        "mimicry.enabled=true", "mimicry.steps=2", "mimicry.samples_per_image=1", "mimicry.sample_steps=2",
+        "mimicry.train_overrides=[train.lr_warmup_steps=0]", "purification=[{kind: jpeg}]", "mimicry.unpurified=false",
+        f"mimicry.clean_run={clean_run}",
+    ])
+    assert rc == 0
+    m2 = json.loads((second / "summary.json").read_text())["protection"]["mimicry"]
+    p2 = m2["purified"]["jpeg"]
+    assert m2["unpurified"] is False and "drop" not in m2
+    assert p2["finetune"]["clean"]["reused"] and p2["similarity"]["clean_tuned"] == p["similarity"]["clean_tuned"]
+    work = second.with_name("second.mimicry")
+    assert not (work / "clean").exists() and not (work / "protected").exists()  # nothing fine-tuned unpurified
+    assert (work / "purified-jpeg" / "runs" / "protected" / "model").is_dir()
+    rows = [json.loads(line) for line in (second / "protection_per_image.jsonl").read_text().splitlines()]
+    assert all("mimicry" not in r and finite(r["purified"]["jpeg"]["mimicry"]["protected_tuned"]["psnr_best"]) for r in rows)
+    assert "Not evaluated on the unpurified copies" in (second / "report.md").read_text()
 
 
 def test_a_second_protection_reuses_the_clean_fine_tune_and_a_different_one_is_refused(mimicry_run, tiny_model, images, tmp_path):
@@ -282,3 +312,31 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
     stamp = (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns
     protection_grid.main(argv)  # resumes: every finished cell kept
     assert (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns == stamp
+
+    # purification before fine-tuning: one more fine-tune per cell and seed, the purified clean one shared
+    protection_grid.main([*argv, "--mimicry-purify", "jpeg"])
+    assert (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns == stamp  # unpurified cells kept
+    saved = json.loads((out / "mimicry.json").read_text())
+    purified = saved["purified"]["jpeg"]
+    assert purified["settings"] == protection_grid.PURIFICATION_SETTINGS["jpeg"]
+    for seed in (0, 1):
+        folder = out / f"mimicry-seed{seed}"
+        first = json.loads((folder / "sds--eps8-purified-jpeg" / "summary.json").read_text())["protection"]["mimicry"]
+        second = json.loads((folder / "photoguard-eps32-purified-jpeg" / "summary.json").read_text())["protection"]["mimicry"]
+        assert first["unpurified"] is False and not first["purified"]["jpeg"]["finetune"]["clean"].get("reused")
+        assert second["purified"]["jpeg"]["finetune"]["clean"]["reused"]
+        assert protection_grid.finished_clean_run(folder, [("sds-", 8)], "jpeg") == Path(first["purified"]["jpeg"]["finetune"]["clean"]["run_dir"])
+    before = {(r["objective"], r["eps_levels"]): r for r in saved["rows"] if r["seeds"] == "pooled"}
+    after = {(r["objective"], r["eps_levels"]): r for r in purified["rows"] if r["seeds"] == "pooled"}
+    effect = {(r["objective"], r["eps_levels"]): r for r in purified["effect"]}
+    for cell in (("sds-", 8), ("photoguard", 32)):  # paired per image, so the mean is the difference of the pooled means
+        assert effect[cell]["psnr_best"] == pytest.approx(after[cell]["psnr_best"] - before[cell]["psnr_best"])
+    clean_tuned = {}
+    for suffix in ("", "-purified-jpeg"):
+        for seed in (0, 1):
+            for r in (json.loads(line) for line in (out / f"mimicry-seed{seed}" / f"sds--eps8{suffix}" / "protection_per_image.jsonl").read_text().splitlines()):
+                m = r["purified"]["jpeg"]["mimicry"] if suffix else r["mimicry"]
+                clean_tuned.setdefault(suffix, []).append(m["clean_tuned"]["ssim_best"])
+    assert effect[("clean", 0)]["ssim_best"] == pytest.approx(np.mean(clean_tuned[""]) - np.mean(clean_tuned["-purified-jpeg"]))
+    text = (out / "mimicry.md").read_text()
+    assert "both sets purified with `jpeg` first" in text and "| clean (the purification's cost) |" in text

@@ -246,6 +246,9 @@ def run(cfg: DictConfig) -> Path:
 
 
 def run_mimicry(cfg, src: Path, out: Path, captions, saved, per_image, device, model=None) -> dict:
+    if not cfg.mimicry.unpurified:
+        return {"unpurified": False, "purified": run_purified_mimicry(cfg, src, captions, saved, per_image, device, model,
+                                                                      clean_run=cfg.mimicry.clean_run or None)}
     try:
         result = mimicry.mimicry_after_finetuning(
             cfg.model, src, out, captions, cfg.mimicry, mimicry_work_dir(cfg), files=list(saved), default_caption=cfg.caption,
@@ -261,9 +264,10 @@ def run_mimicry(cfg, src: Path, out: Path, captions, saved, per_image, device, m
     return result
 
 
-def run_purified_mimicry(cfg, src: Path, captions, saved, per_image, device, model) -> dict:
+def run_purified_mimicry(cfg, src: Path, captions, saved, per_image, device, model, clean_run=None) -> dict:
     """Mimicry after fine-tuning on purified clean and purified protected copies, each scored
-    against the original clean images; work files in ``<mimicry work dir>/purified-<name>/``."""
+    against the original clean images; work files in ``<mimicry work dir>/purified-<name>/``.
+    ``clean_run``: a finished fine-tune on the same purified clean copies (one purification)."""
     work = mimicry_work_dir(cfg)
     clean = {n: load_image(src / n) for n in saved}
     out = {}
@@ -282,7 +286,7 @@ def run_purified_mimicry(cfg, src: Path, captions, saved, per_image, device, mod
         try:
             result = mimicry.mimicry_after_finetuning(
                 cfg.model, staged["clean"], staged["protected"], caps, cfg.mimicry, folder / "runs", files=names,
-                default_caption=cfg.caption, device=device, references=refs,
+                default_caption=cfg.caption, device=device, references=refs, clean_run=clean_run,
                 progress=lambda message, label=label: print(f"protect: mimicry ({label}): {message}", file=sys.stderr),
             )
         except (DataError, ModelLoadError) as exc:

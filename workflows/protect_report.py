@@ -54,7 +54,11 @@ def render_report(cfg: DictConfig, s: dict) -> str:
     if "purification" in s:
         lines += render_purification(s)
     if "mimicry" in s:
-        lines += render_mimicry(s["mimicry"])
+        if s["mimicry"].get("unpurified", True):
+            lines += render_mimicry(s["mimicry"])
+        else:
+            lines += ["## Mimicry after fine-tuning", "", "Not evaluated on the unpurified copies (`mimicry.unpurified=false`); "
+                      "each purification's pair below is compared with the original clean images.", ""]
         for label, m in (s["mimicry"].get("purified") or {}).items():
             lines += [f"### Mimicry after fine-tuning, both sets purified with `{label}`", ""]
             lines += render_mimicry(m)[2:]

@@ -95,6 +95,9 @@ class MimicrySettings(Section):
     # reused instead of fine-tuning on the clean images again (checked to match), so protections
     # of one image set compared side by side share one clean fine-tune; "" = fine-tune it here
     clean_run: str = ""
+    # false: fine-tune only on each purification's purified pair, not on the unpurified copies
+    # (needs a purification); clean_run then names the clean fine-tune of that one purification
+    unpurified: bool = True
 
     def problems(self) -> list[str]:
         out = [f"{k} must be an integer >= 1, got {getattr(self, k)!r}" for k in ("steps", "samples_per_image", "sample_steps") if getattr(self, k) < 1]
@@ -161,6 +164,13 @@ class ProtectConfig(Section):
         labels = [p.label() for p in self.purification]
         if len(set(labels)) != len(labels):
             out.append(f"purification names must be unique (set name= on repeated kinds), got {labels}")
+        if self.mimicry.enabled and not self.mimicry.unpurified:
+            if not self.purification:
+                out.append("mimicry.unpurified=false fine-tunes on purified copies only, so it needs a purification "
+                           "(e.g. purification=[{kind: jpeg}]); or drop mimicry.unpurified=false")
+            elif self.mimicry.clean_run and len(self.purification) > 1:
+                out.append(f"with mimicry.unpurified=false, mimicry.clean_run names the clean fine-tune of one purification; "
+                           f"{len(self.purification)} are given ({', '.join(labels)}): run them one at a time or drop mimicry.clean_run")
         if self.batch_size < 1:
             out.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.device in ("auto", "cpu") or str(self.device).startswith("cuda")):
