@@ -509,6 +509,9 @@ def main(argv=None) -> dict:
             "seeds": args.mimicry_seeds,
             "positive_control": None if not args.control else {k: pooled[cells[-1]][k] for k in ("psnr_best", "psnr_best_ci", "ssim_best", "ssim_best_ci")},
             "psnr_best_drop_at_16": {o: round(pooled[(o, 16)]["psnr_best"], 3) for o in args.objectives if (o, 16) in pooled},
+            # per purification: SSIM-best drop after it minus before, and its cost to a mimic of clean images
+            "purification_effect_ssim_best": {p: {f"{r['objective']}:{r['eps_levels']}": [round(r["ssim_best"], 4), r["ssim_best_ci"]]
+                                                  for r in v["effect"]} for p, v in purified.items()},
         }
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))

@@ -314,7 +314,7 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
     assert (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns == stamp
 
     # purification before fine-tuning: one more fine-tune per cell and seed, the purified clean one shared
-    protection_grid.main([*argv, "--mimicry-purify", "jpeg"])
+    result = protection_grid.main([*argv, "--mimicry-purify", "jpeg"])
     assert (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns == stamp  # unpurified cells kept
     saved = json.loads((out / "mimicry.json").read_text())
     purified = saved["purified"]["jpeg"]
@@ -340,3 +340,4 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
     assert effect[("clean", 0)]["ssim_best"] == pytest.approx(np.mean(clean_tuned[""]) - np.mean(clean_tuned["-purified-jpeg"]))
     text = (out / "mimicry.md").read_text()
     assert "both sets purified with `jpeg` first" in text and "| clean (the purification's cost) |" in text
+    assert set(result["mimicry"]["purification_effect_ssim_best"]["jpeg"]) == {"sds-:8", "photoguard:32", "clean:0"}
