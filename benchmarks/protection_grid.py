@@ -135,6 +135,18 @@ def finished_clean_run(folder: Path, cells, purification: str | None = None) -> 
 MIMICRY_MEASURES = ("psnr_best", "ssim_best", "psnr_mean", "ssim_mean")
 
 
+def seed_pooled_interval(per_seed: list) -> tuple[float, list]:
+    """Mean and 95 % t interval over images of per-image values averaged over seeds first
+    (``per_seed``: one array of per-image values per seed)."""
+    import numpy as np
+
+    from eidetic.stats import mean_and_standard_error, t_interval
+
+    d = np.mean(per_seed, axis=0)
+    mean, se = mean_and_standard_error(d.tolist())
+    return mean, list(t_interval(mean, se, len(d)) or (None, None))
+
+
 def mimicry_drops(rows: list[dict], measure: str):
     """Per image (in file order), clean-tuned minus protected-tuned ``measure`` of one mimicry cell and seed."""
     import numpy as np
@@ -147,20 +159,15 @@ def null_difference_rows(per_cell: dict, null: str = "random") -> list[dict]:
     """Each objective's mimicry drop minus the null perturbation's at the same ε, paired per image
     (each image's difference averaged over the fine-tuning seeds both ran), t interval over images:
     whether an objective protects more than noise of its budget does."""
-    import numpy as np
-
-    from eidetic.stats import mean_and_standard_error, t_interval
-
     out = []
     for (objective, levels), by_seed in per_cell.items():
         if objective == null or (null, levels) not in per_cell:
             continue
         seeds = sorted(set(by_seed) & set(per_cell[(null, levels)]))
         row = {"objective": objective, "eps_levels": levels, "null": null, "seeds": seeds}
+        row["images"] = len(by_seed[seeds[0]])
         for m in ("psnr_best", "ssim_best"):
-            d = np.mean([mimicry_drops(by_seed[s], m) - mimicry_drops(per_cell[(null, levels)][s], m) for s in seeds], axis=0)
-            mean, se = mean_and_standard_error(d.tolist())
-            row[m], row[f"{m}_ci"], row["images"] = mean, list(t_interval(mean, se, len(d)) or (None, None)), len(d)
+            row[m], row[f"{m}_ci"] = seed_pooled_interval([mimicry_drops(by_seed[s], m) - mimicry_drops(per_cell[(null, levels)][s], m) for s in seeds])
         out.append(row)
     return out
 
@@ -183,13 +190,6 @@ def purification_effect_rows(per_cell: dict, purified_cell: dict, purification: 
     (clean-tuned minus purified-clean-tuned similarity to the clean images)."""
     import numpy as np
 
-    from eidetic.stats import mean_and_standard_error, t_interval
-
-    def interval(values: list) -> tuple[float, list]:
-        d = np.mean(values, axis=0)
-        mean, se = mean_and_standard_error(d.tolist())
-        return mean, list(t_interval(mean, se, len(d)) or (None, None))
-
     def clean_tuned(rows, m):
         return np.array([r["mimicry"]["clean_tuned"][m] for r in sorted(rows, key=lambda r: r["file"])])
 
@@ -200,7 +200,7 @@ def purification_effect_rows(per_cell: dict, purified_cell: dict, purification: 
             continue
         row = {"objective": cell[0], "eps_levels": cell[1], "purification": purification, "seeds": seeds, "images": len(after[seeds[0]])}
         for m in ("psnr_best", "ssim_best"):
-            row[m], row[f"{m}_ci"] = interval([mimicry_drops(after[s], m) - mimicry_drops(per_cell[cell][s], m) for s in seeds])
+            row[m], row[f"{m}_ci"] = seed_pooled_interval([mimicry_drops(after[s], m) - mimicry_drops(per_cell[cell][s], m) for s in seeds])
         out.append(row)
         for s in seeds:
             cost_seeds.setdefault(s, (per_cell[cell][s], after[s]))
@@ -208,7 +208,7 @@ def purification_effect_rows(per_cell: dict, purified_cell: dict, purification: 
         seeds = sorted(cost_seeds)
         row = {"objective": "clean", "eps_levels": 0, "purification": purification, "seeds": seeds, "images": len(cost_seeds[seeds[0]][0])}
         for m in ("psnr_best", "ssim_best"):
-            row[m], row[f"{m}_ci"] = interval([clean_tuned(before, m) - clean_tuned(after, m) for before, after in cost_seeds.values()])
+            row[m], row[f"{m}_ci"] = seed_pooled_interval([clean_tuned(before, m) - clean_tuned(after, m) for before, after in cost_seeds.values()])
         out.append(row)
     return out
 
@@ -232,17 +232,12 @@ def mimicry_rows(per_image: dict[int, list[dict]], objective: str, levels: int) 
     intervals over images; ``per_image[seed]`` are the protect run's per-image mimicry rows."""
     import numpy as np
 
-    from eidetic.stats import mean_and_standard_error, t_interval
-
     out = []
     seeds = sorted(per_image)
     for label, by_seed in [*((str(s), [per_image[s]]) for s in seeds), ("pooled", [per_image[s] for s in seeds])]:
         row = {"objective": objective, "eps_levels": levels, "seeds": label, "images": len(by_seed[0])}
         for m in MIMICRY_MEASURES:
-            d = np.mean([mimicry_drops(rows, m) for rows in by_seed], axis=0)
-            mean, se = mean_and_standard_error(d.tolist())
-            row[m] = mean
-            row[f"{m}_ci"] = list(t_interval(mean, se, len(d)) or (None, None))
+            row[m], row[f"{m}_ci"] = seed_pooled_interval([mimicry_drops(rows, m) for rows in by_seed])
         if label != "pooled":
             row["clean_gain_psnr_best"] = float(np.mean([r["mimicry"]["clean_tuned"]["psnr_best"] - r["mimicry"]["base"]["psnr_best"]
                                                          for r in by_seed[0]]))
