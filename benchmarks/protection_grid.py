@@ -135,16 +135,22 @@ def finished_clean_run(folder: Path, cells, purification: str | None = None) -> 
 MIMICRY_MEASURES = ("psnr_best", "ssim_best", "psnr_mean", "ssim_mean")
 
 
-def seed_pooled_interval(per_seed: list) -> tuple[float, list]:
-    """Mean and 95 % t interval over images of per-image values averaged over seeds first
-    (``per_seed``: one array of per-image values per seed)."""
-    import numpy as np
-
+def mean_interval(values) -> tuple[float, list | None]:
+    """Mean and 95 % t interval over images of per-image values (None without two images)."""
     from eidetic.stats import mean_and_standard_error, t_interval
 
-    d = np.mean(per_seed, axis=0)
-    mean, se = mean_and_standard_error(d.tolist())
-    return mean, list(t_interval(mean, se, len(d)) or (None, None))
+    values = [float(v) for v in values]
+    mean, se = mean_and_standard_error(values)
+    ci = t_interval(mean, se, len(values))
+    return mean, None if ci is None else list(ci)
+
+
+def seed_pooled_interval(per_seed: list) -> tuple[float, list | None]:
+    """``mean_interval`` of per-image values averaged over seeds first (``per_seed``: one array of
+    per-image values per seed, in the same image order)."""
+    import numpy as np
+
+    return mean_interval(np.mean(per_seed, axis=0))
 
 
 def mimicry_drops(rows: list[dict], measure: str):
@@ -284,8 +290,6 @@ def sdedit_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -
     per-image rows (only the evaluated images carry SDEdit results)."""
     import numpy as np
 
-    from eidetic.stats import mean_and_standard_error, t_interval
-
     seeds = sorted(per_image)
     evaluated = {s: [r for r in per_image[s] if any(k.startswith("sdedit_") for k in r)] for s in seeds}
     first = evaluated[seeds[0]]
@@ -301,10 +305,8 @@ def sdedit_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -
                 row = {"objective": objective, "eps_levels": levels, "seeds": label, "purification": purification,
                        "strength": strength, "images": len(by_seed[0]), "visibility_psnr": visibility}
                 for metric in ("psnr", "ssim"):
-                    d = np.mean([edit_drops(rows_, f"sdedit_{strength:g}", metric, pick) for rows_ in by_seed], axis=0)
-                    mean, se = mean_and_standard_error(d.tolist())
-                    ci = t_interval(mean, se, len(d))
-                    row[f"{metric}_drop"], row[f"{metric}_drop_ci"] = mean, None if ci is None else list(ci)
+                    row[f"{metric}_drop"], row[f"{metric}_drop_ci"] = seed_pooled_interval(
+                        [edit_drops(rows_, f"sdedit_{strength:g}", metric, pick) for rows_ in by_seed])
                 rows.append(row)
     return rows
 
@@ -320,8 +322,6 @@ def encoder_vs_denoiser_rows(per_cell: dict, strength: float) -> list[dict]:
     encoder attack protects more). ``per_cell[(objective, levels)][seed]`` are per-image rows."""
     import numpy as np
 
-    from eidetic.stats import mean_and_standard_error, t_interval
-
     def drops(objective, levels):
         key = f"sdedit_{strength:g}"
         return np.mean([edit_drops([r for r in rows if key in r], key) for rows in per_cell[(objective, levels)].values()], axis=0)
@@ -331,10 +331,9 @@ def encoder_vs_denoiser_rows(per_cell: dict, strength: float) -> list[dict]:
         for enc in (o for o in ENCODER_ONLY if (o, levels) in per_cell):
             for den in (o for o in DENOISER_ONLY if (o, levels) in per_cell):
                 d = drops(enc, levels) - drops(den, levels)
-                mean, se = mean_and_standard_error(d.tolist())
-                ci = t_interval(mean, se, len(d))
+                mean, ci = mean_interval(d)
                 out.append({"encoder": enc, "denoiser": den, "eps_levels": levels, "strength": strength, "images": len(d),
-                            "psnr_drop_difference": mean, "psnr_drop_difference_ci": None if ci is None else list(ci)})
+                            "psnr_drop_difference": mean, "psnr_drop_difference_ci": ci})
     return out
 
 

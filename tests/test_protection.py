@@ -733,6 +733,9 @@ def test_every_table_cell_is_bold_exactly_when_its_interval_excludes_zero_on_eit
     assert protection_grid.interval_text(0.2, (-0.1, 0.5)) == "+0.20 [-0.10, +0.50]"
     assert protection_grid.interval_text(0.0123, (0.001, 0.02), 3) == "**+0.012** [+0.001, +0.020]"
     assert protection_grid.interval_text(1.5, None) == "+1.50"
+    mean, ci = protection_grid.mean_interval([1.5])  # one image: no interval, shown without brackets
+    assert (mean, ci) == (1.5, None) and protection_grid.interval_text(mean, ci) == "+1.50"
+    assert protection_grid.mean_interval([1.0, 3.0])[1][0] < 1.0
 
 
 def test_encoder_versus_denoiser_pairs_each_images_seed_pooled_drops():
