@@ -74,6 +74,11 @@ def mimicry_cell_dir(seed_dir: Path, objective: str, levels: int, purification: 
     return seed_dir / f"{objective}-eps{levels}{f'-purified-{purification}' if purification else ''}"
 
 
+def mimicry_cell_finished(out: Path) -> bool:
+    summary = out / "summary.json"
+    return summary.is_file() and "mimicry" in json.loads(summary.read_text()).get("protection", {})
+
+
 def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, seed: int, clean_run: Path | None, args,
                      purification: str | None = None) -> dict:
     """One cell fine-tuned on (protection as in ``run_cell``, no SDEdit); returns its mimicry section.
@@ -82,7 +87,7 @@ def run_mimicry_cell(model: Path, clean: Path, out: Path, objective: str, levels
     import protect
 
     summary = out / "summary.json"
-    if not summary.is_file() or "mimicry" not in json.loads(summary.read_text()).get("protection", {}):
+    if not mimicry_cell_finished(out):
         purify = [f"purification=[{PURIFICATION_SETTINGS[purification]}]", "mimicry.unpurified=false"] if purification else ["purification=[]"]
         rc = protect.main([
             f"input={clean}", f"model={model}", f"output={out}", f"objective={objective}", f"eps={levels}/255",
@@ -409,11 +414,18 @@ def main(argv=None) -> dict:
                     help="also fine-tune on both sets purified with each of these (one more fine-tune per cell and seed, "
                          "plus one on the purified clean copies per seed)")
     ap.add_argument("--mimicry-only", action="store_true", help="skip the SDEdit cells (mimicry only)")
+    ap.add_argument("--tabulate-only", action="store_true",
+                    help="run nothing: tabulate the cells already finished for every seed (e.g. while the grid still runs) "
+                         "and name the others")
     args = ap.parse_args(argv)
     if (args.model is None) == (not args.train_base):
         ap.error("give either --model DIR or --train-base")
     if args.images < 2:
         ap.error("--images must be >= 2 (an interval over images needs two)")
+    if args.tabulate_only and not (args.out / "clean" / "metadata.jsonl").is_file():
+        ap.error(f"--tabulate-only: {args.out} holds no grid yet (no clean/metadata.jsonl); run the grid first")
+    if args.tabulate_only and args.train_base and not (args.out / "base" / "model" / "model_index.json").is_file():
+        ap.error(f"--tabulate-only runs nothing, but {args.out / 'base'} holds no trained base model; run the grid first")
 
     from protection_mimicry import train_base, write_images
 
@@ -435,8 +447,11 @@ def main(argv=None) -> dict:
         if objective not in OBJECTIVES or not levels.isdigit():
             ap.error(f"--control must be OBJECTIVE:LEVELS with OBJECTIVE one of {', '.join(OBJECTIVES)}, got {args.control!r}")
         cells.append((objective, int(levels)))
-    rows, costs, sdedit_per_image = [], {}, {}
+    rows, costs, sdedit_per_image, unfinished = [], {}, {}, []
     for i, (objective, levels) in enumerate([] if args.mimicry_only else cells):
+        if args.tabulate_only and not all((args.out / f"pgd-seed{s}" / f"{objective}-eps{levels}" / "summary.json").is_file() for s in args.seeds):
+            unfinished.append(f"{objective}:{levels} (SDEdit)")
+            continue
         by_seed = {}
         for seed in args.seeds:
             print(f"[{i + 1}/{len(cells)}] {objective} at {levels}/255, PGD seed {seed}", file=sys.stderr, flush=True)
@@ -463,7 +478,7 @@ def main(argv=None) -> dict:
                 if r["seeds"] == shown and r["purification"] == "none" and r["strength"] == middle}
         result.update({
             "strength": middle, "pgd_seeds": args.seeds,
-            "positive_control": None if not args.control else {
+            "positive_control": None if not args.control or cells[-1] not in pick else {
                 "cell": args.control, "psnr_drop": pick[cells[-1]]["psnr_drop"], "psnr_drop_ci": pick[cells[-1]]["psnr_drop_ci"]},
             "psnr_drop_at_16": {o: round(pick[(o, 16)]["psnr_drop"], 3) for o in args.objectives if (o, 16) in pick},
             "encoder_minus_denoiser_at_16": {f"{r['encoder']}-{r['denoiser']}": [round(r["psnr_drop_difference"], 3), r["psnr_drop_difference_ci"]]
@@ -472,41 +487,52 @@ def main(argv=None) -> dict:
     if args.mimicry_seeds:
         per_cell: dict = {p: {} for p in (None, *args.mimicry_purify)}  # purification -> (objective, levels) -> seed -> rows
         for purification in per_cell:
+            mimicry_cells = cells
+            if args.tabulate_only:
+                done = {c: all(mimicry_cell_finished(mimicry_cell_dir(args.out / f"mimicry-seed{s}", *c, purification)) for s in args.mimicry_seeds)
+                        for c in cells}
+                mimicry_cells = [c for c in cells if done[c]]
+                unfinished += [f"{o}:{e} (mimicry{f' after {purification}' if purification else ''})" for (o, e) in cells if not done[(o, e)]]
             for seed in args.mimicry_seeds:
                 seed_dir = args.out / f"mimicry-seed{seed}"
                 clean_run = finished_clean_run(seed_dir, cells, purification)
-                for i, (objective, levels) in enumerate(cells):
-                    print(f"[mimicry seed {seed}{f', purified with {purification}' if purification else ''}: {i + 1}/{len(cells)}] "
+                for i, (objective, levels) in enumerate(mimicry_cells):
+                    print(f"[mimicry seed {seed}{f', purified with {purification}' if purification else ''}: {i + 1}/{len(mimicry_cells)}] "
                           f"{objective} at {levels}/255", file=sys.stderr, flush=True)
                     cell_out = mimicry_cell_dir(seed_dir, objective, levels, purification)
                     section = run_mimicry_cell(model, clean, cell_out, objective, levels, seed, clean_run, args, purification)
                     clean_run = clean_run or Path(mimicry_section(section, purification)["finetune"]["clean"]["run_dir"])
                     per_cell[purification].setdefault((objective, levels), {})[seed] = mimicry_per_image(cell_out, purification)
         mrows = [r for (objective, levels), by_seed in per_cell[None].items() for r in mimicry_rows(by_seed, objective, levels)]
-        text = mimicry_table(mrows, args.images, args.finetune_steps)
         nrows = null_difference_rows(per_cell[None])
-        if nrows:
-            text += "\n\n" + null_table(nrows)
+        sections = [mimicry_table(mrows, args.images, args.finetune_steps) if mrows else "", null_table(nrows) if nrows else ""]
         purified = {}
         for purification in args.mimicry_purify:
             prows = [r for (objective, levels), by_seed in per_cell[purification].items() for r in mimicry_rows(by_seed, objective, levels)]
             pnull, effect = null_difference_rows(per_cell[purification]), purification_effect_rows(per_cell[None], per_cell[purification], purification)
-            text += "\n\n" + mimicry_table(prows, args.images, args.finetune_steps, purification)
-            text += "".join("\n\n" + t for t in ((null_table(pnull) if pnull else ""), purification_effect_table(effect)) if t)
+            sections += [mimicry_table(prows, args.images, args.finetune_steps, purification) if prows else "",
+                         null_table(pnull) if pnull else "", purification_effect_table(effect) if effect else ""]
             purified[purification] = {"settings": PURIFICATION_SETTINGS[purification], "rows": prows, "minus_null": pnull, "effect": effect}
+        text = "\n\n".join(t for t in sections if t) or "No mimicry cell has finished for every seed yet."
         write_text_atomic(args.out / "mimicry.md", text + "\n")
         write_json_atomic(args.out / "mimicry.json", {"images": args.images, "finetune_steps": args.finetune_steps, "seeds": args.mimicry_seeds,
-                                                      "rows": mrows, "minus_null": nrows, "purified": purified})
+                                                      "rows": mrows, "minus_null": nrows, "purified": purified,
+                                                      **({"unfinished": unfinished} if args.tabulate_only else {})})
         print(text)
         pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}
         result["mimicry"] = {
             "seeds": args.mimicry_seeds,
-            "positive_control": None if not args.control else {k: pooled[cells[-1]][k] for k in ("psnr_best", "psnr_best_ci", "ssim_best", "ssim_best_ci")},
+            "positive_control": None if cells[-1] not in pooled or not args.control else
+                                {k: pooled[cells[-1]][k] for k in ("psnr_best", "psnr_best_ci", "ssim_best", "ssim_best_ci")},
             "psnr_best_drop_at_16": {o: round(pooled[(o, 16)]["psnr_best"], 3) for o in args.objectives if (o, 16) in pooled},
             # per purification: SSIM-best drop after it minus before, and its cost to a mimic of clean images
             "purification_effect_ssim_best": {p: {f"{r['objective']}:{r['eps_levels']}": [round(r["ssim_best"], 4), r["ssim_best_ci"]]
                                                   for r in v["effect"]} for p, v in purified.items()},
         }
+    if args.tabulate_only:
+        result["unfinished"] = unfinished
+        if unfinished:
+            print(f"not tabulated, unfinished for some seed: {', '.join(unfinished)}", file=sys.stderr)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
     return result

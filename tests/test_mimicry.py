@@ -341,3 +341,16 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
     text = (out / "mimicry.md").read_text()
     assert "both sets purified with `jpeg` first" in text and "| clean (the purification's cost) |" in text
     assert set(result["mimicry"]["purification_effect_ssim_best"]["jpeg"]) == {"sds-:8", "photoguard:32", "clean:0"}
+
+    # tabulating a grid that still runs: only cells finished for every seed, the others named, nothing run
+    i = argv.index("--eps")
+    tabulate = [*argv[:i + 1], "8", "16", *argv[i + 2:], "--mimicry-purify", "jpeg", "--tabulate-only"]
+    result = protection_grid.main(tabulate)
+    assert result["unfinished"] == ["sds-:16 (mimicry)", "sds-:16 (mimicry after jpeg)"]
+    assert not (out / "mimicry-seed0" / "sds--eps16").exists()
+    again = json.loads((out / "mimicry.json").read_text())
+    assert again["rows"] == saved["rows"] and again["purified"]["jpeg"]["effect"] == purified["effect"]
+    result = protection_grid.main([*tabulate[:tabulate.index("--mimicry-seeds") + 1], "0", "1", "2",
+                                   *tabulate[tabulate.index("--finetune-steps"):]])
+    assert len(result["unfinished"]) == 6 and not (out / "mimicry-seed2").exists()  # seed 2 never ran: nothing is finished for every seed
+    assert (out / "mimicry.md").read_text().startswith("No mimicry cell has finished")

@@ -698,6 +698,10 @@ def test_protection_grid_benchmark_tabulates_every_cell_with_intervals_and_resum
     stamp = (out / "pgd-seed0" / "sds--eps8" / "summary.json").stat().st_mtime_ns
     protection_grid.main(argv)
     assert (out / "pgd-seed0" / "sds--eps8" / "summary.json").stat().st_mtime_ns == stamp
+    # tabulating while cells are missing: the finished ones, the others named, nothing run
+    result = protection_grid.main([*argv, "--objectives", "sds-", "sdst", "--tabulate-only"])
+    assert result["unfinished"] == ["sdst:8 (SDEdit)"] and not (out / "pgd-seed0" / "sdst-eps8").exists()
+    assert json.loads((out / "grid.json").read_text())["rows"] == grid["rows"]
 
 
 def test_protection_grid_pools_pgd_seeds_per_image_before_the_interval():
