@@ -183,6 +183,36 @@ def null_difference_rows(per_cell: dict, null: str = "random") -> list[dict]:
     return out
 
 
+def budget_effect_rows(per_cell: dict) -> list[dict]:
+    """For each objective run at several ε: the mimicry drop at each budget minus the drop at the next
+    smaller one, paired per image (each image's difference averaged over the fine-tuning seeds both
+    ran), t interval over images: whether a larger budget protects more."""
+    out = []
+    for objective in dict.fromkeys(o for o, _ in per_cell):
+        budgets = sorted(e for o, e in per_cell if o == objective)
+        for low, high in zip(budgets, budgets[1:]):
+            a, b = per_cell[(objective, low)], per_cell[(objective, high)]
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            row = {"objective": objective, "from_levels": low, "to_levels": high, "seeds": seeds, "images": len(b[seeds[0]])}
+            for m in ("psnr_best", "ssim_best"):
+                row[m], row[f"{m}_ci"] = seed_pooled_interval([mimicry_drops(b[s], m) - mimicry_drops(a[s], m) for s in seeds])
+            out.append(row)
+    return out
+
+
+def budget_effect_table(rows: list[dict]) -> str:
+    lines = [f"Larger budget minus smaller, paired per image over fine-tuning seeds {', '.join(map(str, rows[0]['seeds']))}: "
+             f"difference of the mimicry drops, mean [95 % t interval over {rows[0]['images']} images]; positive: the larger "
+             "budget protects more; bold: the interval excludes 0.",
+             "", "| objective | ε | PSNR best | SSIM best |", "|---|---|---|---|"]
+    for r in rows:
+        cells = [interval_text(r[m], r[f"{m}_ci"], digits) for m, digits in (("psnr_best", 2), ("ssim_best", 3))]
+        lines.append(f"| {r['objective']} | {r['to_levels']}/255 minus {r['from_levels']}/255 | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def null_table(rows: list[dict]) -> str:
     lines = [f"Drop minus the null perturbation's ({rows[0]['null']}, same ε), paired per image over fine-tuning seeds "
              f"{', '.join(map(str, rows[0]['seeds']))}, mean [95 % t interval over {rows[0]['images']} images]; bold: the interval excludes 0.",
@@ -504,8 +534,9 @@ def main(argv=None) -> dict:
                     clean_run = clean_run or Path(mimicry_section(section, purification)["finetune"]["clean"]["run_dir"])
                     per_cell[purification].setdefault((objective, levels), {})[seed] = mimicry_per_image(cell_out, purification)
         mrows = [r for (objective, levels), by_seed in per_cell[None].items() for r in mimicry_rows(by_seed, objective, levels)]
-        nrows = null_difference_rows(per_cell[None])
-        sections = [mimicry_table(mrows, args.images, args.finetune_steps) if mrows else "", null_table(nrows) if nrows else ""]
+        nrows, brows = null_difference_rows(per_cell[None]), budget_effect_rows(per_cell[None])
+        sections = [mimicry_table(mrows, args.images, args.finetune_steps) if mrows else "", null_table(nrows) if nrows else "",
+                    budget_effect_table(brows) if brows else ""]
         purified = {}
         for purification in args.mimicry_purify:
             prows = [r for (objective, levels), by_seed in per_cell[purification].items() for r in mimicry_rows(by_seed, objective, levels)]
@@ -516,7 +547,7 @@ def main(argv=None) -> dict:
         text = "\n\n".join(t for t in sections if t) or "No mimicry cell has finished for every seed yet."
         write_text_atomic(args.out / "mimicry.md", text + "\n")
         write_json_atomic(args.out / "mimicry.json", {"images": args.images, "finetune_steps": args.finetune_steps, "seeds": args.mimicry_seeds,
-                                                      "rows": mrows, "minus_null": nrows, "purified": purified,
+                                                      "rows": mrows, "minus_null": nrows, "budget_effect": brows, "purified": purified,
                                                       **({"unfinished": unfinished} if args.tabulate_only else {})})
         print(text)
         pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}

@@ -781,3 +781,12 @@ def test_mimicry_drop_minus_the_null_is_paired_per_image_and_averaged_over_seeds
     se = np.std([0.05, 0.25, 0.25], ddof=1) / 3 ** 0.5
     assert r["ssim_best_ci"] == pytest.approx([0.55 / 3 - 4.302652729911275 * se, 0.55 / 3 + 4.302652729911275 * se])
     assert "| sds- | 16/255 | +1.83 [" in protection_grid.null_table(out)
+
+    # a larger budget minus the next smaller one, paired per image over the seeds both cells ran
+    per_cell[("sds-", 32)] = {0: rows(0.4, 0.1, 0.2), 2: rows(0.9, 0.9, 0.9)}
+    out = protection_grid.budget_effect_rows(per_cell)
+    assert [(r["objective"], r["from_levels"], r["to_levels"], r["seeds"]) for r in out] == [("sds-", 8, 16, [0]), ("sds-", 16, 32, [0])]
+    # per image (a, b, c), seed 0: 8/255 (0.1, 0.1, 0.1), 16/255 (0.1, 0.2, 0.3), 32/255 (0.1, 0.2, 0.4)
+    assert [r["ssim_best"] for r in out] == pytest.approx([0.1, 0.1 / 3])
+    assert "| sds- | 32/255 minus 16/255 | +0.33 [" in protection_grid.budget_effect_table(out)
+    assert not protection_grid.budget_effect_rows({("sds-", 16): per_cell[("sds-", 16)]})  # one budget: nothing to compare
