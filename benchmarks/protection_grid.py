@@ -70,6 +70,10 @@ def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, p
     return json.loads(summary.read_text())["protection"]
 
 
+def sdedit_cell_dir(out: Path, pgd_seed: int, objective: str, levels: int) -> Path:
+    return out / f"pgd-seed{pgd_seed}" / f"{objective}-eps{levels}"
+
+
 def mimicry_cell_dir(seed_dir: Path, objective: str, levels: int, purification: str | None = None) -> Path:
     return seed_dir / f"{objective}-eps{levels}{f'-purified-{purification}' if purification else ''}"
 
@@ -479,13 +483,13 @@ def main(argv=None) -> dict:
         cells.append((objective, int(levels)))
     rows, costs, sdedit_per_image, unfinished = [], {}, {}, []
     for i, (objective, levels) in enumerate([] if args.mimicry_only else cells):
-        if args.tabulate_only and not all((args.out / f"pgd-seed{s}" / f"{objective}-eps{levels}" / "summary.json").is_file() for s in args.seeds):
+        if args.tabulate_only and not all((sdedit_cell_dir(args.out, s, objective, levels) / "summary.json").is_file() for s in args.seeds):
             unfinished.append(f"{objective}:{levels} (SDEdit)")
             continue
         by_seed = {}
         for seed in args.seeds:
             print(f"[{i + 1}/{len(cells)}] {objective} at {levels}/255, PGD seed {seed}", file=sys.stderr, flush=True)
-            cell_out = args.out / f"pgd-seed{seed}" / f"{objective}-eps{levels}"
+            cell_out = sdedit_cell_dir(args.out, seed, objective, levels)
             section = run_cell(model, clean, cell_out, objective, levels, seed, args)
             by_seed[seed] = [json.loads(line) for line in (cell_out / "protection_per_image.jsonl").read_text().splitlines() if line.strip()]
             for label, p in section.get("purification", {}).items():
@@ -553,7 +557,7 @@ def main(argv=None) -> dict:
         pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}
         result["mimicry"] = {
             "seeds": args.mimicry_seeds,
-            "positive_control": None if cells[-1] not in pooled or not args.control else
+            "positive_control": None if not args.control or cells[-1] not in pooled else
                                 {k: pooled[cells[-1]][k] for k in ("psnr_best", "psnr_best_ci", "ssim_best", "ssim_best_ci")},
             "psnr_best_drop_at_16": {o: round(pooled[(o, 16)]["psnr_best"], 3) for o in args.objectives if (o, 16) in pooled},
             # per purification: SSIM-best drop after it minus before, and its cost to a mimic of clean images
