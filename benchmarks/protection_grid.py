@@ -187,6 +187,11 @@ def null_difference_rows(per_cell: dict, null: str = "random") -> list[dict]:
     return out
 
 
+def best_cells(r: dict) -> str:
+    """A row's PSNR-best and SSIM-best values with their intervals, as two table cells."""
+    return " | ".join(interval_text(r[m], r[f"{m}_ci"], digits) for m, digits in (("psnr_best", 2), ("ssim_best", 3)))
+
+
 def budget_effect_rows(per_cell: dict) -> list[dict]:
     """For each objective run at several ε: the mimicry drop at each budget minus the drop at the next
     smaller one, paired per image (each image's difference averaged over the fine-tuning seeds both
@@ -212,8 +217,7 @@ def budget_effect_table(rows: list[dict]) -> str:
              "budget protects more; bold: the interval excludes 0.",
              "", "| objective | ε | PSNR best | SSIM best |", "|---|---|---|---|"]
     for r in rows:
-        cells = [interval_text(r[m], r[f"{m}_ci"], digits) for m, digits in (("psnr_best", 2), ("ssim_best", 3))]
-        lines.append(f"| {r['objective']} | {r['to_levels']}/255 minus {r['from_levels']}/255 | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['objective']} | {r['to_levels']}/255 minus {r['from_levels']}/255 | " + best_cells(r) + " |")
     return "\n".join(lines)
 
 
@@ -222,8 +226,7 @@ def null_table(rows: list[dict]) -> str:
              f"{', '.join(map(str, rows[0]['seeds']))}, mean [95 % t interval over {rows[0]['images']} images]; bold: the interval excludes 0.",
              "", "| objective | ε | PSNR best | SSIM best |", "|---|---|---|---|"]
     for r in rows:
-        cells = [interval_text(r[m], r[f"{m}_ci"], digits) for m, digits in (("psnr_best", 2), ("ssim_best", 3))]
-        lines.append(f"| {r['objective']} | {r['eps_levels']}/255 | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['objective']} | {r['eps_levels']}/255 | " + best_cells(r) + " |")
     return "\n".join(lines)
 
 
@@ -267,8 +270,7 @@ def purification_effect_table(rows: list[dict]) -> str:
              "", "| cell | PSNR best | SSIM best |", "|---|---|---|"]
     for r in rows:
         name = "clean (the purification's cost)" if r["objective"] == "clean" else f"{r['objective']} {r['eps_levels']}/255"
-        cells = [interval_text(r[m], r[f"{m}_ci"], digits) for m, digits in (("psnr_best", 2), ("ssim_best", 3))]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + best_cells(r) + " |")
     return "\n".join(lines)
 
 
