@@ -43,8 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+from eidetic.schema.protect import OBJECTIVES
+
 ROOT = Path(__file__).resolve().parent.parent
-OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
 # UNet channels per model preset; the autoencoder is the same [32, 64, 128, 128] in both
 MODELS = {"default": [64, 128, 256], "sd_ratio": [112, 224, 448]}
 

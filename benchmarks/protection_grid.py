@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
+from eidetic.schema.protect import OBJECTIVES, RANDOM, SEMANTIC_OBJECTIVES, TEXTURAL_OBJECTIVES  # noqa: E402
+
 # the same settings before SDEdit and before fine-tuning
 PURIFICATION_SETTINGS = {"jpeg": "{kind: jpeg, quality: 75}", "gaussian": "{kind: gaussian, sigma: 0.05}",
                          "noisy_upscale": "{kind: noisy_upscale, sigma: 0.02, factor: 2}", "diffpure": "{kind: diffpure, t_star: 100, steps: 10}"}
@@ -170,7 +171,7 @@ def mimicry_drops(rows: list[dict], measure: str):
     return np.array([r["mimicry"]["clean_tuned"][measure] - r["mimicry"]["protected_tuned"][measure] for r in rows])
 
 
-def null_difference_rows(per_cell: dict, null: str = "random") -> list[dict]:
+def null_difference_rows(per_cell: dict, null: str = RANDOM) -> list[dict]:
     """Each objective's mimicry drop minus the null perturbation's at the same ε, paired per image
     (each image's difference averaged over the fine-tuning seeds both ran), t interval over images:
     whether an objective protects more than noise of its budget does."""
@@ -352,8 +353,8 @@ def sdedit_rows(per_image: dict[int, list[dict]], objective: str, levels: int) -
     return rows
 
 
-ENCODER_ONLY = ("photoguard",)  # attacks the autoencoder alone
-DENOISER_ONLY = ("advdm+", "advdm-", "sds+", "sds-")  # attack the denoiser alone
+ENCODER_ONLY = tuple(o for o in TEXTURAL_OBJECTIVES if o not in SEMANTIC_OBJECTIVES)  # photoguard
+DENOISER_ONLY = tuple(o for o in SEMANTIC_OBJECTIVES if o not in TEXTURAL_OBJECTIVES)  # advdm±, sds±
 
 
 def encoder_vs_denoiser_rows(per_cell: dict, strength: float) -> list[dict]:
@@ -431,7 +432,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--base-config", type=Path, help="config file of that base training (default: configs/default.yaml), e.g. a larger model")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "protection-grid")
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=(*OBJECTIVES, "random"),
+    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=(*OBJECTIVES, RANDOM),
                     help="objectives of the grid; 'random' is the null control (a random sign of size ε at every pixel)")
     ap.add_argument("--eps", nargs="+", type=int, default=[8, 16, 32], help="budgets in 8-bit levels (of 255)")
     ap.add_argument("--control", default="photoguard:64", help="positive control OBJECTIVE:LEVELS ('' for none)")

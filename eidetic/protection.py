@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from eidetic.diffusion import DiffusionModel
+from eidetic.schema.protect import OBJECTIVES, RANDOM, SEMANTIC_OBJECTIVES, TEXTURAL_OBJECTIVES
 
 __all__ = [
     "OBJECTIVES",
@@ -67,13 +68,6 @@ __all__ = [
     "latent_distance",
     "evaluate_semantic_loss",
 ]
-
-OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
-SEMANTIC_OBJECTIVES = ("advdm+", "advdm-", "mist", "sds+", "sds-", "sdst")
-TEXTURAL_OBJECTIVES = ("photoguard", "mist", "sdst")
-# The null perturbation: a seeded random sign at every pixel, the budget of a saturated PGD
-# perturbation without its objective. A protection's drop means something only above this one's.
-RANDOM = "random"
 
 
 # ---- losses -------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from eidetic.schema.protect import RANDOM
+
 __all__ = ["render_report", "render_mimicry", "console_summary"]
 
 
@@ -12,7 +14,7 @@ def render_report(cfg: DictConfig, s: dict) -> str:
         f"# Protection report: {s['objective']}",
         "",
         f"Model: `{s['model']}`. eps = {s['eps']:.5f} ({s['eps_levels']}/255), "
-        + ("a random sign of size eps at every pixel (the null control: no PGD)." if s["objective"] == "random" else
+        + ("a random sign of size eps at every pixel (the null control: no PGD)." if s["objective"] == RANDOM else
            f"step {s['step_size']:.5f}, {s['steps']} PGD steps, t in [{s['t_range'][0]}, {s['t_range'][1]}]."),
         f"Protected {s['images_protected']} images in {s['protect_seconds']} s ({s['seconds_per_image']} s/image, "
         f"{s['unet_evals']} UNet evaluations in all). Largest perturbation after saving: {s['max_linf_levels_after_save']}/255.",
@@ -164,7 +166,7 @@ def console_summary(out):
     if not s:
         return None
     lines = [f"protected {s.get('images_protected', 0)} images ({s.get('objective')}, eps {s.get('eps_levels')}/255, "
-             f"{'no PGD' if s.get('objective') == 'random' else str(s.get('steps')) + ' PGD steps'}) in {s.get('protect_seconds')} s"]
+             f"{'no PGD' if s.get('objective') == RANDOM else str(s.get('steps')) + ' PGD steps'}) in {s.get('protect_seconds')} s"]
     if s.get("images_failed"):
         lines.append(f"{len(s['images_failed'])} image(s) could not be read (listed in report.md)")
     if "visibility" in s:

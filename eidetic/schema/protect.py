@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 
 from eidetic.config import Section, choice_problem
 
-__all__ = ["ProtectConfig", "EvaluateSettings", "MimicrySettings", "PurificationSettings", "DTYPES", "PGD_SDST_WEIGHTINGS", "ENCODER_LATENTS"]
+__all__ = ["ProtectConfig", "EvaluateSettings", "MimicrySettings", "PurificationSettings", "OBJECTIVES", "RANDOM",
+           "SEMANTIC_OBJECTIVES", "TEXTURAL_OBJECTIVES", "DTYPES", "PGD_SDST_WEIGHTINGS", "ENCODER_LATENTS"]
+
+# The objectives' names and loss terms live here, free of torch, so that reports and benchmarks
+# can name them without loading the models; eidetic/protection.py implements them.
+OBJECTIVES = ("advdm+", "advdm-", "photoguard", "mist", "sds+", "sds-", "sdst")
+SEMANTIC_OBJECTIVES = ("advdm+", "advdm-", "mist", "sds+", "sds-", "sdst")  # attack the denoiser
+TEXTURAL_OBJECTIVES = ("photoguard", "mist", "sdst")  # attack the autoencoder
+# The null perturbation: a seeded random sign at every pixel, the budget of a saturated PGD
+# perturbation without its objective. A protection's drop means something only above this one's.
+RANDOM = "random"
 
 DTYPES = ("float32", "float16", "bfloat16")
 PGD_SDST_WEIGHTINGS = ("diff-protect", "textural_weight")
@@ -138,7 +148,7 @@ class ProtectConfig(Section):
     purification: list[PurificationSettings] = field(default_factory=list)
 
     def problems(self) -> list[str]:
-        from eidetic.protection import OBJECTIVES, RANDOM, TEXTURAL_OBJECTIVES, eps_in_levels
+        from eidetic.protection import eps_in_levels
 
         out = [f"'{key}' is required (e.g. {key}=path/to/dir)" for key in ("input", "model", "output") if not getattr(self, key)]
         out += choice_problem("objective", self.objective, (*OBJECTIVES, RANDOM))
