@@ -43,9 +43,11 @@ import sys
 import time
 from pathlib import Path
 
-from eidetic.schema.protect import OBJECTIVES
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from eidetic.schema.protect import OBJECTIVES  # noqa: E402
+
 # UNet channels per model preset; the autoencoder is the same [32, 64, 128, 128] in both
 MODELS = {"default": [64, 128, 256], "sd_ratio": [112, 224, 448]}
 
