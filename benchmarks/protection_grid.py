@@ -28,7 +28,8 @@ SSIM, best of ``--samples`` per caption), per seed with a t interval over images
 (each image's drop averaged over the seeds, t interval over images).
 
 A cell whose ``summary.json`` exists is kept (rerun the same command to resume). Writes
-``OUT/grid.md`` and ``OUT/grid.json`` (and ``OUT/mimicry.md``); the last line is JSON with the
+``OUT/grid.md``, ``OUT/grid.json`` and ``OUT/grid.png`` (and ``OUT/mimicry.md``, ``.json``,
+``.png``; ``OUT/mimicry-PURIFICATION.png``); the last line is JSON with the
 positive control's drop at the middle strength, each objective's drop at 16/255, and the wall time.
 """
 
@@ -54,6 +55,7 @@ from eidetic.schema.protect import OBJECTIVES, RANDOM, SEMANTIC_OBJECTIVES, TEXT
 PURIFICATION_SETTINGS = {"jpeg": "{kind: jpeg, quality: 75}", "gaussian": "{kind: gaussian, sigma: 0.05}",
                          "noisy_upscale": "{kind: noisy_upscale, sigma: 0.02, factor: 2}", "diffpure": "{kind: diffpure, t_star: 100, steps: 10}"}
 PURIFICATIONS = "[" + ", ".join(PURIFICATION_SETTINGS.values()) + "]"
+MIMICRY_FIGURE_METRICS = (("psnr_best", "PSNR-best drop (dB)"), ("ssim_best", "SSIM-best drop"))
 
 
 def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, pgd_seed: int, args) -> dict:
@@ -69,6 +71,17 @@ def run_cell(model: Path, clean: Path, out: Path, objective: str, levels: int, p
         if rc != 0:
             raise SystemExit(f"protect.py failed on {objective} at {levels}/255 (exit {rc})")
     return json.loads(summary.read_text())["protection"]
+
+
+def write_drops_figure(path: Path, rows: list[dict], metrics: tuple, title: str) -> None:
+    """The drops of ``rows`` with their intervals as a PNG (nothing when there is nothing to draw)."""
+    from eidetic.figures import figure_png, protection_drops
+    from eidetic.io import atomic_write
+
+    fig = protection_drops(rows, metrics, title)
+    if fig is not None:
+        with atomic_write(path, "wb") as fh:
+            fh.write(figure_png(fig, dpi=110))
 
 
 def sdedit_cell_dir(out: Path, pgd_seed: int, objective: str, levels: int) -> Path:
@@ -513,6 +526,9 @@ def main(argv=None) -> dict:
         shown = "pooled" if len(args.seeds) > 1 else str(args.seeds[0])
         pick = {(r["objective"], r["eps_levels"]): r for r in rows
                 if r["seeds"] == shown and r["purification"] == "none" and r["strength"] == middle}
+        write_drops_figure(args.out / "grid.png", list(pick.values()), (("psnr_drop", "SDEdit PSNR drop (dB)"),),
+                           f"SDEdit at strength {middle:g}, unpurified: clean-edit minus protected-edit PSNR, {args.images} images, "
+                           f"PGD seeds {', '.join(map(str, args.seeds))} ({shown}); mean and 95 % t interval over images")
         result.update({
             "strength": middle, "pgd_seeds": args.seeds,
             "positive_control": None if not args.control or cells[-1] not in pick else {
@@ -557,6 +573,13 @@ def main(argv=None) -> dict:
                                                       "rows": mrows, "minus_null": nrows, "budget_effect": brows, "purified": purified,
                                                       **({"unfinished": unfinished} if args.tabulate_only else {})})
         print(text)
+        shown = "pooled" if len(args.mimicry_seeds) > 1 else str(args.mimicry_seeds[0])
+        for purification, figure_rows in ((None, mrows), *((p, v["rows"]) for p, v in purified.items())):
+            write_drops_figure(args.out / f"mimicry{f'-{purification}' if purification else ''}.png",
+                               [r for r in figure_rows if r["seeds"] == shown], MIMICRY_FIGURE_METRICS,
+                               f"Mimicry after {args.finetune_steps} fine-tuning steps{f' on {purification}-purified sets' if purification else ''}: "
+                               f"clean-tuned minus protected-tuned similarity of the best sample, {args.images} images, fine-tuning seeds "
+                               f"{', '.join(map(str, args.mimicry_seeds))} ({shown}); mean and 95 % t interval over images")
         pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}
         result["mimicry"] = {
             "seeds": args.mimicry_seeds,

@@ -1,4 +1,5 @@
-"""The figures of a training run, drawn from what its run directory holds.
+"""The figures of a training run, drawn from what its run directory holds, and of the
+protection grid.
 
 One function per figure, from plain rows (the dicts a ``csv.DictReader`` gives for
 ``solidmark.csv``, ``extraction.csv`` and ``metrics.csv``, or the same keys with numbers)
@@ -18,7 +19,7 @@ import numpy as np
 
 __all__ = [
     "figure_png", "SPLITS", "split_of", "eidetic_over_training", "ell_histograms", "detector_scores", "roc_curves",
-    "training_curves", "memorized_grid", "extraction_grid", "as_float",
+    "training_curves", "memorized_grid", "extraction_grid", "as_float", "protection_drops",
 ]
 
 # the three groups memorization is read on: a model memorizes duplicated images first, and
@@ -316,3 +317,50 @@ def extraction_grid(data: Mapping):
         for label, d, n, s, cap in zip(data["label"], data["distance"], data["nearest_id"], data["score"], data["caption"])
     ]
     return _pairs_grid(np.asarray(data["generated"]), np.asarray(data["nearest"]), titles, ("generation", "nearest training"))
+
+
+# ---- protection --------------------------------------------------------------------------------
+def protection_drops(rows: Sequence[Mapping], metrics: Sequence[tuple[str, str]], title: str = ""):
+    """Each protection's drop per budget with its interval, one panel per metric: rows carry
+    ``objective``, ``eps_levels``, and per metric key ``KEY`` and ``KEY_ci`` (a [low, high]
+    interval or None). A point per objective and budget, filled where the interval excludes 0,
+    hollow where it does not; the null perturbation in grey, so a drop reads against it."""
+    from eidetic.schema.protect import OBJECTIVES, RANDOM
+
+    rows = [r for r in rows if any(as_float(r.get(key)) is not None for key, _ in metrics)]
+    if not rows:
+        return None
+    order = [o for o in (*OBJECTIVES, RANDOM) if any(r["objective"] == o for r in rows)]
+    order += sorted({r["objective"] for r in rows} - set(order))
+    budgets = sorted({int(r["eps_levels"]) for r in rows})
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+    colours = {o: palette[i % len(palette)] for i, o in enumerate(o for o in order if o != RANDOM)}
+    colours[RANDOM] = "dimgray"
+    width = 0.8 / len(order)
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 2.4 * len(budgets) + 1.0), 2.8 * len(metrics)), squeeze=False, sharex=True)
+    for ax, (key, label) in zip(axes[:, 0], metrics):
+        for r in rows:
+            value = as_float(r.get(key))
+            if value is None:
+                continue
+            x = budgets.index(int(r["eps_levels"])) + (order.index(r["objective"]) - (len(order) - 1) / 2) * width
+            ci = r.get(f"{key}_ci")
+            resolved = bool(ci) and (ci[0] > 0 or ci[1] < 0)
+            colour = colours[r["objective"]]
+            if ci:
+                ax.plot([x, x], ci, color=colour, lw=1.4)
+            ax.plot([x], [value], "o", ms=5.5, color=colour, markerfacecolor=colour if resolved else "white")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    bottom = axes[-1, 0]
+    bottom.set_xticks(range(len(budgets)))
+    bottom.set_xticklabels([f"ε = {b}/255" for b in budgets])
+    handles = [plt.Line2D([], [], marker="o", ls="-", color=colours[o], label="random (null)" if o == RANDOM else o) for o in order]
+    handles.append(plt.Line2D([], [], marker="o", ls="", color="black", markerfacecolor="white", label="interval includes 0"))
+    axes[0, 0].legend(handles=handles, fontsize=7, ncol=min(len(handles), 5), loc="lower left", bbox_to_anchor=(0.0, 1.02), frameon=False)
+    if title:
+        fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=0.0, va="top")
+    fig.tight_layout()
+    return fig

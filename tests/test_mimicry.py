@@ -307,6 +307,7 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
             assert train_cfg.ema.enabled is False and train_cfg.lr_warmup_steps == 0
     assert set(result["mimicry"]["psnr_best_drop_at_16"]) == set() and result["mimicry"]["positive_control"]["psnr_best_ci"]
     assert "| photoguard | 32/255 |" in (out / "mimicry.md").read_text()
+    assert (out / "mimicry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert protection_grid.finished_clean_run(out / "mimicry-seed2", [("sds-", 8)]) is None
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "protection_grid"
     stamp = (out / "mimicry-seed1" / "photoguard-eps32" / "summary.json").stat().st_mtime_ns
@@ -340,6 +341,7 @@ def test_protection_grid_against_mimicry_shares_each_seeds_clean_fine_tune_and_p
     assert effect[("clean", 0)]["ssim_best"] == pytest.approx(np.mean(clean_tuned[""]) - np.mean(clean_tuned["-purified-jpeg"]))
     text = (out / "mimicry.md").read_text()
     assert "both sets purified with `jpeg` first" in text and "| clean (the purification's cost) |" in text
+    assert (out / "mimicry-jpeg.png").is_file()
     assert set(result["mimicry"]["purification_effect_ssim_best"]["jpeg"]) == {"sds-:8", "photoguard:32", "clean:0"}
 
     # tabulating a grid that still runs: only cells finished for every seed, the others named, nothing run

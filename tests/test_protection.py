@@ -693,6 +693,7 @@ def test_protection_grid_benchmark_tabulates_every_cell_with_intervals_and_resum
     assert result["positive_control"]["cell"] == "photoguard:32" and set(result["psnr_drop_at_16"]) == set()
     table = (out / "grid.md").read_text()
     assert "| photoguard | 32/255 |" in table and "drop, diffpure" in table and "over 3 images" in table
+    assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "protection_grid"
     # a second run keeps every finished cell
     stamp = (out / "pgd-seed0" / "sds--eps8" / "summary.json").stat().st_mtime_ns
@@ -790,3 +791,25 @@ def test_mimicry_drop_minus_the_null_is_paired_per_image_and_averaged_over_seeds
     assert [r["ssim_best"] for r in out] == pytest.approx([0.1, 0.1 / 3])
     assert "| sds- | 32/255 minus 16/255 | +0.33 [" in protection_grid.budget_effect_table(out)
     assert not protection_grid.budget_effect_rows({("sds-", 16): per_cell[("sds-", 16)]})  # one budget: nothing to compare
+
+
+def test_drops_figure_fills_only_the_points_whose_interval_excludes_zero():
+    from eidetic.figures import figure_png, protection_drops
+
+    rows = [
+        {"objective": "sds-", "eps_levels": 16, "ssim_best": 0.08, "ssim_best_ci": [0.02, 0.14]},  # resolved
+        {"objective": "random", "eps_levels": 16, "ssim_best": 0.01, "ssim_best_ci": [-0.02, 0.04]},  # not
+        {"objective": "photoguard", "eps_levels": 64, "ssim_best": -0.05, "ssim_best_ci": [-0.09, -0.01]},  # resolved, negative
+        {"objective": "mist", "eps_levels": 8, "ssim_best": 0.02, "ssim_best_ci": None},  # no interval: drawn hollow
+    ]
+    fig = protection_drops(rows, (("ssim_best", "SSIM-best drop"),), "title")
+    ax = fig.axes[0]
+    from matplotlib.colors import to_rgba
+
+    points = {round(line.get_ydata()[0], 3): to_rgba(line.get_markerfacecolor()) for line in ax.lines if line.get_marker() == "o"}
+    white = to_rgba("white")
+    assert points[0.08] != white and points[-0.05] != white
+    assert points[0.01] == white and points[0.02] == white
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ε = 8/255", "ε = 16/255", "ε = 64/255"]
+    assert figure_png(fig)[:4] == b"\x89PNG"
+    assert protection_drops([{"objective": "sds-", "eps_levels": 8, "ssim_best": None}], (("ssim_best", "SSIM"),)) is None
