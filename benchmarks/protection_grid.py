@@ -437,6 +437,115 @@ def table(rows: list[dict], strength: float, n: int, costs: dict) -> str:
     return "\n".join(lines)
 
 
+def sdedit_grid(args, model: Path, clean: Path, cells: list, unfinished: list) -> dict:
+    """Runs every SDEdit cell for every PGD seed (or, with ``--tabulate-only``, reads the cells
+    finished for every seed and names the others in ``unfinished``); writes ``grid.md``,
+    ``grid.json`` and ``grid.png``; returns the SDEdit part of the summary line."""
+    from eidetic.io import write_json_atomic, write_text_atomic
+
+    rows, costs, sdedit_per_image = [], {}, {}
+    for i, (objective, levels) in enumerate(cells):
+        if args.tabulate_only and not all((sdedit_cell_dir(args.out, s, objective, levels) / "summary.json").is_file() for s in args.seeds):
+            unfinished.append(f"{objective}:{levels} (SDEdit)")
+            continue
+        by_seed = {}
+        for seed in args.seeds:
+            print(f"[{i + 1}/{len(cells)}] {objective} at {levels}/255, PGD seed {seed}", file=sys.stderr, flush=True)
+            cell_out = sdedit_cell_dir(args.out, seed, objective, levels)
+            section = run_cell(model, clean, cell_out, objective, levels, seed, args)
+            by_seed[seed] = [json.loads(line) for line in (cell_out / "protection_per_image.jsonl").read_text().splitlines() if line.strip()]
+            for label, p in section.get("purification", {}).items():
+                costs.setdefault(label, p["clean_cost"])
+        rows += sdedit_rows(by_seed, objective, levels)
+        sdedit_per_image[(objective, levels)] = by_seed
+    if not rows:
+        return {}
+    middle = sorted(args.strengths)[len(args.strengths) // 2]
+    text = table(rows, middle, args.images, costs)
+    encoder_rows = encoder_vs_denoiser_rows(sdedit_per_image, middle)
+    if encoder_rows:
+        text += "\n\n" + encoder_table(encoder_rows)
+    write_text_atomic(args.out / "grid.md", text + "\n")
+    write_json_atomic(args.out / "grid.json", {"images": args.images, "pgd_steps": args.pgd_steps, "pgd_seeds": args.seeds,
+                                               "rows": rows, "purification_cost": costs, "encoder_vs_denoiser": encoder_rows})
+    print(text)
+    shown = "pooled" if len(args.seeds) > 1 else str(args.seeds[0])
+    pick = {(r["objective"], r["eps_levels"]): r for r in rows
+            if r["seeds"] == shown and r["purification"] == "none" and r["strength"] == middle}
+    write_drops_figure(args.out / "grid.png", list(pick.values()), (("psnr_drop", "SDEdit PSNR drop (dB)"),),
+                       f"SDEdit at strength {middle:g}, unpurified: clean-edit minus protected-edit PSNR, {args.images} images, "
+                       f"PGD seeds {', '.join(map(str, args.seeds))} ({shown}); mean and 95 % t interval over images")
+    return {
+        "strength": middle, "pgd_seeds": args.seeds,
+        "positive_control": None if not args.control or cells[-1] not in pick else {
+            "cell": args.control, "psnr_drop": pick[cells[-1]]["psnr_drop"], "psnr_drop_ci": pick[cells[-1]]["psnr_drop_ci"]},
+        "psnr_drop_at_16": {o: round(pick[(o, 16)]["psnr_drop"], 3) for o in args.objectives if (o, 16) in pick},
+        "encoder_minus_denoiser_at_16": {f"{r['encoder']}-{r['denoiser']}": [round(r["psnr_drop_difference"], 3), r["psnr_drop_difference_ci"]]
+                                         for r in encoder_rows if r["eps_levels"] == 16},
+    }
+
+
+def mimicry_grid(args, model: Path, clean: Path, cells: list, unfinished: list) -> dict:
+    """Runs every mimicry cell for every fine-tuning seed, unpurified and after each
+    ``--mimicry-purify`` (or, with ``--tabulate-only``, reads the finished ones and names the
+    others in ``unfinished``); writes ``mimicry.md``, ``mimicry.json`` and the figures; returns
+    the mimicry part of the summary line."""
+    from eidetic.io import write_json_atomic, write_text_atomic
+
+    per_cell: dict = {p: {} for p in (None, *args.mimicry_purify)}  # purification -> (objective, levels) -> seed -> rows
+    for purification in per_cell:
+        mimicry_cells = cells
+        if args.tabulate_only:
+            done = {c: all(mimicry_cell_finished(mimicry_cell_dir(args.out / f"mimicry-seed{s}", *c, purification)) for s in args.mimicry_seeds)
+                    for c in cells}
+            mimicry_cells = [c for c in cells if done[c]]
+            unfinished += [f"{o}:{e} (mimicry{f' after {purification}' if purification else ''})" for (o, e) in cells if not done[(o, e)]]
+        for seed in args.mimicry_seeds:
+            seed_dir = args.out / f"mimicry-seed{seed}"
+            clean_run = finished_clean_run(seed_dir, cells, purification)
+            for i, (objective, levels) in enumerate(mimicry_cells):
+                print(f"[mimicry seed {seed}{f', purified with {purification}' if purification else ''}: {i + 1}/{len(mimicry_cells)}] "
+                      f"{objective} at {levels}/255", file=sys.stderr, flush=True)
+                cell_out = mimicry_cell_dir(seed_dir, objective, levels, purification)
+                section = run_mimicry_cell(model, clean, cell_out, objective, levels, seed, clean_run, args, purification)
+                clean_run = clean_run or Path(mimicry_section(section, purification)["finetune"]["clean"]["run_dir"])
+                per_cell[purification].setdefault((objective, levels), {})[seed] = mimicry_per_image(cell_out, purification)
+    mrows = [r for (objective, levels), by_seed in per_cell[None].items() for r in mimicry_rows(by_seed, objective, levels)]
+    nrows, brows = null_difference_rows(per_cell[None]), budget_effect_rows(per_cell[None])
+    sections = [mimicry_table(mrows, args.images, args.finetune_steps) if mrows else "", null_table(nrows) if nrows else "",
+                budget_effect_table(brows) if brows else ""]
+    purified = {}
+    for purification in args.mimicry_purify:
+        prows = [r for (objective, levels), by_seed in per_cell[purification].items() for r in mimicry_rows(by_seed, objective, levels)]
+        pnull, effect = null_difference_rows(per_cell[purification]), purification_effect_rows(per_cell[None], per_cell[purification], purification)
+        sections += [mimicry_table(prows, args.images, args.finetune_steps, purification) if prows else "",
+                     null_table(pnull) if pnull else "", purification_effect_table(effect) if effect else ""]
+        purified[purification] = {"settings": PURIFICATION_SETTINGS[purification], "rows": prows, "minus_null": pnull, "effect": effect}
+    text = "\n\n".join(t for t in sections if t) or "No mimicry cell has finished for every seed yet."
+    write_text_atomic(args.out / "mimicry.md", text + "\n")
+    write_json_atomic(args.out / "mimicry.json", {"images": args.images, "finetune_steps": args.finetune_steps, "seeds": args.mimicry_seeds,
+                                                  "rows": mrows, "minus_null": nrows, "budget_effect": brows, "purified": purified,
+                                                  **({"unfinished": unfinished} if args.tabulate_only else {})})
+    print(text)
+    shown = "pooled" if len(args.mimicry_seeds) > 1 else str(args.mimicry_seeds[0])
+    for purification, figure_rows in ((None, mrows), *((p, v["rows"]) for p, v in purified.items())):
+        write_drops_figure(args.out / f"mimicry{f'-{purification}' if purification else ''}.png",
+                           [r for r in figure_rows if r["seeds"] == shown], MIMICRY_FIGURE_METRICS,
+                           f"Mimicry after {args.finetune_steps} fine-tuning steps{f' on {purification}-purified sets' if purification else ''}: "
+                           f"clean-tuned minus protected-tuned similarity of the best sample, {args.images} images, fine-tuning seeds "
+                           f"{', '.join(map(str, args.mimicry_seeds))} ({shown}); mean and 95 % t interval over images")
+    pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}
+    return {
+        "seeds": args.mimicry_seeds,
+        "positive_control": None if not args.control or cells[-1] not in pooled else
+                            {k: pooled[cells[-1]][k] for k in ("psnr_best", "psnr_best_ci", "ssim_best", "ssim_best_ci")},
+        "psnr_best_drop_at_16": {o: round(pooled[(o, 16)]["psnr_best"], 3) for o in args.objectives if (o, 16) in pooled},
+        # per purification: SSIM-best drop after it minus before, and its cost to a mimic of clean images
+        "purification_effect_ssim_best": {p: {f"{r['objective']}:{r['eps_levels']}": [round(r["ssim_best"], 4), r["ssim_best_ci"]]
+                                              for r in v["effect"]} for p, v in purified.items()},
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a run's model/ directory")
@@ -480,7 +589,6 @@ def main(argv=None) -> dict:
     from protection_mimicry import train_base, write_images
 
     from eidetic.config import load
-    from eidetic.io import write_json_atomic, write_text_atomic
     from workflows.mimicry import base_config
     from workflows.train import Schema
 
@@ -497,99 +605,12 @@ def main(argv=None) -> dict:
         if objective not in OBJECTIVES or not levels.isdigit():
             ap.error(f"--control must be OBJECTIVE:LEVELS with OBJECTIVE one of {', '.join(OBJECTIVES)}, got {args.control!r}")
         cells.append((objective, int(levels)))
-    rows, costs, sdedit_per_image, unfinished = [], {}, {}, []
-    for i, (objective, levels) in enumerate([] if args.mimicry_only else cells):
-        if args.tabulate_only and not all((sdedit_cell_dir(args.out, s, objective, levels) / "summary.json").is_file() for s in args.seeds):
-            unfinished.append(f"{objective}:{levels} (SDEdit)")
-            continue
-        by_seed = {}
-        for seed in args.seeds:
-            print(f"[{i + 1}/{len(cells)}] {objective} at {levels}/255, PGD seed {seed}", file=sys.stderr, flush=True)
-            cell_out = sdedit_cell_dir(args.out, seed, objective, levels)
-            section = run_cell(model, clean, cell_out, objective, levels, seed, args)
-            by_seed[seed] = [json.loads(line) for line in (cell_out / "protection_per_image.jsonl").read_text().splitlines() if line.strip()]
-            for label, p in section.get("purification", {}).items():
-                costs.setdefault(label, p["clean_cost"])
-        rows += sdedit_rows(by_seed, objective, levels)
-        sdedit_per_image[(objective, levels)] = by_seed
-    middle = sorted(args.strengths)[len(args.strengths) // 2]
+    unfinished: list[str] = []
     result = {"benchmark": "protection_grid", "images": args.images}
-    if rows:
-        text = table(rows, middle, args.images, costs)
-        encoder_rows = encoder_vs_denoiser_rows(sdedit_per_image, middle)
-        if encoder_rows:
-            text += "\n\n" + encoder_table(encoder_rows)
-        write_text_atomic(args.out / "grid.md", text + "\n")
-        write_json_atomic(args.out / "grid.json", {"images": args.images, "pgd_steps": args.pgd_steps, "pgd_seeds": args.seeds,
-                                                   "rows": rows, "purification_cost": costs, "encoder_vs_denoiser": encoder_rows})
-        print(text)
-        shown = "pooled" if len(args.seeds) > 1 else str(args.seeds[0])
-        pick = {(r["objective"], r["eps_levels"]): r for r in rows
-                if r["seeds"] == shown and r["purification"] == "none" and r["strength"] == middle}
-        write_drops_figure(args.out / "grid.png", list(pick.values()), (("psnr_drop", "SDEdit PSNR drop (dB)"),),
-                           f"SDEdit at strength {middle:g}, unpurified: clean-edit minus protected-edit PSNR, {args.images} images, "
-                           f"PGD seeds {', '.join(map(str, args.seeds))} ({shown}); mean and 95 % t interval over images")
-        result.update({
-            "strength": middle, "pgd_seeds": args.seeds,
-            "positive_control": None if not args.control or cells[-1] not in pick else {
-                "cell": args.control, "psnr_drop": pick[cells[-1]]["psnr_drop"], "psnr_drop_ci": pick[cells[-1]]["psnr_drop_ci"]},
-            "psnr_drop_at_16": {o: round(pick[(o, 16)]["psnr_drop"], 3) for o in args.objectives if (o, 16) in pick},
-            "encoder_minus_denoiser_at_16": {f"{r['encoder']}-{r['denoiser']}": [round(r["psnr_drop_difference"], 3), r["psnr_drop_difference_ci"]]
-                                             for r in encoder_rows if r["eps_levels"] == 16},
-        })
+    if not args.mimicry_only:
+        result.update(sdedit_grid(args, model, clean, cells, unfinished))
     if args.mimicry_seeds:
-        per_cell: dict = {p: {} for p in (None, *args.mimicry_purify)}  # purification -> (objective, levels) -> seed -> rows
-        for purification in per_cell:
-            mimicry_cells = cells
-            if args.tabulate_only:
-                done = {c: all(mimicry_cell_finished(mimicry_cell_dir(args.out / f"mimicry-seed{s}", *c, purification)) for s in args.mimicry_seeds)
-                        for c in cells}
-                mimicry_cells = [c for c in cells if done[c]]
-                unfinished += [f"{o}:{e} (mimicry{f' after {purification}' if purification else ''})" for (o, e) in cells if not done[(o, e)]]
-            for seed in args.mimicry_seeds:
-                seed_dir = args.out / f"mimicry-seed{seed}"
-                clean_run = finished_clean_run(seed_dir, cells, purification)
-                for i, (objective, levels) in enumerate(mimicry_cells):
-                    print(f"[mimicry seed {seed}{f', purified with {purification}' if purification else ''}: {i + 1}/{len(mimicry_cells)}] "
-                          f"{objective} at {levels}/255", file=sys.stderr, flush=True)
-                    cell_out = mimicry_cell_dir(seed_dir, objective, levels, purification)
-                    section = run_mimicry_cell(model, clean, cell_out, objective, levels, seed, clean_run, args, purification)
-                    clean_run = clean_run or Path(mimicry_section(section, purification)["finetune"]["clean"]["run_dir"])
-                    per_cell[purification].setdefault((objective, levels), {})[seed] = mimicry_per_image(cell_out, purification)
-        mrows = [r for (objective, levels), by_seed in per_cell[None].items() for r in mimicry_rows(by_seed, objective, levels)]
-        nrows, brows = null_difference_rows(per_cell[None]), budget_effect_rows(per_cell[None])
-        sections = [mimicry_table(mrows, args.images, args.finetune_steps) if mrows else "", null_table(nrows) if nrows else "",
-                    budget_effect_table(brows) if brows else ""]
-        purified = {}
-        for purification in args.mimicry_purify:
-            prows = [r for (objective, levels), by_seed in per_cell[purification].items() for r in mimicry_rows(by_seed, objective, levels)]
-            pnull, effect = null_difference_rows(per_cell[purification]), purification_effect_rows(per_cell[None], per_cell[purification], purification)
-            sections += [mimicry_table(prows, args.images, args.finetune_steps, purification) if prows else "",
-                         null_table(pnull) if pnull else "", purification_effect_table(effect) if effect else ""]
-            purified[purification] = {"settings": PURIFICATION_SETTINGS[purification], "rows": prows, "minus_null": pnull, "effect": effect}
-        text = "\n\n".join(t for t in sections if t) or "No mimicry cell has finished for every seed yet."
-        write_text_atomic(args.out / "mimicry.md", text + "\n")
-        write_json_atomic(args.out / "mimicry.json", {"images": args.images, "finetune_steps": args.finetune_steps, "seeds": args.mimicry_seeds,
-                                                      "rows": mrows, "minus_null": nrows, "budget_effect": brows, "purified": purified,
-                                                      **({"unfinished": unfinished} if args.tabulate_only else {})})
-        print(text)
-        shown = "pooled" if len(args.mimicry_seeds) > 1 else str(args.mimicry_seeds[0])
-        for purification, figure_rows in ((None, mrows), *((p, v["rows"]) for p, v in purified.items())):
-            write_drops_figure(args.out / f"mimicry{f'-{purification}' if purification else ''}.png",
-                               [r for r in figure_rows if r["seeds"] == shown], MIMICRY_FIGURE_METRICS,
-                               f"Mimicry after {args.finetune_steps} fine-tuning steps{f' on {purification}-purified sets' if purification else ''}: "
-                               f"clean-tuned minus protected-tuned similarity of the best sample, {args.images} images, fine-tuning seeds "
-                               f"{', '.join(map(str, args.mimicry_seeds))} ({shown}); mean and 95 % t interval over images")
-        pooled = {(r["objective"], r["eps_levels"]): r for r in mrows if r["seeds"] == "pooled"}
-        result["mimicry"] = {
-            "seeds": args.mimicry_seeds,
-            "positive_control": None if not args.control or cells[-1] not in pooled else
-                                {k: pooled[cells[-1]][k] for k in ("psnr_best", "psnr_best_ci", "ssim_best", "ssim_best_ci")},
-            "psnr_best_drop_at_16": {o: round(pooled[(o, 16)]["psnr_best"], 3) for o in args.objectives if (o, 16) in pooled},
-            # per purification: SSIM-best drop after it minus before, and its cost to a mimic of clean images
-            "purification_effect_ssim_best": {p: {f"{r['objective']}:{r['eps_levels']}": [round(r["ssim_best"], 4), r["ssim_best_ci"]]
-                                                  for r in v["effect"]} for p, v in purified.items()},
-        }
+        result["mimicry"] = mimicry_grid(args, model, clean, cells, unfinished)
     if args.tabulate_only:
         result["unfinished"] = unfinished
         if unfinished:

@@ -361,6 +361,6 @@ def protection_drops(rows: Sequence[Mapping], metrics: Sequence[tuple[str, str]]
     handles.append(plt.Line2D([], [], marker="o", ls="", color="black", markerfacecolor="white", label="interval includes 0"))
     axes[0, 0].legend(handles=handles, fontsize=7, ncol=min(len(handles), 5), loc="lower left", bbox_to_anchor=(0.0, 1.02), frameon=False)
     if title:
-        fig.suptitle(textwrap.fill(title, 120), fontsize=8, y=0.0, va="top")
+        fig.suptitle(textwrap.fill(title.replace(" %", "\u00a0%"), 120), fontsize=8, y=0.0, va="top")  # keep "95 %" on one line
     fig.tight_layout()
     return fig
