@@ -403,6 +403,11 @@ def encoder_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def shown_seeds(seeds: list) -> str:
+    """Which rows a table, figure or summary line reads: pooled over several seeds, else the one seed's."""
+    return "pooled" if len(seeds) > 1 else str(seeds[0])
+
+
 def _cell(r: dict | None) -> str:
     return "" if r is None else interval_text(r["psnr_drop"], r["psnr_drop_ci"])
 
@@ -411,7 +416,7 @@ def table(rows: list[dict], strength: float, n: int, costs: dict) -> str:
     """The grid at one strength; with several PGD seeds the pooled drops, and each seed's
     unpurified drop beside them."""
     seeds = [s for s in dict.fromkeys(r["seeds"] for r in rows) if s != "pooled"]
-    shown = "pooled" if len(seeds) > 1 else seeds[0]
+    shown = shown_seeds(seeds)
     purifications = list(dict.fromkeys(r["purification"] for r in rows))
     cells = sorted({(r["objective"], r["eps_levels"]) for r in rows}, key=lambda c: (c[1], c[0]))
     by = {(r["objective"], r["eps_levels"], r["seeds"], r["purification"], r["strength"]): r for r in rows}
@@ -469,7 +474,7 @@ def sdedit_grid(args, model: Path, clean: Path, cells: list, unfinished: list) -
     write_json_atomic(args.out / "grid.json", {"images": args.images, "pgd_steps": args.pgd_steps, "pgd_seeds": args.seeds,
                                                "rows": rows, "purification_cost": costs, "encoder_vs_denoiser": encoder_rows})
     print(text)
-    shown = "pooled" if len(args.seeds) > 1 else str(args.seeds[0])
+    shown = shown_seeds(args.seeds)
     pick = {(r["objective"], r["eps_levels"]): r for r in rows
             if r["seeds"] == shown and r["purification"] == "none" and r["strength"] == middle}
     write_drops_figure(args.out / "grid.png", list(pick.values()), (("psnr_drop", "SDEdit PSNR drop (dB)"),),
@@ -527,7 +532,7 @@ def mimicry_grid(args, model: Path, clean: Path, cells: list, unfinished: list) 
                                                   "rows": mrows, "minus_null": nrows, "budget_effect": brows, "purified": purified,
                                                   **({"unfinished": unfinished} if args.tabulate_only else {})})
     print(text)
-    shown = "pooled" if len(args.mimicry_seeds) > 1 else str(args.mimicry_seeds[0])
+    shown = shown_seeds(args.mimicry_seeds)
     for purification, figure_rows in ((None, mrows), *((p, v["rows"]) for p, v in purified.items())):
         write_drops_figure(args.out / f"mimicry{f'-{purification}' if purification else ''}.png",
                            [r for r in figure_rows if r["seeds"] == shown], MIMICRY_FIGURE_METRICS,
