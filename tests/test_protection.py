@@ -794,6 +794,8 @@ def test_mimicry_drop_minus_the_null_is_paired_per_image_and_averaged_over_seeds
 
 
 def test_drops_figure_fills_only_the_points_whose_interval_excludes_zero():
+    from matplotlib.colors import to_rgba
+
     from eidetic.figures import figure_png, protection_drops
 
     rows = [
@@ -804,8 +806,6 @@ def test_drops_figure_fills_only_the_points_whose_interval_excludes_zero():
     ]
     fig = protection_drops(rows, (("ssim_best", "SSIM-best drop"),), "title")
     ax = fig.axes[0]
-    from matplotlib.colors import to_rgba
-
     points = {round(line.get_ydata()[0], 3): to_rgba(line.get_markerfacecolor()) for line in ax.lines if line.get_marker() == "o"}
     white = to_rgba("white")
     assert points[0.08] != white and points[-0.05] != white
